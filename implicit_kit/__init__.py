@@ -1,0 +1,36 @@
+"""implicit_kit: a JAX toolkit for implicit deep learning."""
+
+import importlib.metadata
+
+from . import solvers as solvers
+from ._adjoint import (
+    AbstractAdjoint as AbstractAdjoint,
+    ImplicitAdjoint as ImplicitAdjoint,
+    ImplicitJVPAdjoint as ImplicitJVPAdjoint,
+    JFBAdjoint as JFBAdjoint,
+    NeumannAdjoint as NeumannAdjoint,
+    PhantomAdjoint as PhantomAdjoint,
+    UnrolledAdjoint as UnrolledAdjoint,
+)
+from ._diagnostics import check_grad as check_grad, spectral_radius as spectral_radius
+from ._fixed_point import (
+    backward_probe as backward_probe,
+    backward_stats as backward_stats,
+    fixed_point as fixed_point,
+)
+from ._root import custom_root as custom_root, minimise as minimise, root_find as root_find
+from ._solution import RESULTS as RESULTS, Solution as Solution
+from .solvers import (
+    Anderson as Anderson,
+    Broyden as Broyden,
+    Fallback as Fallback,
+    Halpern as Halpern,
+    NewtonKrylov as NewtonKrylov,
+    Picard as Picard,
+)
+
+
+try:
+    __version__ = importlib.metadata.version("implicit_kit")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+    __version__ = "0.0.0"

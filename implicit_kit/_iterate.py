@@ -1,0 +1,239 @@
+"""The one shared driver: the solver loop, per-sample masking, stats and result codes.
+
+Every entry point (`fixed_point`, `root_find`, `minimise`, the backward solves of the
+implicit adjoints) ends up in `run` below. A problem has a *kind*: `"fixed_point"`
+(`fn(y) = y`) or `"root"` (`fn(y) = 0`); a solver has a *native* kind, and `native_fn`
+converts between the two with `G(y) = T(y) - y`.
+"""
+
+from typing import Any
+
+import equinox as eqx
+import equinox.internal as eqxi
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import optimistix as optx
+
+from ._misc import tree_allfinite, tree_where, zeros_like_struct
+from ._solution import RESULTS
+from .solvers import AbstractImplicitSolver, Fallback
+
+
+KINDS = ("fixed_point", "root")
+
+
+def solver_native_kind(solver) -> str:
+    if isinstance(solver, AbstractImplicitSolver):
+        return solver.native
+    if isinstance(solver, optx.AbstractFixedPointSolver):
+        return "fixed_point"
+    if isinstance(solver, optx.AbstractRootFinder):
+        return "root"
+    if isinstance(solver, Fallback):
+        return "fallback"
+    raise TypeError(
+        "`solver` must be an implicit_kit solver (Picard, Anderson, Broyden, "
+        "NewtonKrylov, Halpern, Fallback, ...) or an optimistix fixed-point solver or "
+        f"root finder; got {type(solver).__name__}. (For an optimistix least-squares "
+        "solver or minimiser, use `ik.minimise` or optimistix directly.)"
+    )
+
+
+def native_fn(fn, kind: str, native: str):
+    """`fn(y, args) -> (out, aux)` of problem `kind`, rewritten for a solver of `native`."""
+    if kind == native:
+        return fn
+    if kind == "fixed_point":  # solver wants G = T - y
+
+        def root_fn(y, args):
+            out, aux = fn(y, args)
+            return jtu.tree_map(lambda a, b: a - b, out, y), aux
+
+        return root_fn
+
+    def fixed_point_fn(y, args):  # solver wants T = y + G
+        out, aux = fn(y, args)
+        return jtu.tree_map(lambda a, b: a + b, y, out), aux
+
+    return fixed_point_fn
+
+
+def residual_fn(fn, kind: str):
+    """`y, args -> G(y)`: the residual whose norm is reported."""
+    g = native_fn(fn, kind, "root")
+    return lambda y, args: g(y, args)[0]
+
+
+def _iterate(
+    fn, kind, solver, y0, args, options, max_steps, trace, while_kind, checkpoints
+):
+    native = solver_native_kind(solver)
+    nfn = native_fn(fn, kind, native)
+    f_struct, aux_struct = eqx.filter_eval_shape(nfn, y0, args)
+    tags = frozenset()
+    init_state = solver.init(nfn, y0, args, options, f_struct, aux_struct, tags)
+    ours = isinstance(solver, AbstractImplicitSolver)
+    norm = solver.norm if hasattr(solver, "norm") else optx.two_norm
+    real = jnp.finfo(jnp.result_type(*jtu.tree_leaves(y0))).dtype
+    dynamic_init, static_state = eqx.partition(init_state, eqx.is_array)
+    n_trace = max_steps if trace else 0
+    init_carry = (
+        y0,
+        dynamic_init,
+        zeros_like_struct(aux_struct),
+        jnp.array(0),
+        jnp.array(False),
+        RESULTS.successful,
+        jnp.array(jnp.inf, real),
+        jnp.full((n_trace,), jnp.nan, real),
+    )
+
+    def cond_fun(carry):
+        _, _, _, num_steps, done, *_ = carry
+        keep_going = jnp.invert(done)
+        if max_steps is not None and while_kind == "lax":
+            keep_going = keep_going & (num_steps < max_steps)
+        return keep_going
+
+    def body_fun(carry):
+        y, dynamic_state, aux, num_steps, done, result, residual, residuals = carry
+        state = eqx.combine(static_state, dynamic_state)
+        new_y, new_state, new_aux = solver.step(nfn, y, args, options, state, tags)
+        terminate, step_result = solver.terminate(nfn, y, args, options, new_state, tags)
+        step_result = RESULTS.promote(step_result) if not ours else step_result
+        if ours:
+            new_residual = new_state.residual.astype(real)
+        elif trace:
+            new_residual = norm(residual_fn(fn, kind)(new_y, args)).astype(real)
+        else:
+            new_residual = residual
+        finite = tree_allfinite(new_y)
+        step_result = RESULTS.where(finite, step_result, RESULTS.nonfinite)
+        stop = terminate | (step_result != RESULTS.successful)
+        # Per-sample semantics: a sample that has stopped keeps its value and stats.
+        # (Outside vmap `done` is False here; under vmap it freezes converged samples.)
+        keep = done | jnp.invert(finite)
+        y = tree_where(keep, y, new_y)
+        aux = tree_where(done, aux, new_aux)
+        if trace:
+            residuals = jnp.where(
+                done, residuals, residuals.at[num_steps].set(new_residual)
+            )
+        residual = jnp.where(done, residual, new_residual)
+        result = RESULTS.where(done, result, step_result)
+        num_steps = jnp.where(done, num_steps, num_steps + 1)
+        new_dynamic, _ = eqx.partition(new_state, eqx.is_array)
+        return (y, new_dynamic, aux, num_steps, done | stop, result, residual, residuals)
+
+    if while_kind == "lax":
+        carry = lax.while_loop(cond_fun, body_fun, init_carry)
+    else:
+        carry = eqxi.while_loop(
+            cond_fun,
+            body_fun,
+            init_carry,
+            max_steps=max_steps,
+            kind=while_kind,
+            checkpoints=checkpoints,
+        )
+    y, dynamic_state, aux, num_steps, done, result, residual, residuals = carry
+    result = RESULTS.where(
+        jnp.invert(done) & (result == RESULTS.successful),
+        RESULTS.nonlinear_max_steps_reached,
+        result,
+    )
+    final_state = eqx.combine(static_state, dynamic_state)
+    y, aux, extra = solver.postprocess(
+        nfn, y, aux, args, options, final_state, tags, result
+    )
+    if not ours and not trace:
+        residual = norm(residual_fn(fn, kind)(y, args)).astype(real)
+    stats = {"num_steps": num_steps, "residual": residual, **extra}
+    if trace:
+        stats["residual_trace"] = residuals
+    return y, aux, stats, result
+
+
+def run(
+    fn,
+    kind: str,
+    solver,
+    y0,
+    args,
+    options: dict[str, Any] | None = None,
+    *,
+    max_steps: int | None,
+    trace: bool = False,
+    while_kind: str = "lax",
+    checkpoints: int | None = None,
+):
+    """Solve without any autodiff rewrite: returns `(y, aux, stats, result)`.
+
+    `stats` holds `num_steps`, `residual` (and `residual_trace` when `trace`), per sample
+    under vmap.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
+    if trace and max_steps is None:
+        raise ValueError("`trace=True` needs an integer `max_steps`.")
+    options = {} if options is None else options
+    if not isinstance(solver, Fallback):
+        return _iterate(
+            fn, kind, solver, y0, args, options, max_steps, trace, while_kind,
+            checkpoints,
+        )
+    y, aux, stats, result = run(
+        fn, kind, solver.solvers[0], y0, args, options, max_steps=max_steps,
+        trace=trace, while_kind=while_kind, checkpoints=checkpoints,
+    )
+    operands = (y, aux, _core_stats(stats), result, jnp.array(0))
+    for i, next_solver in enumerate(solver.solvers[1:], start=1):
+
+        def retry(operands, next_solver=next_solver, i=i):
+            y, _, stats, result, _ = operands
+            # Where this sample already succeeded (only possible under vmap, where the
+            # cond becomes a select), restart from its solution so that it stops at once.
+            start = tree_where(result == RESULTS.successful, y, y0)
+            y2, aux2, stats2, result2 = run(
+                fn, kind, next_solver, start, args, options, max_steps=max_steps,
+                trace=trace, while_kind=while_kind, checkpoints=checkpoints,
+            )
+            stats2 = _core_stats(stats2)
+            stats2["num_steps"] = stats["num_steps"] + stats2["num_steps"]
+            return y2, aux2, stats2, result2, jnp.array(i)
+
+        failed = operands[3] != RESULTS.successful
+        operands = lax.cond(failed, retry, lambda o: o, operands)
+    y, aux, stats, result, index = operands
+    result = RESULTS.where(
+        result == RESULTS.successful, result, RESULTS.fallback_exhausted
+    )
+    return y, aux, {**stats, "solver_index": index}, result
+
+
+def _core_stats(stats):
+    return {
+        k: stats[k] for k in ("num_steps", "residual", "residual_trace") if k in stats
+    }
+
+
+def check_structure(fn, y0, args, name: str = "fn"):
+    """Raise a `ValueError` at trace time if `fn(y0, args)` does not match `y0`."""
+    out_struct, _ = eqx.filter_eval_shape(fn, y0, args)
+    in_struct = jax.eval_shape(lambda: y0)
+    same_tree = jtu.tree_structure(out_struct) == jtu.tree_structure(in_struct)
+    same_shapes = same_tree and all(
+        a.shape == b.shape
+        for a, b in zip(jtu.tree_leaves(out_struct), jtu.tree_leaves(in_struct))
+    )
+    if not same_shapes:
+        from ._misc import struct_str
+
+        raise ValueError(
+            f"`{name}(y0, args)` must return a pytree with the same structure and shapes "
+            f"as `y0`; got `{name}(y0, args)` = {struct_str(out_struct)} but "
+            f"`y0` = {struct_str(in_struct)}."
+        )
+    return out_struct

@@ -1,0 +1,218 @@
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+import optimistix as optx
+from jaxtyping import Array, PyTree
+
+from ._adjoint import AbstractAdjoint, default_adjoint, ImplicitAdjoint
+from ._fixed_point import Forward, solve
+from ._iterate import residual_fn
+from ._solution import RESULTS, Solution
+
+
+@eqx.filter_jit
+def root_find(
+    fn,
+    y0: PyTree[Array],
+    args: PyTree = None,
+    solver=None,
+    *,
+    adjoint: AbstractAdjoint | None = None,
+    max_steps: int | None = 256,
+    has_aux: bool = False,
+    throw: bool = True,
+    trace: bool = False,
+    options: dict[str, Any] | None = None,
+    probe: Array | None = None,
+) -> Solution:
+    r"""Find a root `fn(y, args) = 0`.
+
+    The same driver, solvers and backward modes as [`implicit_kit.fixed_point`][]. A
+    fixed-point solver (Picard, Anderson, Halpern) iterates `y <- y + fn(y, args)`. The
+    default solver is `NewtonKrylov()`; the default adjoint solves the adjoint equation
+    `-J^T u = ybar` with GMRES (fixed-point iteration on it needs `I + J` contractive).
+
+    **Arguments:** as [`implicit_kit.fixed_point`][], with `fn(y, args)` returning a
+    pytree of the structure and shapes of `y`.
+
+    **Returns:** a [`implicit_kit.Solution`][].
+    """
+    if solver is None:
+        from .solvers import NewtonKrylov
+
+        solver = NewtonKrylov()
+
+    def factory(kind):
+        return Forward(kind, solver, options, max_steps, trace)
+
+    return solve(
+        fn, y0, args, "root", factory, has_aux=has_aux, adjoint=adjoint, throw=throw,
+        probe=probe,
+    )
+
+
+class _NegGrad(eqx.Module):
+    """`G(y) = -grad loss(y)`: the root function of a minimisation (so that the
+    fixed-point form `y + G` is a gradient step and the adjoint operator is the
+    Hessian, positive definite at a strict minimum)."""
+
+    loss: Any
+
+    def __call__(self, y, args):
+        grad, aux = jax.grad(lambda _y: self.loss(_y, args), has_aux=True)(y)
+        return jtu.tree_map(jnp.negative, grad), aux
+
+
+class _OptxMinimiseForward(eqx.Module):
+    kind: str = eqx.field(static=True)
+    solver: Any
+    options: Any
+    max_steps: int | None = eqx.field(static=True)
+
+    def __call__(self, fn, y0, args, while_kind="lax", checkpoints=None):
+        if while_kind != "lax":
+            raise ValueError(
+                "`UnrolledAdjoint` unrolls implicit_kit's own solver loop; with an "
+                "optimistix minimiser use `ImplicitAdjoint` (or unroll optimistix "
+                "yourself with `optx.RecursiveCheckpointAdjoint`)."
+            )
+        loss = fn.fn.loss  # fn is _Prepared(_NegGrad(loss))
+        sol = optx.minimise(
+            loss, self.solver, y0, args, self.options, has_aux=True,
+            max_steps=self.max_steps, throw=False,
+        )
+        g = residual_fn(fn, "root")(sol.value, args)
+        stats = {"num_steps": sol.stats["num_steps"], "residual": optx.two_norm(g)}
+        return sol.value, sol.aux, stats, RESULTS.promote(sol.result)
+
+
+@eqx.filter_jit
+def minimise(
+    loss,
+    y0: PyTree[Array],
+    args: PyTree = None,
+    solver=None,
+    *,
+    adjoint: AbstractAdjoint | None = None,
+    max_steps: int | None = 256,
+    has_aux: bool = False,
+    throw: bool = True,
+    trace: bool = False,
+    options: dict[str, Any] | None = None,
+    probe: Array | None = None,
+) -> Solution:
+    r"""Find `argmin_y loss(y, args)`, differentiable by the implicit function theorem on
+    the stationarity condition `grad_y loss(y*, args) = 0`.
+
+    **Arguments:**
+
+    - `loss`: `loss(y, args) -> scalar` (or `(scalar, aux)` with `has_aux=True`).
+    - `y0`, `args`: as [`implicit_kit.fixed_point`][].
+    - `solver`: an optimistix minimiser (`optx.BFGS(...)`, `optx.NonlinearCG`, an
+        optax optimiser through `optx.OptaxMinimiser(optax.adam(...), rtol, atol)`, ...;
+        default `optx.BFGS(rtol=1e-8, atol=1e-8)`), or an implicit_kit solver applied
+        to the stationarity condition (`NewtonKrylov()` is Newton's method with
+        Hessian-vector products; a fixed-point solver iterates gradient steps
+        `y <- y - grad loss(y)`).
+    - `adjoint`: default `ImplicitAdjoint(linear_solver=lx.CG(...))` on the Hessian
+        (symmetric positive definite at a strict minimum), matrix-free.
+    - the rest: as [`implicit_kit.fixed_point`][].
+
+    **Returns:** a [`implicit_kit.Solution`][]; `stats["residual"]` is the norm of the
+    gradient at the solution.
+    """
+    if solver is None:
+        solver = optx.BFGS(rtol=1e-8, atol=1e-8)
+    if adjoint is None:
+        adjoint = ImplicitAdjoint(linear_solver=lx.CG(rtol=1e-8, atol=1e-10))
+    if not callable(loss):
+        raise TypeError(f"`loss` must be callable, got {type(loss).__name__}.")
+    scalar_loss = loss if has_aux else (lambda y, a: (loss(y, a), None))
+    if isinstance(solver, optx.AbstractMinimiser):
+        if trace:
+            raise ValueError("`trace=True` is not available with optimistix minimisers.")
+
+        def factory(kind):
+            return _OptxMinimiseForward(kind, solver, options, max_steps)
+    else:
+
+        def factory(kind):
+            return Forward(kind, solver, options, max_steps, trace)
+
+    tags = frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})
+    return solve(
+        scalar_loss, y0, args, "root", factory, has_aux=True, adjoint=adjoint,
+        throw=throw, probe=probe, tags=tags, name="grad(loss)", wrap=_NegGrad,
+    )
+
+
+class _CustomRootForward(eqx.Module):
+    kind: str = eqx.field(static=True)
+    solver_fn: Callable = eqx.field(static=True)
+    max_steps: None = None
+
+    def __call__(self, fn, y0, args, while_kind="lax", checkpoints=None):
+        if while_kind != "lax":
+            raise ValueError("`UnrolledAdjoint` cannot unroll a `custom_root` solver.")
+        y = self.solver_fn(y0, *args)
+        y = jtu.tree_map(lambda a, b: jnp.asarray(a, b.dtype), y, y0)
+        g = residual_fn(fn, "root")(y, args)
+        stats = {"num_steps": jnp.array(0), "residual": optx.two_norm(g)}
+        return y, None, stats, RESULTS.successful
+
+
+def custom_root(
+    optimality_fn: Callable[..., PyTree],
+    *,
+    adjoint: AbstractAdjoint | None = None,
+    throw: bool = True,
+):
+    r"""Make any solver implicitly differentiable from its optimality condition.
+
+    ```python
+    @ik.custom_root(lambda y, a: y**3 - a)   # y* solves optimality_fn(y*, *args) = 0
+    def cube_root(y0, a):
+        return some_solver(y0, a)            # any code: a Python loop, a pure_callback
+    ```
+
+    The decorated `solver(y_init, *args)` is run without being differentiated (it may be
+    a non-JAX loop wrapped in `jax.pure_callback`); gradients with respect to `args` come
+    from the implicit function theorem on `optimality_fn(y, *args) = 0`, whose Jacobian in
+    `y` must be square and invertible at the solution.
+
+    **Arguments:**
+
+    - `optimality_fn`: `optimality_fn(y, *args)`, zero at the solution, same structure
+        as `y`.
+    - `adjoint`: default `ImplicitAdjoint` with GMRES on the adjoint equation.
+    - `throw`: as in [`implicit_kit.fixed_point`][] (for the backward solve).
+
+    **Returns:** a decorator; the decorated function returns the solution `y`.
+    """
+
+    def decorator(solver_fn):
+        def wrapped(y_init, *args):
+            sol = solve(
+                lambda y, a: optimality_fn(y, *a),
+                y_init,
+                tuple(args),
+                "root",
+                lambda kind: _CustomRootForward(kind, solver_fn),
+                has_aux=False,
+                adjoint=adjoint if adjoint is not None else default_adjoint("root"),
+                throw=throw,
+                probe=None,
+                name="optimality_fn",
+            )
+            return sol.value
+
+        wrapped.__name__ = getattr(solver_fn, "__name__", "custom_root_solver")
+        wrapped.__doc__ = solver_fn.__doc__
+        return wrapped
+
+    return decorator

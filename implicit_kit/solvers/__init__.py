@@ -1,0 +1,13 @@
+"""Forward solvers for equilibrium problems."""
+
+from ._base import (
+    AbstractFixedPointSolver as AbstractFixedPointSolver,
+    AbstractImplicitSolver as AbstractImplicitSolver,
+    AbstractRootSolver as AbstractRootSolver,
+)
+from .anderson import Anderson as Anderson
+from .broyden import Broyden as Broyden
+from .fallback import Fallback as Fallback
+from .halpern import Halpern as Halpern
+from .newton_krylov import NewtonKrylov as NewtonKrylov
+from .picard import Picard as Picard

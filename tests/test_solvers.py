@@ -1,0 +1,163 @@
+"""Forward solvers: solutions against closed forms or an independent solver."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import implicit_kit as ik
+
+from .helpers import PROBLEMS, ROBUST, SOLVERS, tree_allclose
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
+@pytest.mark.parametrize("solver_name", list(SOLVERS))
+def test_solution(problem, solver_name):
+    if not problem.picard_ok and solver_name not in ROBUST:
+        pytest.skip("solver is not expected to converge where Picard diverges")
+    sol = ik.fixed_point(
+        problem.fn, problem.y0, problem.args, SOLVERS[solver_name], max_steps=500
+    )
+    assert sol.result == ik.RESULTS.successful
+    assert tree_allclose(sol.value, problem.exact(problem.args), rtol=1e-9, atol=1e-10)
+    assert 0 < int(sol.stats["num_steps"]) <= 500
+    assert int(sol.stats["max_steps"]) == 500
+
+
+@pytest.mark.parametrize("solver_name", ["picard", "anderson", "broyden"])
+def test_picard_divergent_problem_fails_without_acceleration(solver_name):
+    problem = PROBLEMS[1]
+    sol = ik.fixed_point(
+        problem.fn, problem.y0, problem.args, SOLVERS[solver_name], max_steps=300,
+        throw=False,
+    )
+    if solver_name == "picard":
+        assert sol.result != ik.RESULTS.successful
+    else:
+        assert sol.result == ik.RESULTS.successful
+
+
+def test_acceleration_needs_fewer_steps_than_picard():
+    # A DEQ near the edge of contraction, rho(J*) ~ 0.93 (reference note C7: 215 vs 70).
+    n = 50
+    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (n, n)))
+    W = q @ jnp.diag(jnp.linspace(-0.95, 0.95, n)) @ q.T
+    x = 0.1 * jax.random.normal(jax.random.key(1), (n,))
+    fn = lambda z, a: jnp.tanh(a[0] @ z + a[1])
+    ref = None
+    steps = {}
+    for name, solver in [
+        ("picard", ik.Picard(rtol=1e-8, atol=0)),
+        ("anderson", ik.Anderson(m=5, rtol=1e-8, atol=0)),
+        ("broyden", ik.Broyden(m=30, rtol=1e-8, atol=0)),
+    ]:
+        sol = ik.fixed_point(fn, jnp.zeros(n), (W, x), solver, max_steps=2000)
+        ref = sol.value if ref is None else ref
+        # residual 1e-8 at contraction ~0.93 -> error ~1e-7 relative
+        assert float(jnp.linalg.norm(sol.value - ref)) <= 1e-6 * float(
+            jnp.linalg.norm(ref))
+        steps[name] = int(sol.stats["num_steps"])
+    assert 2 * steps["anderson"] <= steps["picard"], steps
+    assert 2 * steps["broyden"] <= steps["picard"], steps
+
+
+def test_anderson_relative_ridge_reaches_tight_tolerance():
+    # An absolute ridge of 1e-4 stalls at tight tolerances; the relative one must not.
+    problem = PROBLEMS[3]
+    solver = ik.Anderson(rtol=1e-13, atol=0.0, ridge=1e-4)
+    sol = ik.fixed_point(problem.fn, problem.y0, problem.args, solver, max_steps=200)
+    assert sol.result == ik.RESULTS.successful
+    assert float(sol.stats["residual"]) <= 1e-13 * float(jnp.linalg.norm(sol.value))
+
+
+def test_anderson_singular_least_squares_is_safe():
+    # A constant map: every residual after the first step is exactly zero -> G G^T = 0.
+    c = jnp.array([1.0, -2.0, 3.0])
+    sol = ik.fixed_point(lambda y, a: a, jnp.zeros(3), c, ik.Anderson(rtol=0, atol=0),
+                         max_steps=10, throw=False)
+    np.testing.assert_array_equal(sol.value, c)
+    assert bool(jnp.all(jnp.isfinite(sol.value)))
+
+
+def test_broyden_memory_does_not_grow_with_max_steps():
+    problem = PROBLEMS[3]
+    solver = ik.Broyden(m=4, rtol=1e-12, atol=1e-13)
+    n = problem.y0.size
+
+    def fn(y, args):
+        return problem.fn(y, args) - y, None
+
+    struct = jax.eval_shape(lambda: problem.y0)
+    state = jax.eval_shape(
+        lambda: solver.init(fn, problem.y0, problem.args, {}, struct, None, frozenset())
+    )
+    # Two (m, n) histories + previous iterate and residual + 3 scalars: nothing depends
+    # on max_steps (TorchDEQ's default keeps one rank-one pair per step).
+    assert sum(x.size for x in jax.tree_util.tree_leaves(state)) == 2 * 4 * n + 2 * n + 4
+    sol = ik.fixed_point(problem.fn, problem.y0, problem.args, solver, max_steps=10_000)
+    np.testing.assert_allclose(sol.value, problem.exact(problem.args), rtol=1e-9)
+
+
+def test_halpern_bound_on_rotation():
+    # A rotation by 90 degrees is nonexpansive: Picard cycles, Halpern converges with
+    # ||y_k - T y_k|| <= 2 ||y_0 - y*|| / (k + 1) at every k (reference note C8).
+    n = 10
+    R = jnp.kron(jnp.eye(n // 2), jnp.array([[0.0, -1.0], [1.0, 0.0]]))
+    ystar = jnp.linspace(-1, 1, n)
+    fn = lambda y, a: R @ (y - ystar) + ystar
+    y0 = jnp.ones(n) * 2.0
+    k = 400
+    sol = ik.fixed_point(fn, y0, None, ik.Halpern(rtol=0, atol=0), max_steps=k,
+                         throw=False, trace=True)
+    trace = np.asarray(sol.stats["residual_trace"])
+    bound = 2 * float(jnp.linalg.norm(y0 - ystar)) / (np.arange(k) + 1)
+    assert np.all(trace <= bound * (1 + 1e-12))
+    assert trace[-1] < 0.01 * trace[0]
+    picard = ik.fixed_point(fn, y0, None, ik.Picard(rtol=0, atol=0), max_steps=k,
+                            throw=False, trace=True)
+    assert float(picard.stats["residual_trace"][-1]) > 0.5 * float(
+        picard.stats["residual_trace"][0])
+
+
+def test_fallback_per_sample():
+    problem = PROBLEMS[1]
+    solver = ik.Fallback(ik.Picard(rtol=1e-12, atol=1e-13), SOLVERS["newton_krylov"])
+    sol = ik.fixed_point(problem.fn, problem.y0, problem.args, solver, max_steps=50)
+    assert int(sol.stats["solver_index"]) == 1
+    np.testing.assert_allclose(sol.value, problem.exact(problem.args), rtol=1e-9)
+    # Under vmap a mix: a contractive sample stays with Picard, a divergent one falls back.
+    A_good = 0.5 * jnp.eye(4)
+    As = jnp.stack([A_good, problem.args[0]])
+    bs = jnp.stack([problem.args[1], problem.args[1]])
+    sols = jax.vmap(lambda A, b: ik.fixed_point(problem.fn, problem.y0, (A, b), solver,
+                                                max_steps=50, throw=False))(As, bs)
+    assert sols.stats["solver_index"].tolist() == [0, 1]
+    assert bool(jnp.all(sols.result == ik.RESULTS.successful))
+    for i in range(2):
+        np.testing.assert_allclose(sols.value[i], problem.exact((As[i], bs[i])),
+                                   rtol=1e-9)
+
+
+def test_fallback_exhausted():
+    problem = PROBLEMS[1]
+    solver = ik.Fallback(ik.Picard(**{"rtol": 1e-12, "atol": 1e-13}),
+                         ik.Halpern(rtol=1e-12, atol=1e-13))
+    sol = ik.fixed_point(problem.fn, problem.y0, problem.args, solver, max_steps=20,
+                         throw=False)
+    assert sol.result == ik.RESULTS.fallback_exhausted
+
+
+def test_root_find_and_minimise_closed_forms():
+    # root: y^3 - a = 0 per component.
+    a = jnp.array([8.0, 27.0, 2.0])
+    sol = ik.root_find(lambda y, a: y**3 - a, jnp.ones(3), a)
+    np.testing.assert_allclose(sol.value, jnp.cbrt(a), rtol=1e-10)
+    # minimise: ridge regression.
+    X = jax.random.normal(jax.random.key(0), (20, 4))
+    t = jax.random.normal(jax.random.key(1), (20,))
+    lam = 0.3
+    loss = lambda w, lam: 0.5 * jnp.sum((X @ w - t) ** 2) + 0.5 * lam * jnp.sum(w**2)
+    exact = jnp.linalg.solve(X.T @ X + lam * jnp.eye(4), X.T @ t)
+    for solver in (None, ik.NewtonKrylov(rtol=1e-12, atol=1e-12)):
+        sol = ik.minimise(loss, jnp.zeros(4), lam, solver)
+        np.testing.assert_allclose(sol.value, exact, rtol=1e-8)
