@@ -46,9 +46,17 @@ def adjoint_operators(fn, kind: str, y_star, args):
     return JT_T, A, vjp
 
 
+def _unliteral(tree):
+    """JAX may hand a known scalar to a custom-VJP rule as a Python-float literal;
+    turn those back into arrays so that `fn`'s closure conversion accepts them."""
+    return jtu.tree_map(
+        lambda x: jnp.asarray(x) if isinstance(x, (float, complex)) else x, tree
+    )
+
+
 @eqx.filter_custom_vjp
 def _implicit(vjp_arg, forward, backward, kind, throw, tags):
-    fn, args, y0, probe = vjp_arg
+    fn, args, y0, probe = _unliteral(vjp_arg)
     del probe, backward, throw, tags
     return forward(fn, y0, args)
 
@@ -56,7 +64,7 @@ def _implicit(vjp_arg, forward, backward, kind, throw, tags):
 @_implicit.def_fwd
 def _implicit_fwd(perturbed, vjp_arg, forward, backward, kind, throw, tags):
     del perturbed
-    fn, args, y0, _ = vjp_arg
+    fn, args, y0, _ = _unliteral(vjp_arg)
     out = forward(fn, y0, args)
     return out, out[0]
 
@@ -73,7 +81,7 @@ def _implicit_bwd(
     y_star, grad_obj, perturbed, vjp_arg, forward, backward, kind, throw, tags
 ):
     del forward
-    fn, args, y0, probe = vjp_arg
+    fn, args, y0, probe = _unliteral(vjp_arg)
     ybar = _materialise(grad_obj[0], y_star)
     JT_T, A, vjp = adjoint_operators(fn, kind, y_star, args)
     u, steps, residual, result = backward.solve_adjoint(JT_T, A, ybar, tags)
@@ -113,14 +121,8 @@ def implicit_vjp(
     tags: frozenset = frozenset(),
 ):
     """`forward(fn, y0, args) -> (y, aux, stats, result)` with the implicit VJP attached."""
-    try:
-        return _implicit((fn, args, y0, probe), forward, backward, kind, throw, tags)
-    except TypeError as e:
-        if "custom_vjp" in str(e) and ("jvp" in str(e) or "forward" in str(e)):
-            raise TypeError(
-                f"`{type(backward).__name__}` computes gradients with a custom VJP, which "
-                "supports reverse mode (`jax.grad`, `jax.vjp`, `jax.jacrev`) only. For "
-                "forward mode (`jax.jvp`, `jax.jacfwd`, Hessian-vector products) pass "
-                "`adjoint=ik.ImplicitJVPAdjoint()`."
-            ) from e
-        raise
+    # Forward mode (`jax.jvp`) through a custom VJP is refused by JAX itself with
+    # "can't apply forward-mode autodiff (jvp) to a custom_vjp function"; the error is
+    # raised when the jitted program is lowered, outside this code, so it cannot be
+    # reworded here. The docstrings of the adjoints point to `ImplicitJVPAdjoint`.
+    return _implicit((fn, args, y0, probe), forward, backward, kind, throw, tags)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
+import optimistix.internal as optxi
 
 from ._ad import implicit_vjp
 from ._iterate import native_fn, run
@@ -34,7 +35,10 @@ class AbstractAdjoint(eqx.Module):
 
 
 class AbstractVJPAdjoint(AbstractAdjoint):
-    """A backward mode by custom VJP: reverse mode only."""
+    """A backward mode by custom VJP: reverse mode only (`jax.grad`, `jax.vjp`,
+    `jax.jacrev`). Under forward mode (`jax.jvp`, `jax.jacfwd`, Hessian-vector products)
+    JAX raises "can't apply forward-mode autodiff (jvp) to a custom_vjp function": use
+    [`implicit_kit.ImplicitJVPAdjoint`][] there."""
 
     def apply(self, forward, fn, kind, y0, args, *, probe, throw, tags):
         return implicit_vjp(forward, fn, kind, y0, args, probe, self, throw, tags)
@@ -253,7 +257,7 @@ class ImplicitJVPAdjoint(AbstractAdjoint):
                 lx.negative_semidefinite_tag
             }
         inputs = (forward, fn, y0, args)
-        y, (aux, stats, result) = optx.implicit_jvp(
+        y, (aux, stats, result) = optxi.implicit_jvp(
             _jvp_primal, _jvp_rewrite, inputs, tags, self.linear_solver
         )
         return y, aux, stats, result

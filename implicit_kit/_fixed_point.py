@@ -1,6 +1,7 @@
 from typing import Any
 
 import equinox as eqx
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
@@ -64,6 +65,10 @@ def solve(
     if not callable(fn):
         raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}.")
     y0 = jtu.tree_map(inexact_asarray, y0)
+    # Python floats become (weakly typed) arrays: differentiable like any other input.
+    args = jtu.tree_map(
+        lambda x: jnp.asarray(x) if isinstance(x, (float, complex)) else x, args
+    )
     if not jtu.tree_leaves(y0):
         raise ValueError("`y0` must contain at least one array.")
     # Hoist closed-over arrays and tracers into `fn`'s leaves so that they are
@@ -92,6 +97,9 @@ def solve(
     y, aux, stats, result = adjoint.apply(
         forward, fn, kind, y0, args, probe=probe, throw=throw, tags=tags
     )
+    # Result codes and stats carry no derivative (an integer output of a custom VJP
+    # otherwise gets a tangent that `error_if` cannot handle).
+    result, stats = jtu.tree_map(lax.stop_gradient, (result, stats))
     max_steps = getattr(forward, "max_steps", None)
     stats = {**stats, "max_steps": jnp.array(-1 if max_steps is None else max_steps)}
     sol = Solution(value=y, result=result, stats=stats, aux=aux if has_aux else None)
