@@ -18,7 +18,11 @@ from ._fixed_point import (
     backward_stats as backward_stats,
     fixed_point as fixed_point,
 )
-from ._root import custom_root as custom_root, minimise as minimise, root_find as root_find
+from ._root import (
+    custom_root as custom_root,
+    minimise as minimise,
+    root_find as root_find,
+)
 from ._solution import RESULTS as RESULTS, Solution as Solution
 from .solvers import (
     Anderson as Anderson,

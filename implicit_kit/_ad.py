@@ -1,7 +1,7 @@
 """The custom-VJP machinery shared by every implicit entry point.
 
-`implicit_vjp(forward, fn, kind, y0, args, probe, backward, throw)` runs `forward` without
-differentiating through it and attaches the implicit-function-theorem VJP. With the
+`implicit_vjp(forward, fn, kind, y0, args, probe, backward, throw)` runs `forward`
+without differentiating through it and attaches the implicit-function-theorem VJP. With the
 problem written as a fixed-point map `T` (`T = fn` for fixed points, `T = y + fn` for
 roots), the cotangent `u` of the solution solves the adjoint equation
 
@@ -18,24 +18,15 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
+from ._iterate import native_fn
 from ._misc import tree_add
 from ._solution import RESULTS
 
 
 def adjoint_operators(fn, kind: str, y_star, args):
-    """Return `(JT_T, A, vjp)` at `y*`: `JT_T(u) = J_T^T u`, `A(u) = (I - J_T^T) u`, and
-    the full VJP `u -> (ybar, fn_bar, args_bar)` of the problem's own function."""
-    diff, static = eqx.partition((fn, args), eqx.is_inexact_array)
-
-    def native(y, d):
-        f, a = eqx.combine(d, static)
-        return f(y, a)[0]
-
-    _, vjp_diff = jax.vjp(native, y_star, diff)
-
-    def vjp(u):
-        y_bar, d_bar = vjp_diff(u)
-        return (y_bar, *d_bar)
+    """Return `(JT_T, A)` at `y*`: `JT_T(u) = J_T^T u` and `A(u) = (I - J_T^T) u`, by
+    VJPs in `y` only (no parameter cotangent is formed inside the backward solve)."""
+    _, vjp = jax.vjp(lambda y: fn(y, args)[0], y_star)
 
     if kind == "fixed_point":
         JT_T = lambda u: vjp(u)[0]
@@ -43,7 +34,7 @@ def adjoint_operators(fn, kind: str, y_star, args):
     else:
         JT_T = lambda u: tree_add(u, vjp(u)[0])
         A = lambda u: jtu.tree_map(jnp.negative, vjp(u)[0])
-    return JT_T, A, vjp
+    return JT_T, A
 
 
 def _unliteral(tree):
@@ -55,44 +46,33 @@ def _unliteral(tree):
 
 
 @eqx.filter_custom_vjp
-def _implicit(vjp_arg, forward, backward, kind, throw, tags):
-    fn, args, y0, probe = _unliteral(vjp_arg)
-    del probe, backward, throw, tags
-    return forward(fn, y0, args)
+def _adjoint_hook(vjp_arg, y_star, fn, args, backward, kind, throw, tags):
+    """Identity on `vjp_arg = (y, probe)`; its VJP maps `ybar` to the solution `u` of the
+    adjoint equation (and writes the backward statistics into the probe's cotangent)."""
+    y, _ = vjp_arg
+    return y
 
 
-@_implicit.def_fwd
-def _implicit_fwd(perturbed, vjp_arg, forward, backward, kind, throw, tags):
+@_adjoint_hook.def_fwd
+def _adjoint_hook_fwd(perturbed, vjp_arg, y_star, fn, args, backward, kind, throw, tags):
     del perturbed
-    fn, args, y0, _ = _unliteral(vjp_arg)
-    out = forward(fn, y0, args)
-    return out, out[0]
+    return vjp_arg[0], None
 
 
-def _materialise(ybar, y):
-    return jtu.tree_map(
-        lambda g, x: jnp.zeros_like(x) if g is None else g, ybar, y,
-        is_leaf=lambda z: z is None,
-    )
-
-
-@_implicit.def_bwd
-def _implicit_bwd(
-    y_star, grad_obj, perturbed, vjp_arg, forward, backward, kind, throw, tags
+@_adjoint_hook.def_bwd
+def _adjoint_hook_bwd(
+    _, grad_obj, perturbed, vjp_arg, y_star, fn, args, backward, kind, throw, tags
 ):
-    del forward
-    fn, args, y0, probe = _unliteral(vjp_arg)
-    ybar = _materialise(grad_obj[0], y_star)
-    JT_T, A, vjp = adjoint_operators(fn, kind, y_star, args)
+    y, probe = vjp_arg
+    fn, args, y_star = _unliteral((fn, args, y_star))
+    ybar = _materialise(grad_obj, y_star)
+    JT_T, A = adjoint_operators(fn, kind, y_star, args)
     u, steps, residual, result = backward.solve_adjoint(JT_T, A, ybar, tags)
-    _, fn_bar, args_bar = vjp(u)
     failed = result != RESULTS.successful
-    cots = (fn_bar, args_bar)
     if throw:
-        cots = result.error_if(cots, failed)
+        u = result.error_if(u, failed)
     else:
-        cots = jtu.tree_map(lambda c: jnp.where(failed, jnp.nan, c), cots)
-    fn_bar, args_bar = cots
+        u = jtu.tree_map(lambda c: jnp.where(failed, jnp.nan, c), u)
     probe_bar = None
     if probe is not None:
         probe_bar = jnp.stack(
@@ -102,11 +82,24 @@ def _implicit_bwd(
                 failed.astype(probe.dtype),
             ]
         )
-    out = (fn_bar, args_bar, jtu.tree_map(lambda _: None, y0), probe_bar)
-    # Only perturbed leaves get a cotangent.
     return jtu.tree_map(
-        lambda c, p: c if p else None, out, perturbed, is_leaf=lambda z: z is None
+        lambda c, p: c if p else None, (u, probe_bar), perturbed,
+        is_leaf=lambda z: z is None,
     )
+
+
+def _materialise(ybar, y):
+    return jtu.tree_map(
+        lambda g, x: jnp.zeros_like(x) if g is None else g, ybar, y,
+        is_leaf=lambda z: z is None,
+    )
+
+
+def stop_gradient(tree):
+    # stop_gradient of a traced Python scalar can return its literal value: re-array it.
+    return _unliteral(jtu.tree_map(
+        lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, tree
+    ))
 
 
 def implicit_vjp(
@@ -120,9 +113,30 @@ def implicit_vjp(
     throw: bool,
     tags: frozenset = frozenset(),
 ):
-    """`forward(fn, y0, args) -> (y, aux, stats, result)` with the implicit VJP attached."""
-    # Forward mode (`jax.jvp`) through a custom VJP is refused by JAX itself with
+    """`forward(fn, y0, args) -> (y, aux, stats, result)` with the implicit VJP attached.
+
+    The solve runs on stopped inputs (nothing is stored for the backward pass). The
+    solution is then re-attached to the parameters as `y* + (T(y*) - stop_grad(T(y*)))`
+    (value exactly `y*`, derivative `dT/dtheta`), so that parameter cotangents come from
+    ordinary autodiff of one map application: under `jax.vmap` they are formed batched,
+    as one matmul, never as one parameter-sized array per sample. The hook in front
+    turns the incoming cotangent `ybar` into `u = (I - J_T^T)^{-1} ybar`.
+    """
+    # Forward mode (`jax.jvp`) through the custom VJP is refused by JAX itself with
     # "can't apply forward-mode autodiff (jvp) to a custom_vjp function"; the error is
     # raised when the jitted program is lowered, outside this code, so it cannot be
     # reworded here. The docstrings of the adjoints point to `ImplicitJVPAdjoint`.
-    return _implicit((fn, args, y0, probe), forward, backward, kind, throw, tags)
+    fn_s, y0_s, args_s = stop_gradient((fn, y0, args))
+    y, aux, stats, result = forward(fn_s, y0_s, args_s)
+    y = stop_gradient(y)
+    T = native_fn(fn, kind, "fixed_point")
+    ty, _ = T(y, args)
+    # (The guard keeps the value finite when a failed solve ends where T overflows.)
+    y_attached = jtu.tree_map(
+        lambda a, t: a + jnp.where(jnp.isfinite(t), t - jax.lax.stop_gradient(t), 0),
+        y, ty,
+    )
+    y_out = _adjoint_hook(
+        (y_attached, probe), y, fn_s, args_s, backward, kind, throw, tags
+    )
+    return y_out, aux, stats, result

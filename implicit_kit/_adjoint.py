@@ -17,7 +17,7 @@ import lineax as lx
 import optimistix as optx
 import optimistix.internal as optxi
 
-from ._ad import implicit_vjp
+from ._ad import implicit_vjp, stop_gradient
 from ._iterate import native_fn, run
 from ._misc import tree_sub
 from ._solution import RESULTS
@@ -187,10 +187,7 @@ class PhantomAdjoint(AbstractAdjoint):
 
     def apply(self, forward, fn, kind, y0, args, *, probe, throw, tags):
         del probe, throw, tags
-        sg = lambda t: jtu.tree_map(
-            lambda x: lax.stop_gradient(x) if eqx.is_array(x) else x, t
-        )
-        y, aux, stats, result = forward(sg(fn), sg(y0), sg(args))
+        y, aux, stats, result = forward(*stop_gradient((fn, y0, args)))
         T = native_fn(fn, kind, "fixed_point")
         for _ in range(self.k):
             ty, _ = T(y, args)

@@ -8,7 +8,7 @@ import pytest
 
 import implicit_kit as ik
 
-from .helpers import PROBLEMS, SOLVERS, rel_err
+from .helpers import PROBLEMS, rel_err, SOLVERS
 
 
 EXACT_ADJOINTS = {

@@ -34,7 +34,10 @@ class AbstractImplicitSolver(eqx.Module):
 
     def terminate(self, fn, y, args, options, state, tags):
         del fn, y, args, options, tags
-        done = state.residual <= self.atol + self.rtol * state.scale
+        # A non-finite residual is never convergence (even if the scale overflowed too).
+        done = jnp.isfinite(state.residual) & (
+            state.residual <= self.atol + self.rtol * state.scale
+        )
         return done, RESULTS.successful
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):

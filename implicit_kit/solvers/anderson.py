@@ -9,6 +9,22 @@ from jaxtyping import Array, Float, Int, PyTree, Scalar
 from ._base import AbstractFixedPointSolver, init_residual
 
 
+def spd_solve(A: Float[Array, "m m"], b: Float[Array, " m"]) -> Float[Array, " m"]:
+    """Solve a small symmetric positive definite system by Gaussian elimination without
+    pivoting (stable for SPD matrices), unrolled over the static size `m`.
+
+    Unlike `jnp.linalg.solve`, whose batched form on CPU is one LAPACK call per sample,
+    this is a handful of elementwise operations that vectorise across a vmapped batch.
+    """
+    m = A.shape[0]
+    A = jnp.concatenate([A, b[:, None]], axis=1)
+    for k in range(m):
+        row = A[k] / A[k, k]
+        A = A - A[:, k : k + 1] * row[None, :]
+        A = A.at[k].set(row)
+    return A[:, m]
+
+
 class _AndersonState(eqx.Module):
     ys: Float[Array, "m n"]
     gs: Float[Array, "m n"]
@@ -65,8 +81,10 @@ class Anderson(AbstractFixedPointSolver):
         flat_f, _ = ravel_pytree(fy)
         g = flat_f - flat_y
         slot = state.count % self.m
-        ys = state.ys.at[slot].set(flat_y)
-        gs = state.gs.at[slot].set(g)
+        # A select rather than a scatter: under vmap `slot` is per sample.
+        at_slot = (jnp.arange(self.m) == slot)[:, None]
+        ys = jnp.where(at_slot, flat_y, state.ys)
+        gs = jnp.where(at_slot, g, state.gs)
         n_valid = jnp.minimum(state.count + 1, self.m)
         valid = jnp.arange(self.m) < n_valid
         both = valid[:, None] & valid[None, :]
@@ -75,7 +93,7 @@ class Anderson(AbstractFixedPointSolver):
         lam = self.ridge * jnp.trace(gram) / n_valid + tiny
         eye = jnp.eye(self.m, dtype=gram.dtype)
         system = jnp.where(both, gram + lam * eye, eye)
-        a = jnp.linalg.solve(system, valid.astype(gram.dtype))
+        a = spd_solve(system, valid.astype(gram.dtype))
         alpha = a / jnp.sum(a)
         picard = (jnp.arange(self.m) == slot).astype(gram.dtype)
         alpha = jnp.where(jnp.all(jnp.isfinite(alpha)), alpha, picard)

@@ -85,8 +85,9 @@ class Broyden(AbstractRootSolver):
         restart = ok & (slot == 0) & (state.n_pairs > 0)
         us = jnp.where(restart, 0, us)
         vs = jnp.where(restart, 0, vs)
-        us = jnp.where(ok, us.at[slot].set(u), us)
-        vs = jnp.where(ok, vs.at[slot].set(v), vs)
+        at_slot = ok & (jnp.arange(self.m) == slot)[:, None]  # a select, not a scatter
+        us = jnp.where(at_slot, u, us)
+        vs = jnp.where(at_slot, v, vs)
         n_pairs = state.n_pairs + ok
 
         def new_matvec(x):
