@@ -95,7 +95,10 @@ def _iterate(
         keep_going = jnp.invert(done)
         if max_steps is not None and while_kind == "lax":
             keep_going = keep_going & (num_steps < max_steps)
-        return keep_going
+        # Unbatched under vmap (any sample still running): the body masks the stopped
+        # samples itself, so JAX need not select every carried array per sample (the
+        # solver histories are large and their state of a stopped sample is unused).
+        return eqxi.unvmap_any(keep_going)
 
     def body_fun(carry):
         y, dynamic_state, aux, num_steps, done, result, residual, residuals = carry

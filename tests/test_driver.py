@@ -106,7 +106,8 @@ def test_max_steps_result_and_throw():
     assert sol.result == ik.RESULTS.nonlinear_max_steps_reached
     assert int(sol.stats["num_steps"]) == 3
     with pytest.raises(Exception, match="maximum number of steps"):
-        _solve_x(PROBLEM.args[3], solver=ik.Picard(rtol=1e-12, atol=0), max_steps=3)
+        jax.block_until_ready(
+            _solve_x(PROBLEM.args[3], solver=ik.Picard(rtol=1e-12, atol=0), max_steps=3))
 
 
 @pytest.mark.parametrize("solver", [ik.Picard(), ik.Anderson(), ik.Broyden()],
@@ -119,7 +120,7 @@ def test_nonfinite_detected_inside_loop(solver):
     assert int(sol.stats["num_steps"]) < 10
     assert bool(jnp.all(jnp.isfinite(sol.value)))  # the last finite iterate is kept
     with pytest.raises(Exception, match="Nonfinite"):
-        ik.fixed_point(fn, jnp.ones(2), 1e100, solver, max_steps=100)
+        jax.block_until_ready(ik.fixed_point(fn, jnp.ones(2), 1e100, solver, max_steps=100))
 
 
 def test_failed_backward_solve_is_never_silent():
@@ -138,8 +139,8 @@ def test_failed_backward_solve_is_never_silent():
     assert bool(jnp.all(jnp.isnan(g)))
     stats = ik.backward_stats(pg)
     assert float(stats["num_failed"]) == 1.0 and float(stats["num_steps"]) == 3.0
-    with pytest.raises(Exception, match="backward"):
-        jax.grad(loss)(jnp.ones(3), None, True)
+    with pytest.raises(Exception, match="backward"):  # (raised asynchronously on GPU)
+        jax.block_until_ready(jax.grad(loss)(jnp.ones(3), None, True))
     # Under vmap: one failure per failing sample, the others are exact.
     As = jnp.stack([1e-4 * jnp.eye(3), 0.99 * jnp.eye(3)])
 

@@ -28,6 +28,7 @@ def spd_solve(A: Float[Array, "m m"], b: Float[Array, " m"]) -> Float[Array, " m
 class _AndersonState(eqx.Module):
     ys: Float[Array, "m n"]
     gs: Float[Array, "m n"]
+    gram: Float[Array, "m m"]
     count: Int[Array, ""]
     residual: Float[Array, ""]
     scale: Float[Array, ""]
@@ -73,7 +74,8 @@ class Anderson(AbstractFixedPointSolver):
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         flat, _ = ravel_pytree(y)
         zeros = jnp.zeros((self.m, flat.size), flat.dtype)
-        return _AndersonState(zeros, zeros, jnp.array(0), *init_residual(y))
+        gram = jnp.zeros((self.m, self.m), flat.dtype)
+        return _AndersonState(zeros, zeros, gram, jnp.array(0), *init_residual(y))
 
     def step(self, fn, y, args, options, state, tags):
         fy, aux = fn(y, args)
@@ -81,24 +83,31 @@ class Anderson(AbstractFixedPointSolver):
         flat_f, _ = ravel_pytree(fy)
         g = flat_f - flat_y
         slot = state.count % self.m
-        # A select rather than a scatter: under vmap `slot` is per sample.
-        at_slot = (jnp.arange(self.m) == slot)[:, None]
+        # Selects and elementwise products with reductions rather than scatters and
+        # small matmuls: under vmap these vectorise over the batch (a batched 5x256
+        # matmul or a per-sample scatter is a slow loop on CPU). Only the new row and
+        # column of the Gram matrix G G^T are computed: O(m n) per step, not O(m^2 n).
+        index = jnp.arange(self.m)
+        at_slot = (index == slot)[:, None]
         ys = jnp.where(at_slot, flat_y, state.ys)
         gs = jnp.where(at_slot, g, state.gs)
+        dots = jnp.sum(gs * g[None, :], axis=1)
+        gram = jnp.where(at_slot, dots[None, :], state.gram)
+        gram = jnp.where(at_slot.T, dots[:, None], gram)
         n_valid = jnp.minimum(state.count + 1, self.m)
-        valid = jnp.arange(self.m) < n_valid
+        valid = index < n_valid
         both = valid[:, None] & valid[None, :]
-        gram = jnp.where(both, gs @ gs.T, 0)
+        gram_valid = jnp.where(both, gram, 0)
         tiny = jnp.finfo(gram.dtype).tiny ** 0.5
-        lam = self.ridge * jnp.trace(gram) / n_valid + tiny
+        lam = self.ridge * jnp.trace(gram_valid) / n_valid + tiny
         eye = jnp.eye(self.m, dtype=gram.dtype)
-        system = jnp.where(both, gram + lam * eye, eye)
+        system = jnp.where(both, gram_valid + lam * eye, eye)
         a = spd_solve(system, valid.astype(gram.dtype))
         alpha = a / jnp.sum(a)
-        picard = (jnp.arange(self.m) == slot).astype(gram.dtype)
+        picard = (index == slot).astype(gram.dtype)
         alpha = jnp.where(jnp.all(jnp.isfinite(alpha)), alpha, picard)
-        new_flat = alpha @ ys + self.damping * (alpha @ gs)
+        new_flat = jnp.sum(alpha[:, None] * (ys + self.damping * gs), axis=0)
         new_state = _AndersonState(
-            ys, gs, state.count + 1, self.norm(g), self.norm(flat_y)
+            ys, gs, gram, state.count + 1, self.norm(g), self.norm(flat_y)
         )
         return unravel(new_flat), new_state, aux
