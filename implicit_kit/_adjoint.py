@@ -21,7 +21,7 @@ from ._ad import implicit_vjp, stop_gradient
 from ._iterate import native_fn, run
 from ._misc import tree_sub
 from ._solution import RESULTS
-from .solvers import Anderson, Picard
+from .solvers import Picard
 from .solvers._base import AbstractFixedPointSolver
 
 
@@ -266,14 +266,3 @@ def default_adjoint(kind: str) -> AbstractAdjoint:
         return ImplicitAdjoint()
     return ImplicitAdjoint(linear_solver=lx.GMRES(rtol=1e-8, atol=1e-10, restart=40))
 
-
-__all__ = [
-    "AbstractAdjoint",
-    "Anderson",
-    "ImplicitAdjoint",
-    "ImplicitJVPAdjoint",
-    "JFBAdjoint",
-    "NeumannAdjoint",
-    "PhantomAdjoint",
-    "UnrolledAdjoint",
-]

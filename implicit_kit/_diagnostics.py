@@ -80,10 +80,8 @@ def check_grad(
     entry = {"fixed_point": fixed_point, "root": root_find}[kind]
     key = jr.key(0) if key is None else key
     k1, k2 = jr.split(key)
-    y_struct = jax.eval_shape(lambda: y0)
     flat_y, unravel_y = ravel_pytree(jtu.tree_map(jnp.asarray, y0))
     c = unravel_y(jr.normal(k1, flat_y.shape, flat_y.dtype))
-    del y_struct
 
     def loss(a, adj):
         y = entry(fn, y0, a, solver, adjoint=adj, max_steps=max_steps).value

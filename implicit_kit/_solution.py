@@ -1,4 +1,4 @@
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import equinox as eqx
 import optimistix as optx
@@ -58,4 +58,3 @@ class Solution(eqx.Module, Generic[Y, Aux]):
     result: RESULTS
     stats: dict[str, PyTree[ArrayLike]]
     aux: Aux
-    state: Any = None

@@ -63,11 +63,13 @@ class Broyden(AbstractRootSolver):
         g, _ = ravel_pytree(g_tree)
         us, vs = state.us, state.vs
 
-        def matvec(x):  # H x
-            return -x + us.T @ (vs @ x)
+        # H = -I + sum_i u_i v_i^T, applied with elementwise products and reductions
+        # (a batched (m, n) matmul under vmap is a slow per-sample loop on CPU).
+        def apply(a, b, x):  # -x + sum_i a_i (b_i . x)
+            return -x + jnp.sum(a * jnp.sum(b * x[None, :], axis=1)[:, None], axis=0)
 
-        def rmatvec(x):  # H^T x
-            return -x + vs.T @ (us @ x)
+        matvec = lambda x: apply(us, vs, x)  # H x
+        rmatvec = lambda x: apply(vs, us, x)  # H^T x
 
         dy = flat_y - state.prev_y
         dg = g - state.prev_g
@@ -90,10 +92,7 @@ class Broyden(AbstractRootSolver):
         vs = jnp.where(at_slot, v, vs)
         n_pairs = state.n_pairs + ok
 
-        def new_matvec(x):
-            return -x + us.T @ (vs @ x)
-
-        new_flat = flat_y - self.step_size * new_matvec(g)
+        new_flat = flat_y - self.step_size * apply(us, vs, g)
         new_state = _BroydenState(
             us, vs, flat_y, g, state.count + 1, n_pairs, self.norm(g),
             self.norm(flat_y),
