@@ -120,12 +120,12 @@ def jax_train_step(solve):
     return step
 
 
-def ik_solve(solver, adjoint):
+def ik_solve(solver, adjoint, max_steps=MAX_STEPS):
     def solve(params, probe, x):
         def one(inj):
             z0 = jnp.zeros(params["W"].shape[0], inj.dtype)
             sol = ik.fixed_point(cell, z0, (params["W"], inj), solver, adjoint=adjoint,
-                                 max_steps=MAX_STEPS, throw=False, probe=probe)
+                                 max_steps=max_steps, throw=False, probe=probe)
             return sol.value, sol.stats["num_steps"]
 
         return jax.vmap(one)(injection(params, x))
@@ -314,14 +314,8 @@ def hard_section(hidden, repeats):
         ("Anderson(m=5)", ik.Anderson(m=5, rtol=RTOL, atol=0.0)),
         ("Broyden(m=30)", ik.Broyden(m=30, rtol=RTOL, atol=0.0)),
     ]:
-        global MAX_STEPS
-        saved, MAX_STEPS = MAX_STEPS, 2000
-        try:
-            r = run_jax_row(f"implicit_kit {name}", ik_solve(solver, adj), params, x, y,
-                            repeats, "per sample")
-        finally:
-            MAX_STEPS = saved
-        rows.append(r)
+        rows.append(run_jax_row(f"implicit_kit {name}", ik_solve(solver, adj, 2000),
+                                params, x, y, repeats, "per sample"))
     return rows
 
 
@@ -392,7 +386,8 @@ def report(results, command):
         "Workload: x ∈ R^64, z ∈ R^256, f(z,x) = tanh(Wz + Ux + b), ‖W‖₂ = 0.9, linear "
         "readout to 10 classes, cross-entropy, batch 256, forward to relative residual "
         "1e-4 (max 50), implicit backward to 1e-4 (max 50), one SGD step. Time: minimum "
-        "over repeats after warm-up (float32; full-precision matmuls on GPU, no TF32); steps are per-sample means (max in brackets). Memory: "
+        "over repeats after warm-up (float32; full-precision matmuls on GPU, no TF32); "
+        "steps are per-sample means (max in brackets). Memory: "
         "XLA's compile-time temp+argument+output bytes for JAX rows; TorchDEQ: "
         "torch.cuda.max_memory_allocated on GPU, not measured on CPU.",
         "",

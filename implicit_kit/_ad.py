@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._iterate import native_fn
-from ._misc import tree_add
+from ._misc import scalars_to_arrays, tree_add
 from ._solution import RESULTS
 
 
@@ -35,14 +35,6 @@ def adjoint_operators(fn, kind: str, y_star, args):
         JT_T = lambda u: tree_add(u, vjp(u)[0])
         A = lambda u: jtu.tree_map(jnp.negative, vjp(u)[0])
     return JT_T, A
-
-
-def _unliteral(tree):
-    """JAX may hand a known scalar to a custom-VJP rule as a Python-float literal;
-    turn those back into arrays so that `fn`'s closure conversion accepts them."""
-    return jtu.tree_map(
-        lambda x: jnp.asarray(x) if isinstance(x, (float, complex)) else x, tree
-    )
 
 
 @eqx.filter_custom_vjp
@@ -64,7 +56,7 @@ def _adjoint_hook_bwd(
     _, grad_obj, perturbed, vjp_arg, y_star, fn, args, backward, kind, throw, tags
 ):
     y, probe = vjp_arg
-    fn, args, y_star = _unliteral((fn, args, y_star))
+    fn, args, y_star = scalars_to_arrays((fn, args, y_star))
     ybar = _materialise(grad_obj, y_star)
     JT_T, A = adjoint_operators(fn, kind, y_star, args)
     u, steps, residual, result = backward.solve_adjoint(JT_T, A, ybar, tags)
@@ -97,7 +89,7 @@ def _materialise(ybar, y):
 
 def stop_gradient(tree):
     # stop_gradient of a traced Python scalar can return its literal value: re-array it.
-    return _unliteral(jtu.tree_map(
+    return scalars_to_arrays(jtu.tree_map(
         lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, tree
     ))
 
@@ -128,7 +120,6 @@ def implicit_vjp(
     # reworded here. The docstrings of the adjoints point to `ImplicitJVPAdjoint`.
     fn_s, y0_s, args_s = stop_gradient((fn, y0, args))
     y, aux, stats, result = forward(fn_s, y0_s, args_s)
-    y = stop_gradient(y)
     T = native_fn(fn, kind, "fixed_point")
     ty, _ = T(y, args)
     # (The guard keeps the value finite when a failed solve ends where T overflows.)

@@ -8,7 +8,7 @@ from jaxtyping import Array, PyTree
 
 from ._adjoint import AbstractAdjoint, default_adjoint
 from ._iterate import check_structure, run
-from ._misc import inexact_asarray
+from ._misc import inexact_asarray, scalars_to_arrays
 from ._solution import RESULTS, Solution
 
 
@@ -66,9 +66,7 @@ def solve(
         raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}.")
     y0 = jtu.tree_map(inexact_asarray, y0)
     # Python floats become (weakly typed) arrays: differentiable like any other input.
-    args = jtu.tree_map(
-        lambda x: jnp.asarray(x) if isinstance(x, (float, complex)) else x, args
-    )
+    args = scalars_to_arrays(args)
     if not jtu.tree_leaves(y0):
         raise ValueError("`y0` must contain at least one array.")
     # Hoist closed-over arrays and tracers into `fn`'s leaves so that they are
@@ -97,8 +95,8 @@ def solve(
     y, aux, stats, result = adjoint.apply(
         forward, fn, kind, y0, args, probe=probe, throw=throw, tags=tags
     )
-    # Result codes and stats carry no derivative (an integer output of a custom VJP
-    # otherwise gets a tangent that `error_if` cannot handle).
+    # Result codes and stats carry no derivative (an integer array that reaches
+    # `error_if` with a tangent attached fails to differentiate).
     result, stats = jtu.tree_map(lax.stop_gradient, (result, stats))
     max_steps = getattr(forward, "max_steps", None)
     stats = {**stats, "max_steps": jnp.array(-1 if max_steps is None else max_steps)}

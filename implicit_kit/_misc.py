@@ -35,6 +35,15 @@ def inexact_asarray(x):
     return x
 
 
+def scalars_to_arrays(tree: PyTree) -> PyTree:
+    """Python floats (and the float literals JAX may hand to custom-derivative rules or
+    return from `stop_gradient`) become arrays: differentiable, and accepted by a
+    closure-converted function."""
+    return jtu.tree_map(
+        lambda x: jnp.asarray(x) if isinstance(x, (float, complex)) else x, tree
+    )
+
+
 def zeros_like_struct(struct: PyTree) -> PyTree:
     return jtu.tree_map(
         lambda s: jnp.zeros(s.shape, s.dtype) if isinstance(s, jax.ShapeDtypeStruct) else s,

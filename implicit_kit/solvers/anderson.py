@@ -97,11 +97,11 @@ class Anderson(AbstractFixedPointSolver):
         n_valid = jnp.minimum(state.count + 1, self.m)
         valid = index < n_valid
         both = valid[:, None] & valid[None, :]
-        gram_valid = jnp.where(both, gram, 0)
+        # (Rows of slots not yet filled are zero: their gs rows are zero.)
         tiny = jnp.finfo(gram.dtype).tiny ** 0.5
-        lam = self.ridge * jnp.trace(gram_valid) / n_valid + tiny
+        lam = self.ridge * jnp.trace(gram) / n_valid + tiny
         eye = jnp.eye(self.m, dtype=gram.dtype)
-        system = jnp.where(both, gram_valid + lam * eye, eye)
+        system = jnp.where(both, gram + lam * eye, eye)
         a = spd_solve(system, valid.astype(gram.dtype))
         alpha = a / jnp.sum(a)
         picard = (index == slot).astype(gram.dtype)
