@@ -2,7 +2,7 @@
 
 import importlib.metadata
 
-from . import solvers as solvers
+from . import models as models, nn as nn, regularizers as regularizers, solvers as solvers
 from ._adjoint import (
     AbstractAdjoint as AbstractAdjoint,
     ImplicitAdjoint as ImplicitAdjoint,

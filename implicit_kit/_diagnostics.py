@@ -24,10 +24,12 @@ def spectral_radius(
     r"""Estimate the spectral radius of $J = \partial \text{fn}/\partial y$ at `y` by
     power iteration with VJPs (the Jacobian is never materialised).
 
-    Returns $\|(J^\top)^{k} v\| / \|(J^\top)^{k-1} v\|$ after `num_iters` steps from a
-    random unit vector: the modulus of the dominant eigenvalue when it is simple and real
-    (for a complex pair the ratio oscillates around it; increase `num_iters` or average).
-    The DEQ map is contractive near `y` when this is below 1.
+    After `num_iters` normalised steps $v \leftarrow J^\top v / \|J^\top v\|$ from a
+    random unit vector, two more products $w_1 = J^\top v$, $w_2 = J^\top w_1$ are fitted
+    as $w_2 = a w_1 + b v$ (least squares); the larger modulus of the roots of
+    $t^2 - a t - b$ is returned. This is exact when the dominant eigenvalues are one real
+    eigenvalue, a $\pm\lambda$ pair or a complex-conjugate pair (where plain power
+    iteration oscillates). The DEQ map is contractive near `y` when this is below 1.
 
     **Arguments:**
 
@@ -48,8 +50,24 @@ def spectral_radius(
         norm = jnp.linalg.norm(w)
         return w / jnp.where(norm > 0, norm, 1), norm
 
-    _, rho = jax.lax.fori_loop(0, num_iters, body, (v, jnp.zeros((), flat.dtype)))
-    return rho
+    v, _ = jax.lax.fori_loop(0, num_iters, body, (v, jnp.zeros((), flat.dtype)))
+    w1, _ = ravel_pytree(vjp(unravel(v))[0])
+    w2, _ = ravel_pytree(vjp(unravel(w1))[0])
+    # One real dominant eigenvalue: w1 is (nearly) parallel to v.
+    along = jnp.vdot(v, w1)
+    perp = jnp.linalg.norm(w1 - along * v)
+    single = perp <= 1e-6 * jnp.maximum(jnp.linalg.norm(w1), jnp.finfo(flat.dtype).tiny)
+    # Otherwise a 2-dimensional dominant invariant subspace: w2 = a w1 + b v.
+    gram = jnp.array([[w1 @ w1, w1 @ v], [v @ w1, v @ v]])
+    rhs = jnp.array([w1 @ w2, v @ w2])
+    gram = gram + 1e-30 * jnp.eye(2, dtype=flat.dtype)
+    a, b = jnp.linalg.solve(jnp.where(single, jnp.eye(2, dtype=flat.dtype), gram), rhs)
+    disc = a * a + 4 * b
+    sq = jnp.sqrt(jnp.abs(disc))
+    pair = jnp.where(
+        disc >= 0, jnp.maximum(jnp.abs(a + sq), jnp.abs(a - sq)) / 2, jnp.sqrt(jnp.abs(b))
+    )
+    return jnp.where(single, jnp.abs(along), pair)
 
 
 def check_grad(

@@ -35,6 +35,7 @@ class Forward(eqx.Module):
     options: Any
     max_steps: int | None = eqx.field(static=True)
     trace: bool = eqx.field(static=True)
+    save_at: tuple[int, ...] = eqx.field(static=True, default=())
 
     def __call__(self, fn, y0, args, while_kind="lax", checkpoints=None):
         if while_kind != "lax" and self.max_steps is None:
@@ -42,7 +43,7 @@ class Forward(eqx.Module):
         return run(
             fn, self.kind, self.solver, y0, args, self.options,
             max_steps=self.max_steps, trace=self.trace, while_kind=while_kind,
-            checkpoints=checkpoints,
+            checkpoints=checkpoints, save_at=self.save_at,
         )
 
 
@@ -118,6 +119,7 @@ def fixed_point(
     has_aux: bool = False,
     throw: bool = True,
     trace: bool = False,
+    save_iterates: tuple[int, ...] = (),
     options: dict[str, Any] | None = None,
     probe: Array | None = None,
 ) -> Solution:
@@ -146,6 +148,10 @@ def fixed_point(
         mode for vmap and training loops; a failed implicit backward solve then gives
         NaN gradients instead of an error).
     - `trace`: store the residual of every step in `sol.stats["residual_trace"]`.
+    - `save_iterates`: step numbers `k` whose iterates `y_k` are returned (detached)
+        in `sol.stats["iterates"]`, stacked on a leading axis; a solve that stops
+        earlier reports its final iterate there. For trajectory supervision
+        ([`implicit_kit.regularizers.fixed_point_correction`][]).
     - `options`: passed to the solver (optimistix convention).
     - `probe`: a `(3,)` float array (`ik.backward_probe()`); its gradient reports the
         implicit backward solve's total steps, residual and number of failures (see
@@ -161,7 +167,7 @@ def fixed_point(
         solver = Anderson()
 
     def factory(kind):
-        return Forward(kind, solver, options, max_steps, trace)
+        return Forward(kind, solver, options, max_steps, trace, tuple(save_iterates))
 
     return solve(
         fn, y0, args, "fixed_point", factory, has_aux=has_aux, adjoint=adjoint,

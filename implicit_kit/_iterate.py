@@ -67,7 +67,8 @@ def residual_fn(fn, kind: str):
 
 
 def _iterate(
-    fn, kind, solver, y0, args, options, max_steps, trace, while_kind, checkpoints
+    fn, kind, solver, y0, args, options, max_steps, trace, while_kind, checkpoints,
+    save_at,
 ):
     native = solver_native_kind(solver)
     nfn = native_fn(fn, kind, native)
@@ -88,7 +89,9 @@ def _iterate(
         RESULTS.successful,
         jnp.array(jnp.inf, real),
         jnp.full((n_trace,), jnp.nan, real),
+        jtu.tree_map(lambda x: jnp.broadcast_to(x, (len(save_at),) + x.shape), y0),
     )
+    save_idx = jnp.array(save_at, dtype=int)
 
     def cond_fun(carry):
         _, _, _, num_steps, done, *_ = carry
@@ -101,7 +104,7 @@ def _iterate(
         return eqxi.unvmap_any(keep_going)
 
     def body_fun(carry):
-        y, dynamic_state, aux, num_steps, done, result, residual, residuals = carry
+        y, dynamic_state, aux, num_steps, done, result, residual, residuals, saved = carry
         state = eqx.combine(static_state, dynamic_state)
         new_y, new_state, new_aux = solver.step(nfn, y, args, options, state, tags)
         terminate, step_result = solver.terminate(nfn, y, args, options, new_state, tags)
@@ -124,11 +127,20 @@ def _iterate(
             residuals = jnp.where(
                 done, residuals, residuals.at[num_steps].set(new_residual)
             )
+        if save_at:
+            hit = (save_idx == num_steps + 1) & jnp.invert(done)
+            saved = jtu.tree_map(
+                lambda s, v: jnp.where(hit.reshape((-1,) + (1,) * v.ndim), v[None], s),
+                saved,
+                y,
+            )
         residual = jnp.where(done, residual, new_residual)
         result = RESULTS.where(done, result, step_result)
         num_steps = jnp.where(done, num_steps, num_steps + 1)
         new_dynamic, _ = eqx.partition(new_state, eqx.is_array)
-        return (y, new_dynamic, aux, num_steps, done | stop, result, residual, residuals)
+        return (
+            y, new_dynamic, aux, num_steps, done | stop, result, residual, residuals, saved
+        )
 
     if while_kind == "lax":
         carry = lax.while_loop(cond_fun, body_fun, init_carry)
@@ -141,7 +153,7 @@ def _iterate(
             kind=while_kind,
             checkpoints=checkpoints,
         )
-    y, dynamic_state, aux, num_steps, done, result, residual, residuals = carry
+    y, dynamic_state, aux, num_steps, done, result, residual, residuals, saved = carry
     result = RESULTS.where(
         jnp.invert(done) & (result == RESULTS.successful),
         RESULTS.nonlinear_max_steps_reached,
@@ -156,6 +168,14 @@ def _iterate(
     stats = {"num_steps": num_steps, "residual": residual, **extra}
     if trace:
         stats["residual_trace"] = residuals
+    if save_at:
+        # A solve that stopped before a requested step reports its final iterate there.
+        late = save_idx > num_steps
+        stats["iterates"] = jtu.tree_map(
+            lambda s, v: jnp.where(late.reshape((-1,) + (1,) * v.ndim), v[None], s),
+            saved,
+            y,
+        )
     return y, aux, stats, result
 
 
@@ -171,12 +191,17 @@ def run(
     trace: bool = False,
     while_kind: str = "lax",
     checkpoints: int | None = None,
+    save_at: tuple[int, ...] = (),
 ):
     """Solve without any autodiff rewrite: returns `(y, aux, stats, result)`.
 
-    `stats` holds `num_steps`, `residual` (and `residual_trace` when `trace`), per sample
-    under vmap.
+    `stats` holds `num_steps`, `residual` (and `residual_trace` when `trace`; `iterates`,
+    the iterates after the steps listed in `save_at`, stacked on a leading axis, when
+    `save_at` is not empty), per sample under vmap.
     """
+    save_at = tuple(int(i) for i in save_at)
+    if any(i < 0 for i in save_at):
+        raise ValueError(f"`save_iterates` must list step numbers >= 0, got {save_at}.")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
     if trace and max_steps is None:
@@ -185,8 +210,10 @@ def run(
     if not isinstance(solver, Fallback):
         return _iterate(
             fn, kind, solver, y0, args, options, max_steps, trace, while_kind,
-            checkpoints,
+            checkpoints, save_at,
         )
+    if save_at:
+        raise ValueError("`save_iterates` is not supported with a `Fallback` solver.")
     y, aux, stats, result = run(
         fn, kind, solver.solvers[0], y0, args, options, max_steps=max_steps,
         trace=trace, while_kind=while_kind, checkpoints=checkpoints,

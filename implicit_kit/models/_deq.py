@@ -1,0 +1,150 @@
+"""The deep equilibrium model over any cell `f(z, x)`."""
+
+from typing import Any
+
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, PRNGKeyArray
+
+from .._fixed_point import fixed_point
+from ..nn import prepare
+
+
+INITS = ("zeros", "learned", "skip")
+
+
+class DEQ(eqx.Module):
+    r"""A deep equilibrium model: returns $z^* = f(z^*, x)$ for a cell $f$.
+
+    Call it on one sample (`jax.vmap` it over a batch: each sample stops on its own and
+    reports its own stats). The cell is prepared once per call (`ik.nn.prepare`: weight
+    and spectral normalisation computed once, one variational-dropout mask per solve),
+    then solved by [`implicit_kit.fixed_point`][].
+
+    **Arguments:**
+
+    - `cell`: any callable module `cell(z, x) -> z'`.
+    - `state_shape`: the shape of $z$.
+    - `solver`: a forward solver (default `Anderson()`).
+    - `adjoint`: the backward mode (default `ImplicitAdjoint()`).
+    - `init`: the initial point $z_0$:
+        - `"zeros"`;
+        - `"learned"`: one learnable point shared by all samples;
+        - `"skip"`: a learned explicit first guess $z_0 = g(x)$ (Skip DEQ; `skip` is
+          the module $g$, by default a linear map when $x$ and $z$ are vectors).
+
+        $z_0$ is detached inside the solve; train it with
+        [`implicit_kit.models.init_loss`][] on the `z0` returned with the stats.
+    - `max_steps`, `throw`: as for `fixed_point` (default `throw=False`: failures are
+        reported in the stats, as a training loop wants).
+    - `save_iterates`: step numbers whose iterates are returned in the stats (for
+        [`implicit_kit.regularizers.fixed_point_correction`][]).
+    - `input_shape`, `key`: needed to build the default `skip` map.
+    """
+
+    cell: Any
+    z0: Array | None
+    skip: Any
+    solver: Any
+    adjoint: Any
+    state_shape: tuple[int, ...] = eqx.field(static=True)
+    init: str = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
+    save_iterates: tuple[int, ...] = eqx.field(static=True)
+
+    def __init__(
+        self,
+        cell,
+        state_shape: tuple[int, ...],
+        solver=None,
+        adjoint=None,
+        *,
+        init: str = "zeros",
+        skip=None,
+        input_shape: tuple[int, ...] | None = None,
+        max_steps: int = 50,
+        throw: bool = False,
+        save_iterates: tuple[int, ...] = (),
+        key: PRNGKeyArray | None = None,
+    ):
+        if init not in INITS:
+            raise ValueError(f"`init` must be one of {INITS}, got {init!r}.")
+        if not callable(cell):
+            raise TypeError(f"`cell` must be callable, got {type(cell).__name__}.")
+        from ..solvers import Anderson
+
+        self.cell = cell
+        self.state_shape = tuple(state_shape)
+        self.solver = Anderson() if solver is None else solver
+        self.adjoint = adjoint
+        self.init = init
+        self.max_steps = max_steps
+        self.throw = throw
+        self.save_iterates = tuple(save_iterates)
+        self.z0 = jnp.zeros(self.state_shape) if init == "learned" else None
+        if init == "skip" and skip is None:
+            if input_shape is None or key is None or len(input_shape) != 1 or len(
+                self.state_shape
+            ) != 1:
+                raise ValueError(
+                    "init='skip' needs `skip=` (a module x -> z0), or vector states with "
+                    "`input_shape=(n,)` and `key=` to build a linear one."
+                )
+            skip = eqx.nn.Linear(input_shape[0], self.state_shape[0], key=key)
+        if init != "skip" and skip is not None:
+            raise ValueError("`skip` is only used with init='skip'.")
+        self.skip = skip
+
+    def initial_point(self, x: Array) -> Array:
+        """The (not detached) initial point for input `x`."""
+        floats = [a for a in jtu.tree_leaves(x) if eqx.is_inexact_array(a)]
+        dtype = jnp.result_type(*floats) if floats else jnp.result_type(float)
+        if self.init == "zeros":
+            return jnp.zeros(self.state_shape, dtype)
+        if self.init == "learned":
+            return self.z0.astype(dtype)
+        return self.skip(x)
+
+    def __call__(
+        self,
+        x: Array,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+        return_stats: bool = False,
+        probe: Array | None = None,
+    ):
+        """Solve for the equilibrium at input `x`.
+
+        `key` draws the dropout masks (needed when the cell has dropout, unless
+        `inference`). With `return_stats=True` returns `(z*, stats)` with per-sample
+        `num_steps`, `residual`, `result` (an integer code of `ik.RESULTS`), `z0` (the
+        learned initial point, with its gradient) and `iterates` if requested.
+        """
+        cell = prepare(self.cell, key=key, inference=inference)
+        z0 = self.initial_point(x)
+        if z0.shape != self.state_shape:
+            raise ValueError(
+                f"the initial point has shape {z0.shape}, expected `state_shape` "
+                f"{self.state_shape}."
+            )
+        sol = fixed_point(
+            lambda z, a: cell(z, a), lax.stop_gradient(z0), x, self.solver,
+            adjoint=self.adjoint, max_steps=self.max_steps, throw=self.throw,
+            save_iterates=self.save_iterates, probe=probe,
+        )
+        if not return_stats:
+            return sol.value
+        stats = {
+            "num_steps": sol.stats["num_steps"],
+            "residual": sol.stats["residual"],
+            "result": sol.result._value,
+            "z0": z0,
+        }
+        if self.save_iterates:
+            stats["iterates"] = sol.stats["iterates"]
+        return sol.value, stats
+

@@ -1,0 +1,140 @@
+"""DEQ cells `f(z, x)`: an MLP cell and a convolutional cell with input injection."""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.random as jr
+from jaxtyping import Array, PRNGKeyArray
+
+from ._dropout import VariationalDropout
+from ._norm import SpectralNorm, WeightNorm
+
+
+def _normed(layer, norm: str | None, scale: float, key):
+    if norm is None:
+        return layer
+    if norm == "weight":
+        return WeightNorm(layer)
+    if norm == "spectral":
+        return SpectralNorm(layer, scale=scale, key=key)
+    raise ValueError(f"`norm` must be None, 'weight' or 'spectral', got {norm!r}.")
+
+
+class MLPCell(eqx.Module):
+    r"""The MLP DEQ cell $f(z, x) = \sigma(W_2\, \mathrm{drop}(\sigma(W_1 z + U x + b_1))
+    + b_2)$, or with `hidden=None` the one-layer cell $\sigma(W z + U x + b)$.
+
+    **Arguments:**
+
+    - `size`: the state size; `input_size`: the size of the injected input `x`.
+    - `hidden`: the hidden width (`None`: one layer).
+    - `activation`: $\sigma$ (default `tanh`).
+    - `norm`: `None`, `"weight"` or `"spectral"` on the state weights (computed once per
+        solve); `spectral_scale`: the spectral norm of each normalised weight.
+    - `dropout`: variational dropout on the hidden layer (one mask per solve).
+    - `key`: initialisation.
+    """
+
+    w1: eqx.Module
+    u: eqx.nn.Linear
+    w2: eqx.Module | None
+    drop: VariationalDropout | None
+    activation: Callable = eqx.field(static=True)
+
+    def __init__(
+        self,
+        size: int,
+        input_size: int,
+        hidden: int | None = None,
+        *,
+        activation: Callable = jax.nn.tanh,
+        norm: str | None = None,
+        spectral_scale: float = 0.9,
+        dropout: float = 0.0,
+        key: PRNGKeyArray,
+    ):
+        k1, k2, k3, k4, k5 = jr.split(key, 5)
+        width = size if hidden is None else hidden
+        self.w1 = _normed(eqx.nn.Linear(size, width, use_bias=False, key=k1), norm,
+                          spectral_scale, k4)
+        self.u = eqx.nn.Linear(input_size, width, key=k2)
+        self.w2 = (
+            None
+            if hidden is None
+            else _normed(eqx.nn.Linear(hidden, size, key=k3), norm, spectral_scale, k5)
+        )
+        self.drop = VariationalDropout(dropout, (width,)) if dropout > 0 else None
+        self.activation = activation
+
+    def __call__(self, z: Array, x: Array) -> Array:
+        h = self.activation(self.w1(z) + self.u(x))
+        if self.w2 is None:
+            return h
+        if self.drop is not None:
+            h = self.drop(h)
+        return self.activation(self.w2(h))
+
+
+class ConvCell(eqx.Module):
+    r"""A convolutional cell on `(C, H, W)` feature maps with input injection:
+
+    $h = \mathrm{ReLU}(\mathrm{GN}(\mathrm{conv}_1 z)) + x$,
+    $h = \mathrm{GN}(\mathrm{drop}(\mathrm{conv}_2 h))$, and
+    $f(z, x) = \mathrm{GN}(\mathrm{ReLU}(z + h))$ (`residual=True`, the MDEQ-style DEQ
+    cell) or $f = h$ (`residual=False`, the HomoODE vector field: Conv3×3 → GroupNorm →
+    ReLU → (+x) → Conv3×3 → dropout → GroupNorm).
+
+    **Arguments:**
+
+    - `channels`: channels of the state and of the injected `x`.
+    - `groups`: GroupNorm groups (must divide the channel counts).
+    - `norm`: `None` | `"weight"` | `"spectral"` on the convolutions (once per solve).
+    - `dropout`: per-channel variational dropout (one mask per solve).
+    - `residual`: see above.
+    - `key`: initialisation.
+    """
+
+    conv1: eqx.Module
+    conv2: eqx.Module
+    gn1: eqx.nn.GroupNorm
+    gn2: eqx.nn.GroupNorm
+    gn3: eqx.nn.GroupNorm | None
+    drop: VariationalDropout | None
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        groups: int = 4,
+        norm: str | None = "weight",
+        dropout: float = 0.0,
+        residual: bool = True,
+        key: PRNGKeyArray,
+    ):
+        if channels % groups:
+            raise ValueError(f"`groups`={groups} must divide `channels`={channels}.")
+        k1, k2, k3, k4 = jr.split(key, 4)
+        conv1 = eqx.nn.Conv2d(channels, channels, 3, padding=1, use_bias=False, key=k1)
+        conv2 = eqx.nn.Conv2d(channels, channels, 3, padding=1, use_bias=False, key=k2)
+        self.conv1 = _normed(conv1, norm, 1.0, k3)
+        self.conv2 = _normed(conv2, norm, 1.0, k4)
+        self.gn1 = eqx.nn.GroupNorm(groups, channels)
+        self.gn2 = eqx.nn.GroupNorm(groups, channels)
+        self.gn3 = eqx.nn.GroupNorm(groups, channels) if residual else None
+        self.drop = VariationalDropout(dropout, (channels, 1, 1)) if dropout > 0 else None
+
+    def __call__(self, z: Array, x: Array) -> Array:
+        if x.shape != z.shape:
+            raise ValueError(
+                f"ConvCell: `x` must have the state's shape {z.shape}, got {x.shape}."
+            )
+        h = jax.nn.relu(self.gn1(self.conv1(z))) + x
+        h = self.conv2(h)
+        if self.drop is not None:
+            h = self.drop(h)
+        h = self.gn2(h)
+        if self.gn3 is None:
+            return h
+        return self.gn3(jax.nn.relu(z + h))
+

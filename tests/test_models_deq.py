@@ -1,0 +1,211 @@
+"""DEQ model: gradients under every adjoint, per-sample stats, learned and skip inits."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import lineax as lx
+import numpy as np
+import optax
+import pytest
+
+import implicit_kit as ik
+
+
+TIGHT = ik.Picard(rtol=1e-13, atol=1e-14)
+
+
+def _model(adjoint=None, solver=TIGHT, init="zeros", key=0, **kw):
+    k1, k2 = jr.split(jr.key(key))
+    cell = ik.nn.MLPCell(4, 3, key=k1)
+    cell = eqx.tree_at(lambda c: c.w1.weight, cell, 0.6 * cell.w1.weight)
+    return ik.models.DEQ(cell, (4,), solver, adjoint, init=init, max_steps=500,
+                         throw=True, input_shape=(3,), key=k2, **kw)
+
+
+X = jnp.array([0.3, -1.2, 0.8])
+C = jnp.array([1.0, -2.0, 0.5, 0.7])
+
+
+def _loss(model):
+    return jnp.dot(C, model(X))
+
+
+def _params(model):
+    return eqx.filter(model, eqx.is_inexact_array)
+
+
+def _grad(model):
+    return jax.grad(lambda p: _loss(eqx.combine(p, _nonparams(model))))(_params(model))
+
+
+def _nonparams(model):
+    return eqx.filter(model, eqx.is_inexact_array, inverse=True)
+
+
+def _flat(tree):
+    return jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(tree)])
+
+
+def _fd(model, eps=1e-6):
+    params, rest = _params(model), _nonparams(model)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    out = []
+    for i in range(flat.size):
+        e = jnp.zeros_like(flat).at[i].set(eps)
+        plus = _loss(eqx.combine(unravel(flat + e), rest))
+        minus = _loss(eqx.combine(unravel(flat - e), rest))
+        out.append((plus - minus) / (2 * eps))
+    return jnp.stack(out)
+
+
+EXACT = {
+    "implicit_picard": ik.ImplicitAdjoint(ik.Picard(rtol=1e-13, atol=1e-14), max_steps=2000),
+    "implicit_anderson": ik.ImplicitAdjoint(ik.Anderson(rtol=1e-13, atol=1e-14)),
+    "implicit_gmres": ik.ImplicitAdjoint(lx.GMRES(rtol=1e-13, atol=1e-14, restart=20)),
+    "implicit_jvp": ik.ImplicitJVPAdjoint(lx.GMRES(rtol=1e-13, atol=1e-14, restart=20)),
+    "unrolled": ik.UnrolledAdjoint(),
+}
+
+
+@pytest.mark.parametrize("name", list(EXACT))
+def test_exact_adjoints_match_finite_differences(name):
+    model = _model(EXACT[name])
+    g = _flat(_grad(model))
+    fd = _fd(model)
+    np.testing.assert_allclose(g, fd, rtol=1e-7, atol=1e-9)
+
+
+def _dense_pieces(model):
+    """z*, J = df/dz at z*, and the parameter VJP of the cell at z*."""
+    z = _model(EXACT["implicit_picard"])(X)  # same weights as `model` (same key)
+    cell = model.cell
+    jac = jax.jacobian(lambda zz: cell(zz, X))(z)
+
+    def param_vjp(u):
+        return _flat(jax.grad(lambda c: jnp.dot(u, c(z, X)))(cell))
+
+    return z, jac, param_vjp
+
+
+def _cell_grad(g_model):
+    return _flat(g_model.cell)
+
+
+@pytest.mark.parametrize("k", [0, 3, 10])
+def test_neumann_and_jfb_match_their_series(k):
+    adjoint = ik.JFBAdjoint() if k == 0 else ik.NeumannAdjoint(k)
+    model = _model(adjoint)
+    z, jac, param_vjp = _dense_pieces(model)
+    u, term = C, C
+    for _ in range(k):
+        term = jac.T @ term
+        u = u + term
+    np.testing.assert_allclose(_cell_grad(_grad(model)), param_vjp(u), rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_neumann_error_falls_with_k():
+    exact = _cell_grad(_grad(_model(EXACT["implicit_gmres"])))
+    errs = [float(jnp.linalg.norm(_cell_grad(_grad(_model(ik.NeumannAdjoint(k)))) - exact))
+            for k in (1, 4, 16, 64)]
+    assert all(b < a for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < 1e-9 * float(jnp.linalg.norm(exact))
+
+
+def test_phantom_matches_damped_unroll_from_the_solution():
+    k, lam = 4, 0.6
+    model = _model(ik.PhantomAdjoint(k, lam))
+    z_star = _model(EXACT["implicit_picard"])(X)
+
+    def unrolled(cell):
+        h = z_star
+        for _ in range(k):
+            h = (1 - lam) * h + lam * cell(h, X)
+        return jnp.dot(C, h)
+
+    ref = _flat(jax.grad(unrolled)(model.cell))
+    np.testing.assert_allclose(_cell_grad(_grad(model)), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_vmap_per_sample_stats_and_jit():
+    model = _model(solver=ik.Picard(rtol=1e-8, atol=1e-10))
+    xs = jnp.stack([X, 0.01 * X, 3 * X, jnp.zeros(3)])
+
+    @eqx.filter_jit
+    def batched(m, xs):
+        return jax.vmap(lambda x: m(x, return_stats=True))(xs)
+
+    zs, stats = batched(model, xs)
+    for i, x in enumerate(xs):
+        z_i, s_i = model(x, return_stats=True)
+        np.testing.assert_allclose(zs[i], z_i, rtol=1e-12, atol=1e-14)
+        assert int(stats["num_steps"][i]) == int(s_i["num_steps"])
+    assert len(set(np.asarray(stats["num_steps"]).tolist())) > 1
+    assert np.all(np.asarray(stats["result"]) == ik.RESULTS.successful._value)
+    assert np.all(np.asarray(stats["residual"]) <= 1e-8 * 10)
+
+
+def test_learned_and_skip_inits_train_and_cut_forward_steps():
+    """After training (task loss + init_loss), the learned start points need fewer
+    Picard steps than starting from zeros with the same trained cell."""
+    key = jr.key(3)
+    kx, kw, kc, kh, ks = jr.split(key, 5)
+    xs = jr.normal(kx, (64, 3))
+    ys = jnp.sin(xs @ jr.normal(kw, (3,)))
+    solver = ik.Picard(rtol=1e-6, atol=1e-8)
+    cell = ik.nn.MLPCell(8, 3, key=kc)
+    cell = eqx.tree_at(lambda c: c.w1.weight, cell, 0.8 * cell.w1.weight)
+    cell = eqx.tree_at(lambda c: c.u.bias, cell, cell.u.bias + 1.0)  # equilibria off 0
+    head = eqx.nn.Linear(8, 1, key=kh)
+
+    def train(init):
+        deq = ik.models.DEQ(cell, (8,), solver, init=init, max_steps=200,
+                            input_shape=(3,), key=ks)
+        model = (deq, head)
+        opt = optax.adam(1e-2)
+        state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+
+        def loss(model):
+            deq, head = model
+            z, st = jax.vmap(lambda x: deq(x, return_stats=True))(xs)
+            pred = jax.vmap(head)(z)[:, 0]
+            return jnp.mean((pred - ys) ** 2) + ik.models.init_loss(st["z0"], z)
+
+        @eqx.filter_jit
+        def step(model, state):
+            g = eqx.filter_grad(loss)(model)
+            updates, state = opt.update(g, state)
+            return eqx.apply_updates(model, updates), state, g
+
+        g0 = None
+        for i in range(150):
+            model, state, g = step(model, state)
+            g0 = g if i == 0 else g0
+        return model[0], g0[0]
+
+    def mean_steps(deq):
+        _, st = jax.vmap(lambda x: deq(x, return_stats=True))(xs)
+        return float(jnp.mean(st["num_steps"]))
+
+    for init in ("learned", "skip"):
+        deq, g0 = train(init)
+        param = deq.z0 if init == "learned" else deq.skip.weight
+        grad0 = g0.z0 if init == "learned" else g0.skip.weight
+        assert float(jnp.linalg.norm(grad0)) > 0  # a trainable parameter
+        zeros = ik.models.DEQ(deq.cell, (8,), solver, init="zeros", max_steps=200)
+        # Linear convergence: steps fall with the log of the start's distance, so a
+        # start point on the data's mean equilibrium saves a step or more per sample.
+        assert mean_steps(deq) <= mean_steps(zeros) - 1.0, (init, mean_steps(deq),
+                                                            mean_steps(zeros))
+        assert float(jnp.linalg.norm(param)) > 0
+
+
+def test_bad_init_and_skip_arguments():
+    cell = ik.nn.MLPCell(4, 3, key=jr.key(0))
+    with pytest.raises(ValueError, match="`init` must be one of"):
+        ik.models.DEQ(cell, (4,), init="random")
+    with pytest.raises(ValueError, match="init='skip' needs `skip=`"):
+        ik.models.DEQ(cell, (4,), init="skip")
+    with pytest.raises(ValueError, match="`skip` is only used"):
+        ik.models.DEQ(cell, (4,), init="zeros", skip=eqx.nn.Linear(3, 4, key=jr.key(0)))

@@ -1,0 +1,148 @@
+"""monDEQ: the monotonicity margin, splitting convergence and exact gradients."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import implicit_kit as ik
+
+
+def _sym_min_eig(w):
+    i_w = jnp.eye(w.shape[0]) - w
+    return float(jnp.linalg.eigvalsh(0.5 * (i_w + i_w.T))[0])
+
+
+@pytest.mark.parametrize("m", [0.1, 1.0])
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_margin_holds_for_random_weights(m, scale):
+    for seed in range(3):
+        layer = ik.nn.MonotoneLinear(20, 3, m, key=jr.key(seed))
+        layer = eqx.tree_at(lambda l: (l.a, l.b), layer, (scale * layer.a, scale * layer.b))
+        assert _sym_min_eig(layer.operator().dense()) >= m - 1e-9 * scale**2
+
+
+def _circular_conv_matrix(k, c, h, w):
+    """Dense matrix of a circular cross-correlation, built with jnp.roll (independent of
+    the FFT path)."""
+
+    def apply(z):
+        out = jnp.zeros((k.shape[0], h, w))
+        kh, kw = k.shape[2:]
+        for dy in range(kh):
+            for dx in range(kw):
+                shifted = jnp.roll(z, (-(dy - kh // 2), -(dx - kw // 2)), axis=(1, 2))
+                out = out + jnp.einsum("oi,ihw->ohw", k[:, :, dy, dx], shifted)
+        return out
+
+    eye = jnp.eye(c * h * w).reshape(-1, c, h, w)
+    return jax.vmap(apply)(eye).reshape(c * h * w, -1).T
+
+
+@pytest.mark.parametrize("m", [0.1, 1.0])
+def test_conv_operator_is_the_circular_parametrisation(m):
+    c, h, w = 2, 5, 4
+    layer = ik.nn.MonotoneConv(c, 1, (h, w), m, key=jr.key(0))
+    layer = eqx.tree_at(lambda l: (l.a, l.b), layer, (3 * layer.a, 3 * layer.b))
+    a = _circular_conv_matrix(layer.a, c, h, w)
+    b = _circular_conv_matrix(layer.b, c, h, w)
+    n = c * h * w
+    ref = (1 - m) * jnp.eye(n) - a.T @ a + b - b.T
+    op = layer.operator(alpha=0.7)
+    np.testing.assert_allclose(op.dense(), ref, atol=1e-12)
+    assert _sym_min_eig(op.dense()) >= m - 1e-9
+    z = jr.normal(jr.key(1), (c, h, w))
+    np.testing.assert_allclose(op.WT(z).ravel(), ref.T @ z.ravel(), atol=1e-12)
+    v = jnp.linalg.inv(1.7 * jnp.eye(n) - 0.7 * ref)
+    np.testing.assert_allclose(op.V(z).ravel(), v @ z.ravel(), atol=1e-12)
+
+
+def _hard_layer(n=30, seed=0):
+    layer = ik.nn.MonotoneLinear(n, 4, m=1.0, key=jr.key(seed))
+    return eqx.tree_at(lambda l: (l.a, l.b), layer, (3 * layer.a, 3 * layer.b))
+
+
+def _fixed_point_residual(layer, x, z):
+    w = layer.operator().dense()
+    return float(jnp.linalg.norm(z - jax.nn.relu(w @ z + layer.bias(x))))
+
+
+def test_peaceman_rachford_converges_where_plain_iteration_diverges():
+    layer = _hard_layer()
+    x = jnp.array([1.0, -0.4, 0.3, 2.0])
+    assert float(jnp.linalg.norm(jnp.eye(30) - layer.operator().dense(), 2)) > 10
+    plain = ik.fixed_point(
+        lambda z, xx: jax.nn.relu(layer.operator().W(z) + layer.bias(xx)), jnp.zeros(30), x,
+        ik.Picard(rtol=1e-10, atol=1e-12), max_steps=300, throw=False,
+    )
+    assert plain.result != ik.RESULTS.successful
+    assert _fixed_point_residual(layer, x, plain.value) > 1.0
+    model = ik.models.MonotoneDEQ(layer, ik.solvers.PeacemanRachford(1.0, 1e-12, 1e-13),
+                                  max_steps=2000, throw=True)
+    z, st = model(x, return_stats=True)
+    assert _fixed_point_residual(layer, x, z) < 1e-9
+    # Forward-backward converges too at a small enough step (alpha <= 2m/L^2) ...
+    lip = float(jnp.linalg.norm(jnp.eye(30) - layer.operator().dense(), 2))
+    fb = ik.models.MonotoneDEQ(
+        layer, ik.solvers.ForwardBackward(1.0 / lip**2, 1e-12, 1e-13), max_steps=100_000,
+        throw=True,
+    )
+    np.testing.assert_allclose(fb(x), z, atol=1e-8)
+    # ... and one equilibrium whatever the start (uniqueness).
+    for seed in range(3):
+        z0 = 5 * jr.normal(jr.key(seed), (30,))
+        sol = ik.solvers.PeacemanRachford(1.0, 1e-12, 1e-13).solve(layer, x, y0=z0,
+                                                                  max_steps=2000)
+        np.testing.assert_allclose(sol.value, z, atol=1e-9)
+
+
+def _dense_reference_grad(layer, x, z_star, c):
+    """Gradient of c.z* with the activation pattern frozen at z*: z* = (I - DW)^-1 D(Ux+b),
+    differentiated by JAX through a dense solve (the dense implicit gradient)."""
+    w = layer.operator().dense()
+    d = (w @ z_star + layer.bias(x).ravel() > 0).astype(float)
+
+    def loss(layer):
+        w = layer.operator().dense()
+        n = w.shape[0]
+        z = jnp.linalg.solve(jnp.eye(n) - d[:, None] * w, d * layer.bias(x).ravel())
+        return jnp.dot(c, z)
+
+    return eqx.filter_grad(loss)(layer)
+
+
+@pytest.mark.parametrize("splitting", ["pr", "fb"])
+def test_gradient_matches_dense_implicit_gradient(splitting):
+    layer = _hard_layer(n=12, seed=1) if splitting == "pr" else ik.nn.MonotoneLinear(
+        12, 4, m=1.0, key=jr.key(1))
+    x = jnp.array([0.5, -1.0, 0.3, 1.5])
+    adjoint = ik.ImplicitAdjoint(ik.Picard(rtol=1e-14, atol=1e-15), max_steps=100_000)
+    if splitting == "pr":
+        solver = ik.solvers.PeacemanRachford(1.0, 1e-14, 1e-15)
+    else:
+        lip = float(jnp.linalg.norm(jnp.eye(12) - layer.operator().dense(), 2))
+        solver = ik.solvers.ForwardBackward(1.0 / lip**2, 1e-14, 1e-15)
+    model = ik.models.MonotoneDEQ(layer, solver, adjoint, max_steps=100_000, throw=True)
+    c = jr.normal(jr.key(9), (12,))
+    z = model(x)
+    g = eqx.filter_grad(lambda m: jnp.dot(c, m(x)))(model).layer
+    ref = _dense_reference_grad(layer, x, z, c)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * float(jnp.max(jnp.abs(b))))
+
+
+def test_conv_mondeq_gradient_matches_dense():
+    layer = ik.nn.MonotoneConv(2, 1, (4, 4), m=0.5, key=jr.key(3))
+    layer = eqx.tree_at(lambda l: (l.a, l.b), layer, (2 * layer.a, 2 * layer.b))
+    x = jr.normal(jr.key(4), (1, 4, 4))
+    adjoint = ik.ImplicitAdjoint(ik.Picard(rtol=1e-14, atol=1e-15), max_steps=100_000)
+    model = ik.models.MonotoneDEQ(layer, ik.solvers.PeacemanRachford(1.0, 1e-14, 1e-15),
+                                  adjoint, max_steps=100_000, throw=True)
+    z = model(x)
+    c = jr.normal(jr.key(5), z.shape)
+    g = eqx.filter_grad(lambda m: jnp.sum(c * m(x)))(model).layer
+    ref = _dense_reference_grad(layer, x, z.ravel(), c.ravel())
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * float(jnp.max(jnp.abs(b))))

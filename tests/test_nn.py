@@ -1,0 +1,254 @@
+"""Layers: per-solve normalisation and dropout, subhomogeneous, graph and Hopfield layers."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import implicit_kit as ik
+
+
+class _CountingSpectralNorm(ik.nn.SpectralNorm):
+    def weight(self):
+        jax.debug.callback(lambda: _COUNT.append(1))
+        return super().weight()
+
+
+_COUNT: list[int] = []
+
+
+def _counting_cell(key):
+    cell = ik.nn.MLPCell(6, 3, key=key)
+    wrapped = _CountingSpectralNorm(cell.w1, scale=0.7, key=jr.key(1))
+    return eqx.tree_at(lambda c: c.w1, cell, wrapped)
+
+
+def test_normalisation_once_per_solve():
+    cell = _counting_cell(jr.key(0))
+    x = jnp.array([1.0, -0.5, 2.0])
+    solver = ik.Picard(rtol=1e-10, atol=1e-12)
+    deq = ik.models.DEQ(cell, (6,), solver)
+    _COUNT.clear()
+    z, st = jax.block_until_ready(deq(x, return_stats=True))
+    assert int(st["num_steps"]) > 5
+    assert len(_COUNT) == 1
+    # Also once in the backward pass's forward: a gradient costs one more evaluation.
+    _COUNT.clear()
+    jax.block_until_ready(eqx.filter_grad(lambda m: jnp.sum(m(x)))(deq))
+    assert len(_COUNT) == 1
+    # Contrast (this is what the test would catch): an unprepared cell normalises
+    # at every iteration of the solver.
+    _COUNT.clear()
+    sol = ik.fixed_point(lambda zz, a: cell(zz, a), jnp.zeros(6), x, solver)
+    jax.block_until_ready(sol.value)
+    assert len(_COUNT) >= int(sol.stats["num_steps"]) > 5
+
+
+@pytest.mark.parametrize("norm", ["weight", "spectral"])
+def test_normalised_weights(norm):
+    lin = eqx.nn.Linear(5, 4, key=jr.key(0))
+    if norm == "weight":
+        layer = ik.nn.WeightNorm(lin)
+        layer = eqx.tree_at(lambda l: l.g, layer, jnp.arange(1.0, 5.0)[:, None])
+        w = ik.nn.prepare(layer).weight
+        np.testing.assert_allclose(jnp.linalg.norm(w, axis=1), jnp.arange(1.0, 5.0))
+        np.testing.assert_allclose(w / jnp.linalg.norm(w, axis=1, keepdims=True),
+                                   lin.weight / jnp.linalg.norm(lin.weight, axis=1,
+                                                                keepdims=True))
+    else:
+        layer = ik.nn.SpectralNorm(lin, scale=0.9, num_iters=100, key=jr.key(1))
+        w = ik.nn.prepare(layer).weight
+        np.testing.assert_allclose(jnp.linalg.svd(w, compute_uv=False)[0], 0.9, rtol=1e-8)
+    x = jnp.arange(5.0)
+    np.testing.assert_allclose(layer(x), ik.nn.prepare(layer)(x))
+
+
+def test_variational_dropout_one_mask_per_solve():
+    cell = ik.nn.MLPCell(5, 2, hidden=16, dropout=0.5, key=jr.key(0))
+    cell = eqx.tree_at(lambda c: c.w1.weight, cell, 0.3 * cell.w1.weight)
+    cell = eqx.tree_at(lambda c: c.w2.weight, cell, 0.3 * cell.w2.weight)
+    x = jnp.array([0.7, -1.1])
+    solver = ik.Picard(rtol=1e-12, atol=1e-13)
+    deq = ik.models.DEQ(cell, (5,), solver, max_steps=300)
+    key = jr.key(7)
+    z = deq(x, key=key)
+    prepared = ik.nn.prepare(cell, key=key)
+    mask = prepared.drop.mask
+    assert set(np.unique(np.asarray(mask)).tolist()) <= {0.0, 2.0}
+    assert 0 < int(jnp.sum(mask == 0)) < 16
+    # The solution is the fixed point of the map with that one mask.
+    np.testing.assert_allclose(prepared(z, x), z, atol=1e-11)
+    assert float(jnp.max(jnp.abs(deq(x, key=jr.key(8)) - z))) > 1e-3
+    z_inf = deq(x, inference=True)
+    np.testing.assert_allclose(ik.nn.prepare(cell, inference=True)(z_inf, x), z_inf,
+                               atol=1e-11)
+    with pytest.raises(ValueError, match="needs a `key`"):
+        deq(x)
+    with pytest.raises(RuntimeError, match="prepared once per solve"):
+        cell(z, x)
+
+
+def test_conv_cell_deq_runs_under_vmap_with_dropout():
+    cell = ik.nn.ConvCell(8, groups=4, dropout=0.1, key=jr.key(0))
+    deq = ik.models.DEQ(cell, (8, 6, 6), ik.Picard(rtol=1e-4, atol=1e-6), max_steps=300)
+    xs = jr.normal(jr.key(1), (3, 8, 6, 6))
+    keys = jr.split(jr.key(2), 3)
+    zs, st = eqx.filter_jit(jax.vmap(lambda x, k: deq(x, key=k, return_stats=True)))(xs, keys)
+    for i in range(3):
+        prepared = ik.nn.prepare(cell, key=keys[i])
+        res = jnp.linalg.norm(prepared(zs[i], xs[i]) - zs[i])
+        assert float(res) <= float(st["residual"][i]) * 10 + 1e-5
+    assert np.all(np.asarray(st["result"]) == ik.RESULTS.successful._value)
+    with pytest.raises(ValueError, match="must divide"):
+        ik.nn.ConvCell(6, groups=4, key=jr.key(0))
+
+
+# ---------------------------------------------------------------- subhomogeneous DEQ
+
+
+def test_subhomogeneity_degrees():
+    assert abs(ik.nn.subhomogeneity_degree(1.2) - 0.9991) < 1e-4
+    assert abs(ik.nn.subhomogeneity_degree(1.603) - 0.4992) < 1e-4
+    with pytest.raises(ValueError, match="contraction bound"):
+        ik.nn.SubhomogeneousCell(4, 2, shift=1.5, normalise=True, key=jr.key(0))
+    with pytest.raises(ValueError, match="must be > 1"):
+        ik.nn.subhomogeneity_degree(0.5)
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+def test_subhomogeneous_unique_fixed_point_for_a_large_signed_w(normalise):
+    n = 24
+    cell = ik.nn.SubhomogeneousCell(n, 3, normalise=normalise, key=jr.key(0))
+    w = jr.normal(jr.key(1), (n, n))
+    cell = eqx.tree_at(lambda c: c.w, cell, 20.0 * w / jnp.linalg.norm(w, 2))
+    x = jnp.array([0.5, -0.2, 1.0])
+    starts = jr.uniform(jr.key(2), (10, n), minval=0.1, maxval=3.0)
+    solver = ik.Anderson(rtol=1e-12, atol=1e-13, damping=0.5)
+
+    def solve(z0):
+        return ik.fixed_point(cell, z0, x, solver, max_steps=2000, throw=False)
+
+    sols = jax.vmap(solve)(starts)
+    assert np.all(np.asarray(sols.result._value) == ik.RESULTS.successful._value)
+    spread = float(jnp.max(jnp.abs(sols.value - sols.value[0])))
+    assert spread < 1e-10
+    assert float(jnp.min(sols.value)) > 0
+
+
+# ---------------------------------------------------------------- graph solver
+
+
+def _graph(seed=0, n=12, heads=3, d=2):
+    k1, k2, k3 = jr.split(jr.key(seed), 3)
+    adj = (jr.uniform(k1, (n, n)) < 0.35).astype(float)
+    logits = jr.uniform(k2, (heads, n, n), minval=0.05, maxval=0.95)
+    b = jr.normal(k3, (heads, n, d))
+    return logits, adj, b
+
+
+def test_graph_solver_linear_solve_unroll_ift_and_fd_agree():
+    logits, adj, b = _graph()
+    gamma = 0.5
+    a = ik.nn.contracting_graph_map(logits, adj)
+    assert float(jnp.max(jnp.sum(jnp.abs(a), -1))) <= 1.0
+    h = ik.nn.graph_fixed_point(logits, adj, b, gamma)
+
+    def unrolled(logits, b, steps=200):
+        a = ik.nn.contracting_graph_map(logits, adj)
+        hh = jnp.zeros_like(b)
+        for _ in range(steps):
+            hh = gamma * a @ hh + b
+        return hh
+
+    np.testing.assert_allclose(h, unrolled(logits, b), atol=1e-14)
+    c = jr.normal(jr.key(5), h.shape)
+
+    def loss_solve(logits, b):
+        return jnp.sum(c * ik.nn.graph_fixed_point(logits, adj, b, gamma))
+
+    def loss_unroll(logits, b):
+        return jnp.sum(c * unrolled(logits, b))
+
+    g_solve = jax.grad(loss_solve, (0, 1))(logits, b)
+    g_unroll = jax.grad(loss_unroll, (0, 1))(logits, b)
+    # The implicit formula by hand: gbar = (I - gamma A)^-T Hbar, bbar = gbar,
+    # Abar = gamma gbar H*^T, chained through the clip-and-degree map.
+    eye = jnp.eye(adj.shape[0])
+    gbar = jnp.linalg.solve(jnp.swapaxes(eye - gamma * a, -1, -2), c)
+    abar = gamma * gbar @ jnp.swapaxes(h, -1, -2)
+    _, vjp = jax.vjp(lambda lg: ik.nn.contracting_graph_map(lg, adj), logits)
+    g_ift = (vjp(abar)[0], gbar)
+    for gs, gu, gi in zip(g_solve, g_unroll, g_ift):
+        np.testing.assert_allclose(gs, gu, atol=1e-13)
+        np.testing.assert_allclose(gs, gi, atol=1e-13)
+    eps = 1e-6
+    direction = jr.normal(jr.key(6), b.shape)
+    fd = (loss_solve(logits, b + eps * direction) - loss_solve(logits, b - eps * direction))
+    fd = fd / (2 * eps)
+    np.testing.assert_allclose(jnp.vdot(g_solve[1], direction), fd, rtol=1e-9)
+    dl = jr.normal(jr.key(7), logits.shape)
+    fd = (loss_solve(logits + eps * dl, b) - loss_solve(logits - eps * dl, b)) / (2 * eps)
+    np.testing.assert_allclose(jnp.vdot(g_solve[0], dl), fd, rtol=1e-7)
+
+
+def test_graph_layer_and_errors():
+    layer = ik.nn.ConvergentGraphLayer(3, 4, heads=2, key=jr.key(0))
+    nodes = jr.normal(jr.key(1), (7, 3))
+    adj = (jr.uniform(jr.key(2), (7, 7)) < 0.4).astype(float)
+    out = layer(nodes, adj)
+    assert out.shape == (7, 8)
+    with pytest.raises(ValueError, match="`gamma` must be in"):
+        ik.nn.graph_fixed_point(*_graph(), gamma=1.0)
+    logits, adj, b = _graph()
+    with pytest.raises(ValueError, match="`b` must be"):
+        ik.nn.graph_fixed_point(logits, adj, b[:, :5])
+
+
+# ---------------------------------------------------------------- Hopfield
+
+
+def _patterns(d=32, n=200, seed=0):
+    x = jr.normal(jr.key(seed), (d, n))
+    return x / jnp.linalg.norm(x, axis=0)
+
+
+@pytest.mark.parametrize("beta", [8.0, 1.0, 0.05])
+def test_hopfield_energy_never_increases(beta):
+    x = _patterns()
+    xi = x[:, 3] + 0.5 * jr.normal(jr.key(1), (32,)) / jnp.sqrt(32.0)
+    energies = [ik.nn.hopfield_energy(xi, x, beta)]
+    for _ in range(10):
+        xi = ik.nn.hopfield_update(xi, x, beta)
+        energies.append(ik.nn.hopfield_energy(xi, x, beta))
+    e = np.asarray(energies)
+    assert np.all(np.diff(e) <= 1e-12), e
+
+
+def test_hopfield_update_is_attention_and_layer_retrieves():
+    x = _patterns()
+    beta = 0.37
+    xi = jr.normal(jr.key(2), (32,))
+    att = jax.nn.dot_product_attention(xi[None, None, :], x.T[:, None, :], x.T[:, None, :],
+                                       scale=beta)
+    # (jax.nn.dot_product_attention computes its softmax in float32: 1e-5 relative.)
+    np.testing.assert_allclose(ik.nn.hopfield_update(xi, x, beta), att[0, 0], rtol=3e-5,
+                               atol=1e-8)
+    # Well separated at beta = 32: retrieval of the stored pattern from a noisy query.
+    layer = ik.nn.HopfieldLayer(beta=32.0)
+    query = x[:, 5] + 0.3 * jr.normal(jr.key(3), (32,)) / jnp.sqrt(32.0)
+    np.testing.assert_allclose(layer(query, x), x[:, 5], atol=1e-6)
+    # Implicit gradient at a metastable point matches finite differences.
+    layer = ik.nn.HopfieldLayer(beta=2.0, solver=ik.Picard(rtol=1e-13, atol=1e-14),
+                                max_steps=500)
+    c = jr.normal(jr.key(4), (32,))
+
+    def loss(p):
+        return jnp.dot(c, layer(query, p))
+
+    g = jax.grad(loss)(x)
+    direction = jr.normal(jr.key(5), x.shape)
+    eps = 1e-6
+    fd = (loss(x + eps * direction) - loss(x - eps * direction)) / (2 * eps)
+    np.testing.assert_allclose(jnp.vdot(g, direction), fd, rtol=1e-6)
