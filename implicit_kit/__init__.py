@@ -2,7 +2,13 @@
 
 import importlib.metadata
 
-from . import models as models, nn as nn, regularizers as regularizers, solvers as solvers
+from . import (
+    homotopy as homotopy,
+    models as models,
+    nn as nn,
+    regularizers as regularizers,
+    solvers as solvers,
+)
 from ._adjoint import (
     AbstractAdjoint as AbstractAdjoint,
     ImplicitAdjoint as ImplicitAdjoint,
@@ -24,6 +30,7 @@ from ._root import (
     root_find as root_find,
 )
 from ._solution import RESULTS as RESULTS, Solution as Solution
+from .homotopy import homotopy_solve as homotopy_solve, HomotopySolver as HomotopySolver
 from .solvers import (
     Anderson as Anderson,
     Broyden as Broyden,

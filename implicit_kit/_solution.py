@@ -34,6 +34,18 @@ class RESULTS(optx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
         "loosen the tolerances, or add a more robust solver (e.g. `NewtonKrylov` or "
         "`HomotopySolver`)."
     )
+    homotopy_path_lost = (
+        "The homotopy path was lost: the path ODE could not be integrated to lambda = 1 "
+        "(a singular Jacobian or turning point on the way makes the linear solves fail "
+        "or the step size collapse), or its end point is not finite. Try another start "
+        "point `z0`, the other homotopy (`NewtonHomotopy` / `FixedPointHomotopy`), or "
+        "a larger `max_steps`."
+    )
+    homotopy_residual = (
+        "The homotopy path was integrated to lambda = 1 but its end point does not "
+        "satisfy the equation to the requested tolerance (path-following drift). Tighten "
+        "the ODE tolerances or add a corrector (`NewtonCorrector(k)`)."
+    )
 
 
 class Solution(eqx.Module, Generic[Y, Aux]):

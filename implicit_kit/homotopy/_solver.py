@@ -1,0 +1,211 @@
+"""`HomotopySolver` (a forward solver for the shared driver) and `homotopy_solve`."""
+
+from collections.abc import Callable
+
+import diffrax as dfx
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+import optimistix as optx
+from jaxtyping import Array, Float, Int, PyTree, Scalar
+
+from .._solution import RESULTS, Solution
+from ..solvers._base import AbstractFixedPointSolver, init_residual
+from ._homotopy import (
+    AbstractHomotopy,
+    FixedPointHomotopy,
+    flat_fn,
+    integrate_path,
+    NewtonCorrector,
+)
+
+
+def _default_controller():
+    return dfx.PIDController(rtol=1e-6, atol=1e-8)
+
+
+class _HomotopyState(eqx.Module):
+    residual: Float[Array, ""]
+    scale: Float[Array, ""]
+    nfe: Int[Array, ""]
+    ode_steps: Int[Array, ""]
+    ode_rejected_steps: Int[Array, ""]
+    lost: Array
+    path_lambda: Array | None
+    path_z: Array | None
+
+
+class HomotopySolver(AbstractFixedPointSolver):
+    r"""Solve an equilibrium by homotopy continuation: one `step` integrates the path
+    ODE of `homotopy` from the current iterate (as $z_0$) to $\lambda = 1$ with diffrax,
+    then applies the optional `corrector`. The iterate is accepted when
+    `norm(f(z) - z) <= atol + rtol * norm(z)`; otherwise the next step restarts the
+    path from it. A lost path ends the solve with `RESULTS.homotopy_path_lost`.
+
+    Usable wherever a forward solver is: `ik.fixed_point(fn, y0, args,
+    HomotopySolver())`, or as the last resort `ik.Fallback(ik.Anderson(),
+    ik.HomotopySolver())` (it reaches equilibria where fixed-point iteration diverges).
+
+    **Arguments:**
+
+    - `homotopy`: `FixedPointHomotopy()` (default) or `NewtonHomotopy()`.
+    - `ode_solver`: any explicit diffrax solver (default `Tsit5()`).
+    - `stepsize_controller`: default `PIDController(rtol=1e-6, atol=1e-8)`.
+    - `dt0`: the initial step (`None`: chosen by the controller).
+    - `ode_max_steps`: the step limit of one path.
+    - `corrector`: `None` or `NewtonCorrector(k)`.
+    - `save_path`: keep the accepted path points in the stats (`path_lambda`, `path_z`).
+    - `rtol`, `atol`, `norm`: the acceptance test on the end point.
+    """
+
+    homotopy: AbstractHomotopy = eqx.field(default_factory=FixedPointHomotopy)
+    ode_solver: dfx.AbstractSolver = eqx.field(default_factory=dfx.Tsit5)
+    stepsize_controller: dfx.AbstractStepSizeController = eqx.field(
+        default_factory=_default_controller
+    )
+    dt0: float | None = None
+    ode_max_steps: int = eqx.field(static=True, default=4096)
+    corrector: NewtonCorrector | None = None
+    save_path: bool = eqx.field(static=True, default=False)
+    rtol: float = 1e-5
+    atol: float = 1e-6
+    norm: Callable[[PyTree], Scalar] = optx.two_norm
+
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        residual, scale = init_residual(y)
+        n = sum(x.size for x in jtu.tree_leaves(y))
+        dtype = residual.dtype
+        path = (
+            (jnp.full((self.ode_max_steps,), jnp.inf, dtype),
+             jnp.zeros((self.ode_max_steps, n), dtype))
+            if self.save_path
+            else (None, None)
+        )
+        zero = jnp.array(0)
+        return _HomotopyState(residual, scale, zero, zero, zero, jnp.array(False), *path)
+
+    def step(self, fn, y, args, options, state, tags):
+        f, flat, unravel = flat_fn(lambda z, a: fn(z, a)[0], y, args)
+        z1, stats, result = integrate_path(
+            f, flat, self.homotopy, solver=self.ode_solver,
+            stepsize_controller=self.stepsize_controller, dt0=self.dt0,
+            max_steps=self.ode_max_steps, adjoint=dfx.RecursiveCheckpointAdjoint(),
+            corrector=self.corrector, save_path=self.save_path,
+        )
+        y1 = unravel(z1)
+        fy, aux = fn(y1, args)
+        residual = self.norm(jtu.tree_map(jnp.subtract, fy, y1))
+        new_state = _HomotopyState(
+            residual.astype(state.residual.dtype),
+            self.norm(y1).astype(state.scale.dtype),
+            state.nfe + stats["nfe"],
+            state.ode_steps + stats["ode_steps"],
+            state.ode_rejected_steps + stats["ode_rejected_steps"],
+            result == RESULTS.homotopy_path_lost,
+            stats.get("path_lambda"),
+            stats.get("path_z"),
+        )
+        return y1, new_state, aux
+
+    def terminate(self, fn, y, args, options, state, tags):
+        done, _ = super().terminate(fn, y, args, options, state, tags)
+        result = RESULTS.where(state.lost, RESULTS.homotopy_path_lost, RESULTS.successful)
+        return done | state.lost, result
+
+    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        extra = {"nfe": state.nfe, "ode_steps": state.ode_steps,
+                 "ode_rejected_steps": state.ode_rejected_steps}
+        if self.save_path:
+            extra["path_lambda"] = state.path_lambda
+            extra["path_z"] = state.path_z
+        return y, aux, extra
+
+
+def homotopy_solve(
+    fn,
+    z0: PyTree[Array],
+    args: PyTree = None,
+    homotopy: AbstractHomotopy | None = None,
+    *,
+    solver: dfx.AbstractSolver | None = None,
+    stepsize_controller: dfx.AbstractStepSizeController | None = None,
+    dt0: float | None = None,
+    corrector: NewtonCorrector | None = None,
+    adjoint=None,
+    saveat_path: bool = False,
+    max_steps: int = 4096,
+    rtol: float = 1e-4,
+    atol: float = 1e-6,
+    throw: bool = True,
+) -> Solution:
+    r"""Find $z = f(z)$ by following a homotopy path from `z0` (one path, no restart).
+
+    **Arguments:**
+
+    - `fn`: the map `fn(z, args) -> z'` (same structure as `z0`).
+    - `z0`: the start point; `args`: differentiable arguments.
+    - `homotopy`: `FixedPointHomotopy()` (default) or `NewtonHomotopy()`.
+    - `solver`, `stepsize_controller`, `dt0`, `max_steps`: for diffrax (defaults
+        `Tsit5()`, `PIDController(rtol=1e-6, atol=1e-8)`).
+    - `corrector`: optional `NewtonCorrector(k)` at the end point.
+    - `adjoint`: `None` or an implicit_kit adjoint: gradients by the implicit function
+        theorem at the end point (default `ImplicitAdjoint` with GMRES: exact whenever
+        the end point is an equilibrium, whatever path reached it, and memory-flat); or a
+        diffrax adjoint (`dfx.RecursiveCheckpointAdjoint()`, ...) to differentiate
+        through the path itself.
+    - `saveat_path`: return the accepted path points in `stats["path_lambda"]`,
+        `stats["path_z"]` (flattened states; unused slots have lambda = inf).
+    - `rtol`, `atol`: the end point must satisfy `|f(z) - z| <= atol + rtol |z|`, or
+        the result is `RESULTS.homotopy_residual`.
+    - `throw`: raise on failure (else read `sol.result`).
+
+    **Returns:** a `Solution`; `stats` has `ode_steps`, `nfe` (vector-field
+    evaluations; each also costs a matrix-free linear solve) and `residual`.
+    """
+    from .._adjoint import AbstractAdjoint, ImplicitAdjoint
+    from .._fixed_point import fixed_point
+
+    hs = HomotopySolver(
+        homotopy=FixedPointHomotopy() if homotopy is None else homotopy,
+        ode_solver=dfx.Tsit5() if solver is None else solver,
+        stepsize_controller=(
+            _default_controller() if stepsize_controller is None else stepsize_controller
+        ),
+        dt0=dt0, ode_max_steps=max_steps, corrector=corrector, save_path=saveat_path,
+        rtol=rtol, atol=atol,
+    )
+    if adjoint is None or isinstance(adjoint, AbstractAdjoint):
+        if adjoint is None:
+            adjoint = ImplicitAdjoint(lx.GMRES(rtol=1e-10, atol=1e-12, restart=40))
+        sol = fixed_point(fn, z0, args, hs, adjoint=adjoint, max_steps=1, throw=False)
+        result = RESULTS.where(
+            sol.result == RESULTS.nonlinear_max_steps_reached, RESULTS.homotopy_residual,
+            sol.result,
+        )
+        stats = {k: v for k, v in sol.stats.items() if k not in ("num_steps", "max_steps")}
+        sol = Solution(value=sol.value, result=result, stats=stats, aux=None)
+    elif isinstance(adjoint, dfx.AbstractAdjoint):
+        f, flat, unravel = flat_fn(fn, z0, args)
+        z1, stats, result = integrate_path(
+            f, flat, hs.homotopy, solver=hs.ode_solver,
+            stepsize_controller=hs.stepsize_controller, dt0=dt0, max_steps=max_steps,
+            adjoint=adjoint, corrector=corrector, save_path=saveat_path,
+        )
+        residual = hs.norm(f(z1) - z1)
+        ok = residual <= atol + rtol * hs.norm(z1)
+        result = RESULTS.where(
+            (result == RESULTS.successful) & jnp.invert(ok), RESULTS.homotopy_residual,
+            result,
+        )
+        stats = jtu.tree_map(lax.stop_gradient, {**stats, "residual": residual})
+        sol = Solution(value=unravel(z1), result=result, stats=stats, aux=None)
+    else:
+        raise TypeError(
+            "`adjoint` must be None, an implicit_kit adjoint (gradient at the end point) "
+            f"or a diffrax adjoint (through the path); got {type(adjoint).__name__}."
+        )
+    if throw:
+        sol = sol.result.error_if(sol, sol.result != RESULTS.successful)
+    return sol
