@@ -3,6 +3,7 @@
 import importlib.metadata
 
 from . import (
+    data as data,
     homotopy as homotopy,
     models as models,
     nn as nn,

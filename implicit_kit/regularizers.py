@@ -5,6 +5,7 @@ Add the returned scalar (times a weight) to the training loss.
 
 from collections.abc import Callable
 
+import diffrax as dfx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -76,3 +77,136 @@ def fixed_point_correction(
 
     losses = jax.vmap(one)(iterates)
     return jnp.sum(weights * losses) / jnp.sum(weights)
+
+
+# --------------------------------------------------------------------------------------
+# Neural ODE regularisers
+
+
+def _scaled_error(y0, y1, y_error, rtol, atol):
+    """RMS of the local error estimate scaled by `atol + rtol max(|y0|, |y1|)` (the
+    quantity the step-size controller compares with 1; OrdinaryDiffEq's `EEst`)."""
+    flat0, _ = ravel_pytree(y0)
+    flat1, _ = ravel_pytree(y1)
+    err, _ = ravel_pytree(y_error)
+    scale = atol + rtol * jnp.maximum(jnp.abs(flat0), jnp.abs(flat1))
+    return jnp.sqrt(jnp.mean((err / scale) ** 2))
+
+
+class ErrorEstimatePenalty(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):
+    r"""A diffrax solver wrapper accumulating the solver-heuristic regulariser of Pal,
+    Ma, Shah & Rackauckas, "Opening the Blackbox" (ICML 2021):
+    $R_E = \sum_j E_j\, h_j$ over the accepted steps, $E_j$ the scaled local error
+    estimate of step $j$ and $h_j$ its size.
+
+    The running sum travels in the solver state: read it with
+    `SaveAt(t1=True, solver_state=True)` as `sol.solver_state[1]`. It is differentiable
+    only through a discrete adjoint (`dfx.RecursiveCheckpointAdjoint`,
+    `dfx.DirectAdjoint`): other adjoints treat the solver state as constant (use
+    [`implicit_kit.regularizers.local_error_penalty`][] with those).
+    `ik.models.NeuralODE(error_penalty=True)` does all this.
+
+    **Arguments:** `solver` (an adaptive diffrax solver), `rtol`, `atol` (those of the
+    step-size controller).
+    """
+
+    solver: dfx.AbstractSolver
+    rtol: float
+    atol: float
+
+    @property
+    def term_structure(self):
+        return self.solver.term_structure
+
+    @property
+    def interpolation_cls(self):  # pyright: ignore
+        return self.solver.interpolation_cls
+
+    @property
+    def term_compatible_contr_kwargs(self):
+        return self.solver.term_compatible_contr_kwargs
+
+    def order(self, terms):
+        return self.solver.order(terms)
+
+    def error_order(self, terms):
+        return self.solver.error_order(terms)
+
+    def func(self, terms, t0, y0, args):
+        return self.solver.func(terms, t0, y0, args)
+
+    def init(self, terms, t0, t1, y0, args):
+        dtype = jnp.result_type(*jtu.tree_leaves(y0))
+        return self.solver.init(terms, t0, t1, y0, args), jnp.zeros((), dtype)
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        inner, penalty = solver_state
+        y1, y_error, dense, inner, result = self.solver.step(
+            terms, t0, t1, y0, args, inner, made_jump
+        )
+        e = _scaled_error(y0, y1, y_error, self.rtol, self.atol)
+        # Rejected steps are dropped by diffrax's loop (it keeps the old solver state).
+        penalty = penalty + jnp.where(jnp.isfinite(e), e * (t1 - t0), 0.0)
+        return y1, y_error, dense, (inner, penalty), result
+
+
+def local_error_penalty(
+    vector_field: Callable,
+    solver,
+    t_s,
+    y_s: PyTree[Array],
+    args: PyTree,
+    *,
+    rtol: float,
+    atol: float,
+    t_end,
+    dt=None,
+) -> Array:
+    r"""The local solver-heuristic regulariser of Pal, Edelman & Rackauckas, "Locally
+    Regularized Neural Differential Equations" (ICML 2023): one differentiable step of
+    `solver` from the state $y(t_s)$ at a sampled time $t_s$, with the initial step size
+    $h$ the controller would choose (not differentiated), returning $E\,h$ ($E$ the
+    scaled local error estimate). Works with any adjoint, since it needs only $y(t_s)$.
+
+    **Arguments:** `vector_field(t, y, args)`; `solver` (adaptive diffrax solver); `t_s`,
+    `y_s`; `args`; `rtol`, `atol` of the controller; `t_end` (the step is clipped to it);
+    `dt`: a fixed step instead of the controller's choice.
+    """
+    term = dfx.ODETerm(vector_field)
+    if dt is None:
+        controller = dfx.PIDController(rtol=rtol, atol=atol)
+        t_next, _ = controller.init(term, t_s, t_end, y_s, None, args, solver.func,
+                                    solver.error_order(term))
+    else:
+        t_next = t_s + dt
+    t_next = lax.stop_gradient(jnp.minimum(t_next, t_end))
+    t_next = jnp.maximum(t_next, t_s + 1e-6 * (t_end - t_s))
+    state = solver.init(term, t_s, t_next, y_s, args)
+    y1, y_error, _, _, _ = solver.step(term, t_s, t_next, y_s, args, state, False)
+    return _scaled_error(y_s, y1, y_error, rtol, atol) * (t_next - t_s)
+
+
+def kinetic_jacobian_field(vector_field: Callable, eps: PyTree[Array] | None = None):
+    r"""The RNODE augmented field (Finlay et al., "How to train your neural ODE", ICML
+    2020): integrates $(y, \int\|f\|^2 dt, \int\|\varepsilon^\top \partial f/\partial y\|^2
+    dt)$; the second channel is the kinetic energy, the third a Hutchinson estimate of
+    the integrated squared Jacobian Frobenius norm (one VJP per evaluation; `eps`
+    drawn once per solve, `None` to skip it).
+
+    Returns `field(t, (y, kinetic, jacobian), args)` for diffrax; start the two extra
+    channels at zero. Both are normalised per element of $y$.
+    """
+
+    def field(t, state, args):
+        y, _, _ = state
+        if eps is None:
+            dy = vector_field(t, y, args)
+            jac = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(y)))
+        else:
+            dy, vjp = jax.vjp(lambda yy: vector_field(t, yy, args), y)
+            (g,) = vjp(eps)
+            jac = jnp.mean(ravel_pytree(g)[0] ** 2)
+        kinetic = jnp.mean(ravel_pytree(dy)[0] ** 2)
+        return dy, kinetic, jac
+
+    return field

@@ -1,7 +1,7 @@
 """Layers for implicit models: cells, per-solve normalisation and dropout, monotone
 parametrisations and the well-posed layers of the seed papers."""
 
-from ._cells import ConvCell as ConvCell, MLPCell as MLPCell
+from ._cells import ConvCell as ConvCell, MLPCell as MLPCell, MLPField as MLPField
 from ._dropout import FixedMask as FixedMask, VariationalDropout as VariationalDropout
 from ._layers import (
     contracting_graph_map as contracting_graph_map,

@@ -92,6 +92,7 @@ class ConvCell(eqx.Module):
     - `norm`: `None` | `"weight"` | `"spectral"` on the convolutions (once per solve).
     - `dropout`: per-channel variational dropout (one mask per solve).
     - `residual`: see above.
+    - `inject`: add the input `x` (`False`: a plain Neural ODE field, `x` unused).
     - `key`: initialisation.
     """
 
@@ -101,6 +102,7 @@ class ConvCell(eqx.Module):
     gn2: eqx.nn.GroupNorm
     gn3: eqx.nn.GroupNorm | None
     drop: VariationalDropout | None
+    inject: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -110,8 +112,10 @@ class ConvCell(eqx.Module):
         norm: str | None = "weight",
         dropout: float = 0.0,
         residual: bool = True,
+        inject: bool = True,
         key: PRNGKeyArray,
     ):
+        self.inject = inject
         if channels % groups:
             raise ValueError(f"`groups`={groups} must divide `channels`={channels}.")
         k1, k2, k3, k4 = jr.split(key, 4)
@@ -124,12 +128,15 @@ class ConvCell(eqx.Module):
         self.gn3 = eqx.nn.GroupNorm(groups, channels) if residual else None
         self.drop = VariationalDropout(dropout, (channels, 1, 1)) if dropout > 0 else None
 
-    def __call__(self, z: Array, x: Array) -> Array:
-        if x.shape != z.shape:
-            raise ValueError(
-                f"ConvCell: `x` must have the state's shape {z.shape}, got {x.shape}."
-            )
-        h = jax.nn.relu(self.gn1(self.conv1(z))) + x
+    def __call__(self, z: Array, x: Array | None = None) -> Array:
+        h = jax.nn.relu(self.gn1(self.conv1(z)))
+        if self.inject:
+            if x is None or x.shape != z.shape:
+                raise ValueError(
+                    f"ConvCell: `x` must have the state's shape {z.shape}, got "
+                    f"{None if x is None else x.shape}."
+                )
+            h = h + x
         h = self.conv2(h)
         if self.drop is not None:
             h = self.drop(h)
@@ -138,3 +145,36 @@ class ConvCell(eqx.Module):
             return h
         return self.gn3(jax.nn.relu(z + h))
 
+
+
+class MLPField(eqx.Module):
+    r"""An MLP vector field $g(z, x)$ for Neural ODEs: `depth` hidden layers of `width`
+    on $z$ (concatenated with the condition $x$ when `input_size > 0`), output the size
+    of $z$.
+
+    **Arguments:**
+
+    - `size`: the state size; `width`, `depth`: the hidden layers.
+    - `input_size`: size of the injected condition (0: none, a plain Neural ODE field).
+    - `activation`: default `tanh`.
+    - `key`: initialisation.
+    """
+
+    mlp: eqx.nn.MLP
+    input_size: int = eqx.field(static=True)
+
+    def __init__(self, size: int, width: int, depth: int = 1, input_size: int = 0, *,
+                 activation: Callable = jax.nn.tanh, key: PRNGKeyArray):
+        self.mlp = eqx.nn.MLP(size + input_size, size, width, depth, activation=activation,
+                              key=key)
+        self.input_size = input_size
+
+    def __call__(self, z: Array, x: Array | None = None) -> Array:
+        if self.input_size:
+            if x is None or x.shape != (self.input_size,):
+                raise ValueError(
+                    f"MLPField: `x` must have shape ({self.input_size},), got "
+                    f"{None if x is None else x.shape}."
+                )
+            z = jax.numpy.concatenate([z, x])
+        return self.mlp(z)

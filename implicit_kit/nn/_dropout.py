@@ -14,7 +14,7 @@ class FixedMask(eqx.Module):
     mask: Array | None
 
     def __call__(self, x: Array) -> Array:
-        return x if self.mask is None else x * self.mask
+        return x if self.mask is None else x * self.mask.astype(x.dtype)
 
 
 class VariationalDropout(AbstractPerSolve):

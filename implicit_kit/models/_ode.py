@@ -1,0 +1,257 @@
+"""Neural ODE models on diffrax: NeuralODE, AugmentedNeuralODE and HomoODE."""
+
+from typing import Any
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+from jaxtyping import Array, PRNGKeyArray
+
+from .._solution import RESULTS
+from ..homotopy import count_nfe, FixedPointHomotopy, homotopy_solve
+from ..nn import prepare
+from ..regularizers import ErrorEstimatePenalty, local_error_penalty
+
+
+_DISCRETE = (dfx.RecursiveCheckpointAdjoint, dfx.DirectAdjoint)
+
+
+class ODESolve(eqx.Module):
+    """How an ODE model integrates (shared by every ODE model).
+
+    **Arguments:**
+
+    - `solver`: a diffrax solver (default `Dopri5()`, the HomoODE authors').
+    - `rtol`, `atol`: of the default `PIDController` (1e-3 as the authors), and the
+        scale of the error penalties.
+    - `stepsize_controller`: overrides the PID controller (e.g.
+        `dfx.ConstantStepSize()` with `dt0` for a fixed step).
+    - `adjoint`: `dfx.RecursiveCheckpointAdjoint()` (default: exact backprop through
+        the solver, checkpointed), `dfx.BacksolveAdjoint()` (continuous adjoint, O(1)
+        memory, approximate to the ODE tolerance) or `dfx.DirectAdjoint()`.
+    - `dt0`, `max_steps`: as diffrax.
+    - `error_penalty`: accumulate the "Opening the Blackbox" regulariser (needs a
+        discrete adjoint); `local_penalty`: compute the local one at a sampled time
+        (any adjoint; needs a `key`). Returned in the stats.
+    """
+
+    solver: dfx.AbstractSolver = eqx.field(default_factory=dfx.Dopri5)
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    stepsize_controller: dfx.AbstractStepSizeController | None = None
+    adjoint: dfx.AbstractAdjoint = eqx.field(default_factory=dfx.RecursiveCheckpointAdjoint)
+    dt0: float | None = None
+    max_steps: int = eqx.field(static=True, default=4096)
+    error_penalty: bool = eqx.field(static=True, default=False)
+    local_penalty: bool = eqx.field(static=True, default=False)
+
+    def __check_init__(self):
+        if self.error_penalty and not isinstance(self.adjoint, _DISCRETE):
+            raise ValueError(
+                "`error_penalty=True` needs a discrete adjoint "
+                "(dfx.RecursiveCheckpointAdjoint or dfx.DirectAdjoint): with "
+                f"{type(self.adjoint).__name__} its gradient would be silently zero. Use "
+                "`local_penalty=True` instead, which works with any adjoint."
+            )
+
+    def __call__(self, field, z0, condition, t1, key):
+        """Integrate `dz/dt = field(z, condition)` from `z0` over `[0, t1]`; returns
+        `(z(t1), stats)` with `nfe`, `num_steps`, `result` and the penalties."""
+
+        # The field travels in `args` (not closed over): BacksolveAdjoint differentiates
+        # only with respect to `y0`, `args` and the terms.
+        def vf(t, z, args):
+            return args[0](z, args[1])
+
+        # Times in the state's dtype (float64 times would promote a float32 state).
+        dtype = jnp.result_type(*jax.tree_util.tree_leaves(z0))
+        t1 = jnp.asarray(t1, dtype)
+        solver = self.solver
+        if self.error_penalty:
+            solver = ErrorEstimatePenalty(self.solver, self.rtol, self.atol)
+        ts = None
+        if self.local_penalty:
+            if key is None:
+                raise ValueError("`local_penalty=True` needs a `key` to sample the time.")
+            t_s = jr.uniform(key, (), minval=0.0, maxval=t1)
+            ts = jnp.stack([t_s.astype(dtype), t1])
+        saveat = dfx.SaveAt(t1=ts is None, ts=ts, solver_state=self.error_penalty)
+        controller = self.stepsize_controller
+        if controller is None:
+            controller = dfx.PIDController(rtol=self.rtol, atol=self.atol)
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(vf), solver, jnp.zeros((), dtype), t1, self.dt0, z0, (field, condition),
+            saveat=saveat, stepsize_controller=controller,
+            adjoint=self.adjoint, max_steps=self.max_steps, throw=False,
+        )
+        z1 = sol.ys[-1]
+        num_steps = sol.stats["num_steps"]
+        stats = {
+            "nfe": count_nfe(self.solver, num_steps),
+            "num_steps": num_steps,
+            "result": RESULTS.where(
+                sol.result == dfx.RESULTS.successful, RESULTS.successful,
+                RESULTS.nonlinear_max_steps_reached,
+            )._value,
+        }
+        stats = jtu.tree_map(lax.stop_gradient, stats)
+        if self.error_penalty:
+            stats["error_penalty"] = sol.solver_state[1]
+        if self.local_penalty:
+            stats["local_error_penalty"] = local_error_penalty(
+                vf, self.solver, ts[0], sol.ys[0], (field, condition), rtol=self.rtol,
+                atol=self.atol, t_end=t1, dt=self.dt0,
+            )
+        return z1, stats
+
+
+class NeuralODE(eqx.Module):
+    r"""A Neural ODE $dz/dt = g(z)$ on $[0, t_1]$, $z(0)$ = the input; returns $z(t_1)$.
+
+    **Arguments:**
+
+    - `field`: the vector field module, called as `field(z, None)` (e.g.
+        `ik.nn.MLPField(...)`, `ik.nn.ConvCell(..., residual=False, inject=False)`).
+    - `t1`: the end time.
+    - `ode`: an [`implicit_kit.models.ODESolve`][] (solver, tolerances, adjoint:
+        `dfx.RecursiveCheckpointAdjoint()` (default, exact backprop through the solver)
+        or `dfx.BacksolveAdjoint()` (continuous adjoint), penalties).
+
+    Called on one sample: `model(z0, key=..., return_stats=True)` gives
+    `(z(t1), stats)` with `nfe` (vector-field evaluations), `num_steps`, `result`.
+    """
+
+    field: Any
+    ode: ODESolve = eqx.field(default_factory=ODESolve)
+    t1: float = 1.0
+
+    def __call__(self, z0: Array, *, key: PRNGKeyArray | None = None,
+                 inference: bool = False, return_stats: bool = False):
+        kd, kp = (None, None) if key is None else jr.split(key)
+        field = prepare(self.field, key=kd, inference=inference)
+        z1, stats = self.ode(field, z0, None, self.t1, kp)
+        return (z1, stats) if return_stats else z1
+
+
+def _augment(x: Array, augment: int) -> Array:
+    zeros = jnp.zeros((augment,) + x.shape[1:], x.dtype)
+    return jnp.concatenate([x, zeros], axis=0)
+
+
+class AugmentedNeuralODE(eqx.Module):
+    r"""ANODE (Dupont, Doucet & Teh, 2019): the state is the input with `augment`
+    zeros appended along the first axis (extra entries of a vector, extra channels of a
+    `(C, H, W)` map); returns the whole final state (input and augmented parts).
+
+    **Arguments:** `field` (on the augmented state), `augment`, `ode`, `t1`.
+    """
+
+    field: Any
+    augment: int = eqx.field(static=True)
+    ode: ODESolve = eqx.field(default_factory=ODESolve)
+    t1: float = 1.0
+
+    def __call__(self, x: Array, *, key: PRNGKeyArray | None = None,
+                 inference: bool = False, return_stats: bool = False):
+        node = NeuralODE(self.field, self.ode, self.t1)
+        return node(_augment(x, self.augment), key=key, inference=inference,
+                    return_stats=return_stats)
+
+
+STARTS = ("alternating", "zeros", "learned")
+
+
+def alternating_start(shape: tuple[int, ...], dtype=None) -> Array:
+    """The HomoODE authors' default start: +1, with channels (first axis) 0, 2, 4, ...
+    set to -1."""
+    sign = jnp.where(jnp.arange(shape[0]) % 2 == 0, -1.0, 1.0)
+    out = jnp.broadcast_to(sign.reshape((-1,) + (1,) * (len(shape) - 1)), shape)
+    return out if dtype is None else out.astype(dtype)
+
+
+class HomoODE(eqx.Module):
+    r"""HomoODE (Ding, Cui, Wang & Shi, NeurIPS 2023): an equilibrium found by a
+    homotopy-continuation ODE from a start point $z_0$ that does not depend on the input,
+    with the input $x$ as the condition injected at every evaluation.
+
+    - `field="learned"` (the paper): $dz/d\lambda = g_\theta(z, x)$, $\lambda\in[0, 1]$,
+      $g$ learned (e.g. `ik.nn.ConvCell(C, residual=False, dropout=0.1)`, the authors'
+      Conv-GN-ReLU-(+x)-Conv-dropout-GN field); output $z(1)$.
+    - `field="exact"`: the true fixed-point homotopy of the DEQ cell $f$ = `cell`,
+      $dz/d\lambda = (I - \lambda J_f)^{-1}(f(z, x) - z_0)$, integrated by
+      `ik.homotopy_solve` (gradients by the implicit function theorem at the end point).
+
+    Start points: `"alternating"` (the authors' default, ∓1 over channels), `"zeros"`,
+    or `"learned"`: one shared learnable point, per channel and constant over space for
+    `(C, H, W)` states (the authors' GN(Conv1×1(ones))), detached in the solve and
+    trained only by [`implicit_kit.models.init_loss`] to the detached end points —
+    with its own optimiser, every few steps (`HomoODE.start_params` selects it).
+
+    **Arguments:** `module` (the learned field, or the DEQ cell for `"exact"`),
+    `state_shape`, `field`, `start`, `ode` (default dopri5 at rtol = atol = 1e-3).
+    """
+
+    module: Any
+    z0: Array | None
+    ode: ODESolve
+    state_shape: tuple[int, ...] = eqx.field(static=True)
+    field: str = eqx.field(static=True)
+    start: str = eqx.field(static=True)
+
+    def __init__(self, module, state_shape, *, field: str = "learned",
+                 start: str = "alternating", ode: ODESolve | None = None):
+        if field not in ("learned", "exact"):
+            raise ValueError(f"`field` must be 'learned' or 'exact', got {field!r}.")
+        if start not in STARTS:
+            raise ValueError(f"`start` must be one of {STARTS}, got {start!r}.")
+        self.module = module
+        self.state_shape = tuple(state_shape)
+        self.field = field
+        self.start = start
+        self.ode = ODESolve() if ode is None else ode
+        if start == "learned":
+            base = alternating_start(self.state_shape)
+            self.z0 = base[(slice(None),) + (slice(0, 1),) * (len(self.state_shape) - 1)]
+        else:
+            self.z0 = None
+
+    def start_point(self, dtype=None) -> Array:
+        """The start point $z_0$ (with its gradient, for `init_loss`)."""
+        if self.start == "alternating":
+            return alternating_start(self.state_shape, dtype)
+        if self.start == "zeros":
+            return jnp.zeros(self.state_shape, dtype)
+        z0 = jnp.broadcast_to(self.z0, self.state_shape)
+        return z0 if dtype is None else z0.astype(dtype)
+
+    @staticmethod
+    def start_params(model) -> Any:
+        """A filter spec selecting the learned start point (for its own optimiser)."""
+        spec = jtu.tree_map(lambda _: False, model)
+        return eqx.tree_at(lambda m: m.z0, spec, True, is_leaf=lambda x: x is None)
+
+    def __call__(self, x: Array, *, key: PRNGKeyArray | None = None,
+                 inference: bool = False, return_stats: bool = False):
+        kd, kp = (None, None) if key is None else jr.split(key)
+        module = prepare(self.module, key=kd, inference=inference)
+        z0 = self.start_point(x.dtype)
+        z0_solve = lax.stop_gradient(z0)
+        if self.field == "learned":
+            z1, stats = self.ode(module, z0_solve, x, 1.0, kp)
+        else:
+            sol = homotopy_solve(
+                lambda z, a: module(z, a), z0_solve, x, FixedPointHomotopy(),
+                solver=self.ode.solver,
+                stepsize_controller=dfx.PIDController(rtol=self.ode.rtol, atol=self.ode.atol),
+                dt0=self.ode.dt0, max_steps=self.ode.max_steps, rtol=jnp.inf, throw=False,
+            )
+            z1 = sol.value
+            stats = {"nfe": sol.stats["nfe"], "num_steps": sol.stats["ode_steps"],
+                     "result": sol.result._value}
+        if not return_stats:
+            return z1
+        return z1, {**stats, "z0": z0}

@@ -1,0 +1,237 @@
+"""Neural ODE, ANODE and HomoODE: adjoints, NFE, training on digits, exact field."""
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import pytest
+
+import implicit_kit as ik
+
+
+def _flat(tree):
+    return jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(tree)])
+
+
+def _vector_models(ode):
+    k1, k2 = jr.split(jr.key(0))
+    node = ik.models.NeuralODE(ik.nn.MLPField(4, 8, key=k1), ode)
+    field = ik.nn.MLPField(4, 8, input_size=3, key=k2)
+    homo = ik.models.HomoODE(field, (4,), ode=ode)
+    return {"node": (node, jnp.array([0.5, -0.3, 0.8, 0.1])),
+            "homoode": (homo, jnp.array([0.2, -1.0, 0.4]))}
+
+
+TIGHT = dict(rtol=1e-10, atol=1e-10, max_steps=10_000)
+ADJOINTS = {"backsolve": dfx.BacksolveAdjoint(
+                stepsize_controller=dfx.PIDController(rtol=1e-10, atol=1e-10)),
+            "direct": dfx.DirectAdjoint()}
+
+
+def _grad(model, x):
+    c = jnp.cos(jnp.arange(4.0))
+    return _flat(eqx.filter_grad(lambda m: jnp.dot(c, m(x)))(model))
+
+
+@pytest.mark.parametrize("name", ["node", "homoode"])
+@pytest.mark.parametrize("adjoint", list(ADJOINTS))
+def test_every_adjoint_matches_direct_backprop(name, adjoint):
+    ref_model, x = _vector_models(ik.models.ODESolve(**TIGHT))[name]
+    model, _ = _vector_models(ik.models.ODESolve(adjoint=ADJOINTS[adjoint], **TIGHT))[name]
+    ref = _grad(ref_model, x)
+    np.testing.assert_allclose(_grad(model, x), ref, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["node", "homoode"])
+def test_direct_backprop_matches_finite_differences_fixed_step(name):
+    ode = ik.models.ODESolve(solver=dfx.Tsit5(), stepsize_controller=dfx.ConstantStepSize(),
+                             dt0=0.05)
+    model, x = _vector_models(ode)[name]
+    params, rest = eqx.partition(model, eqx.is_inexact_array)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    c = jnp.cos(jnp.arange(4.0))
+
+    def loss(p):
+        return jnp.dot(c, eqx.combine(unravel(p), rest)(x))
+
+    g = jax.grad(loss)(flat)
+    d = jr.normal(jr.key(1), flat.shape)
+    eps = 1e-6
+    fd = (loss(flat + eps * d) - loss(flat - eps * d)) / (2 * eps)
+    np.testing.assert_allclose(jnp.vdot(g, d), fd, rtol=1e-8)
+
+
+def test_reported_nfe_is_the_number_of_field_calls():
+    calls = []
+
+    class Counting(eqx.Module):
+        inner: eqx.Module
+
+        def __call__(self, z, x=None):
+            jax.debug.callback(lambda: calls.append(1))
+            return self.inner(z, x)
+
+    node, z0 = _vector_models(ik.models.ODESolve())["node"]
+    homo, x = _vector_models(ik.models.ODESolve())["homoode"]
+    for model, inp in ((node, z0), (homo, x)):
+        for scale in (1.0, 6.0):  # a stiffer field takes more steps
+            where = ((lambda mm: mm.field) if isinstance(model, ik.models.NeuralODE)
+                     else (lambda mm: mm.module))
+            m = eqx.tree_at(where, model,
+                            replace_fn=lambda f: Counting(jax.tree_util.tree_map(
+                                lambda a: scale * a if eqx.is_array(a) else a, f)))
+            calls.clear()
+            _, st = m(inp, return_stats=True)
+            jax.block_until_ready(st["nfe"])
+            assert len(calls) == int(st["nfe"]) > 0
+
+
+def _digits(n_train=1024):
+    x, y = ik.data.load_digits("train")
+    xt, yt = ik.data.load_digits("test")
+    return jnp.asarray(x[:n_train]), jnp.asarray(y[:n_train]), jnp.asarray(xt), jnp.asarray(yt)
+
+
+def _float32(model):
+    # Training tests run in float32 (as users do; float64 convolutions are slow on CPU).
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, model)
+
+
+def _block(kind, c, key):
+    ode = ik.models.ODESolve()
+    if kind == "node":
+        return ik.models.NeuralODE(ik.nn.ConvCell(c, groups=2, residual=False, inject=False,
+                                                  key=key), ode), c
+    if kind == "anode":
+        return ik.models.AugmentedNeuralODE(
+            ik.nn.ConvCell(c + 2, groups=2, residual=False, inject=False, key=key), 2, ode), c + 2
+    field = ik.nn.ConvCell(c, groups=2, residual=False, dropout=0.1, key=key)
+    return ik.models.HomoODE(field, (c, 4, 4), start="learned", ode=ode), c
+
+
+@pytest.mark.parametrize("kind", ["node", "anode", "homoode"])
+def test_models_train_on_digits(kind):
+    x, y, xt, yt = _digits()
+    k1, k2 = jr.split(jr.key(0))
+    c = 8
+    block, out = _block(kind, c, k1)
+    model = ik.models.ImageClassifier.build(block, in_channels=1, classes=10, hidden=c,
+                                            final=16, block_channels=out, groups=2, key=k2)
+    model = _float32(model)
+    opt = optax.adam(1e-2)
+    params_filter = eqx.is_inexact_array
+    state = opt.init(eqx.filter(model, params_filter))
+
+    def loss_fn(model, xb, yb, key):
+        keys = jr.split(key, xb.shape[0])
+        logits, st = jax.vmap(lambda a, k: model(a, key=k))(xb, keys)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+        return loss, st
+
+    @eqx.filter_jit
+    def step(model, state, xb, yb, key):
+        (loss, st), g = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model, xb, yb, key)
+        updates, state = opt.update(g, state, eqx.filter(model, params_filter))
+        return eqx.apply_updates(model, updates), state, loss, st
+
+    @eqx.filter_jit
+    def accuracy(model, xs, ys):
+        logits, st = jax.vmap(lambda a: model(a, inference=True))(xs)
+        return jnp.mean(jnp.argmax(logits, -1) == ys), st
+
+    acc0, _ = accuracy(model, xt, yt)
+    key = jr.key(1)
+    losses = []
+    for _epoch in range(6):
+        for i in range(0, x.shape[0], 64):
+            key, sub = jr.split(key)
+            model, state, loss, st = step(model, state, x[i:i + 64], y[i:i + 64], sub)
+            losses.append(float(loss))
+    acc, st = accuracy(model, xt, yt)
+    assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8])
+    assert float(acc) > 0.4 > float(acc0)  # 4x chance after 6 short epochs
+    assert np.all(np.asarray(st["result"]) == 0)
+    assert 0 < float(jnp.mean(st["nfe"])) < 200
+
+
+def test_learned_start_gets_gradient_only_from_its_objective():
+    field = ik.nn.ConvCell(4, groups=2, residual=False, key=jr.key(0))
+    model = ik.models.HomoODE(field, (4, 3, 3), start="learned")
+    x = jr.normal(jr.key(1), (4, 3, 3))
+    g_task = eqx.filter_grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    assert float(jnp.max(jnp.abs(g_task.z0))) == 0.0  # detached in the solve
+    z0 = model.start_point()
+    assert np.allclose(z0, z0[:, :1, :1])  # one value per channel, constant over space
+
+    def objective(m):
+        z_end, st = m(x, return_stats=True)
+        return ik.models.init_loss(st["z0"], z_end)
+
+    g_init = eqx.filter_grad(objective)(model)
+    assert float(jnp.max(jnp.abs(g_init.z0))) > 0
+    spec = ik.models.HomoODE.start_params(model)
+    assert [bool(s) for s in jax.tree_util.tree_leaves(spec)].count(True) == 1
+
+
+def test_exact_homoode_field_ends_at_the_deq_equilibrium():
+    cell = ik.nn.MLPCell(5, 3, key=jr.key(0))
+    cell = eqx.tree_at(lambda c: c.w1.weight, cell, 0.7 * cell.w1.weight)
+    ode = ik.models.ODESolve(rtol=1e-10, atol=1e-10)
+    homo = ik.models.HomoODE(cell, (5,), field="exact", ode=ode)
+    deq = ik.models.DEQ(cell, (5,), ik.Picard(rtol=1e-13, atol=1e-14), max_steps=1000)
+    x = jnp.array([0.4, -0.7, 1.1])
+    np.testing.assert_allclose(homo(x), deq(x), atol=1e-8)
+    c = jnp.arange(1.0, 6.0)
+    g_homo = _flat(eqx.filter_grad(lambda m: jnp.dot(c, m(x)))(homo).module)
+    g_deq = _flat(eqx.filter_grad(lambda m: jnp.dot(c, m(x)))(deq).cell)
+    np.testing.assert_allclose(g_homo, g_deq, rtol=1e-6, atol=1e-9)
+
+
+def test_error_penalties_gradients_match_finite_differences():
+    """With a fixed step (so that FD does not see step-size changes, which diffrax does
+    not differentiate) both penalties are smooth and their gradients match FD."""
+    # A large fixed step on a stiff-ish field: local errors well above round-off, so
+    # finite differences of the penalties are accurate.
+    field = jax.tree_util.tree_map(lambda a: 3 * a if eqx.is_array(a) else a,
+                                   ik.nn.MLPField(3, 8, key=jr.key(0)))
+    z0 = jnp.array([0.5, -0.2, 0.9])
+    for kw, name in ((dict(error_penalty=True), "error_penalty"),
+                     (dict(local_penalty=True), "local_error_penalty")):
+        ode = ik.models.ODESolve(solver=dfx.Tsit5(), stepsize_controller=dfx.ConstantStepSize(),
+                                 dt0=0.5, rtol=1e-6, atol=1e-6, **kw)
+        model = ik.models.NeuralODE(field, ode)
+        params, rest = eqx.partition(model, eqx.is_inexact_array)
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+
+        def pen(p):
+            return eqx.combine(unravel(p), rest)(z0, key=jr.key(3), return_stats=True)[1][name]
+
+        g = jax.grad(pen)(flat)
+        assert float(jnp.linalg.norm(g)) > 0
+        d = jr.normal(jr.key(2), flat.shape)
+        eps = 1e-5
+        fd = (pen(flat + eps * d) - pen(flat - eps * d)) / (2 * eps)
+        np.testing.assert_allclose(jnp.vdot(g, d), fd, rtol=1e-6)
+    with pytest.raises(ValueError, match="needs a discrete adjoint"):
+        ik.models.ODESolve(error_penalty=True, adjoint=dfx.BacksolveAdjoint())
+
+
+def test_kinetic_and_jacobian_channels():
+    a = jr.normal(jr.key(0), (3, 3)) / 2
+    eps = jr.normal(jr.key(1), (3,))
+    field = ik.regularizers.kinetic_jacobian_field(lambda t, y, args: a @ y, eps)
+    y0 = jnp.array([1.0, -0.5, 0.2])
+    zero = jnp.zeros(())
+    sol = dfx.diffeqsolve(dfx.ODETerm(field), dfx.Tsit5(), 0.0, 1.0, None, (y0, zero, zero),
+                          stepsize_controller=dfx.PIDController(rtol=1e-10, atol=1e-10))
+    y1, kinetic, jac = (s[-1] for s in sol.ys)
+    np.testing.assert_allclose(y1, jax.scipy.linalg.expm(a) @ y0, rtol=1e-8)
+    np.testing.assert_allclose(jac, jnp.mean((a.T @ eps) ** 2), rtol=1e-8)
+    ts = jnp.linspace(0.0, 1.0, 20001)
+    ys = jax.vmap(lambda t: jax.scipy.linalg.expm(a * t) @ y0)(ts)
+    integrand = jnp.mean((ys @ a.T) ** 2, axis=1)
+    np.testing.assert_allclose(kinetic, jnp.trapezoid(integrand, ts), rtol=1e-6)
