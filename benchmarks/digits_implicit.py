@@ -136,7 +136,7 @@ def run_arm(arm, seed, a, train, test):
         for i in range(steps_per_epoch):
             idx = perm[i * a.batch:(i + 1) * a.batch]
             model, state, loss, st = step(model, state, x[idx], y[idx],
-                                          jr.fold_in(key, 10_000 + it), it)
+                                          jr.fold_in(key, 10_000 + it), jnp.asarray(it))
             nfe_train.append(st["nfe"])
             if is_start is not None and it % a.init_every == 0:
                 model, init_state = init_step(model, init_state, st["z_end"])

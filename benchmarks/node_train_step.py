@@ -11,8 +11,9 @@ to a target, one Adam step. Rows:
 - torchdiffeq `odeint` (backprop through the solver) and `odeint_adjoint`, which solve
   the batch as one ODE (all samples share the steps): a peer, not like for like.
 
-Reported: milliseconds per train step (minimum over repeats after warm-up), forward NFE
-per sample. Run: python benchmarks/node_train_step.py [--repeats N] [--json]
+Reported: milliseconds per train step (minimum over repeats after warm-up; each
+implicit_kit/diffrax pair is timed interleaved), forward NFE per sample (torchdiffeq: of
+the one batched solve). Run: python benchmarks/node_train_step.py [--repeats N] [--json]
 """
 
 import argparse
@@ -60,16 +61,28 @@ def field(key):
     return ik.nn.MLPField(STATE, WIDTH, depth=1, key=key)
 
 
-def jax_rows(adjoint_name, adjoint, repeats):
+class BatchField(eqx.Module):
+    """The field applied to every row of a (batch, state) array: the batch as one ODE."""
+
+    inner: ik.nn.MLPField
+
+    def __call__(self, z, x=None):
+        return jax.vmap(self.inner)(z)
+
+
+def jax_rows(adjoint_name, adjoint, repeats, one_ode=False):
     z0, target = data()
     f = field(jr.key(1))
     opt = optax.adam(LR)
+    # Per-sample solves under vmap (each sample its own steps), or the batch as one ODE.
+    batch_map = (lambda fn: fn) if one_ode else jax.vmap
+    suffix = ", batch as one ODE" if one_ode else ""
 
     ode = ik.models.ODESolve(rtol=TOL, atol=TOL, adjoint=adjoint)
-    ik_model = ik.models.NeuralODE(f, ode)
+    ik_model = ik.models.NeuralODE(BatchField(f) if one_ode else f, ode)
 
     def ik_loss(model):
-        z1, st = jax.vmap(lambda z: model(z, return_stats=True))(z0)
+        z1, st = batch_map(lambda z: model(z, return_stats=True))(z0)
         return jnp.mean((z1 - target) ** 2), st["nfe"]
 
     class Plain(eqx.Module):
@@ -86,10 +99,12 @@ def jax_rows(adjoint_name, adjoint, repeats):
     plain_model = Plain(f.mlp)
 
     def plain_loss(model):
-        z1, nfe = jax.vmap(model)(z0)
+        if one_ode:
+            model = eqx.tree_at(lambda m: m.mlp, model, replace_fn=lambda mlp: _Rows(mlp))
+        z1, nfe = batch_map(model)(z0)
         return jnp.mean((z1 - target) ** 2), nfe
 
-    rows = []
+    runs = []
     for name, model, loss in (("implicit_kit NeuralODE", ik_model, ik_loss),
                               ("diffrax diffeqsolve", plain_model, plain_loss)):
         state = opt.init(eqx.filter(model, eqx.is_inexact_array))
@@ -106,9 +121,27 @@ def jax_rows(adjoint_name, adjoint, repeats):
         def run(model=model, state=state, step=step):
             jax.block_until_ready(step(model, state))
 
-        rows.append({"row": f"{name} ({adjoint_name})", "ms": timeit(run, repeats),
-                     "nfe": nfe})
+        runs.append((name, run, nfe))
+    # Interleaved (ABAB...) so that both rows see the same machine load; min per row.
+    times = {name: [] for name, _, _ in runs}
+    for _, run, _ in runs:
+        for _ in range(3):
+            run()
+    for _ in range(repeats):
+        for name, run, _ in runs:
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    rows = [{"row": f"{name} ({adjoint_name}{suffix})", "ms": 1e3 * min(times[name]),
+             "nfe": nfe} for name, _, nfe in runs]
     return rows
+
+
+class _Rows(eqx.Module):
+    mlp: eqx.nn.MLP
+
+    def __call__(self, z):
+        return jax.vmap(self.mlp)(z)
 
 
 def torch_rows(repeats):
@@ -149,9 +182,12 @@ def torch_rows(repeats):
                 torch.cuda.synchronize()
 
         f.nfe = 0
+        with torch.no_grad():
+            integ(f, z0, t, rtol=TOL, atol=TOL, method="dopri5")
+        nfe = f.nfe
         step()
         rows.append({"row": f"torchdiffeq {name} (batch as one ODE)",
-                     "ms": timeit(step, repeats), "nfe_first_step_fwd_bwd": f.nfe})
+                     "ms": timeit(step, repeats), "nfe": nfe})
     return rows
 
 
@@ -164,6 +200,8 @@ def main():
     rows += jax_rows("RecursiveCheckpoint", dfx.RecursiveCheckpointAdjoint(), a.repeats)
     rows += jax_rows("Backsolve", dfx.BacksolveAdjoint(
         stepsize_controller=dfx.PIDController(rtol=TOL, atol=TOL)), a.repeats)
+    rows += jax_rows("RecursiveCheckpoint", dfx.RecursiveCheckpointAdjoint(), a.repeats,
+                     one_ode=True)
     rows += torch_rows(a.repeats)
     meta = {"device": str(jax.devices()[0]), "platform": platform.platform(),
             "jax": jax.__version__, "command": " ".join(["python"] + sys.argv),
@@ -178,9 +216,8 @@ def main():
         if "skipped" in r:
             print(f"| {r['row']} | skipped: {r['skipped']} | |")
         else:
-            nfe = r.get("nfe", r.get("nfe_first_step_fwd_bwd"))
-            print(f"| {r['row']} | {r['ms']:.1f} | {nfe:.1f} |")
-    for adj in ("RecursiveCheckpoint", "Backsolve"):
+            print(f"| {r['row']} | {r['ms']:.1f} | {r['nfe']:.1f} |")
+    for adj in ("RecursiveCheckpoint", "Backsolve", "RecursiveCheckpoint, batch as one ODE"):
         ik_ms = next(r["ms"] for r in rows if r["row"] == f"implicit_kit NeuralODE ({adj})")
         dx_ms = next(r["ms"] for r in rows if r["row"] == f"diffrax diffeqsolve ({adj})")
         print(f"\noverhead over plain diffrax ({adj}): {ik_ms / dx_ms:.3f}x")
