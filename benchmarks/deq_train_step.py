@@ -34,6 +34,7 @@ import lineax as lx
 import numpy as np
 import optax
 import optimistix as optx
+from _common import timeit
 
 import implicit_kit as ik
 
@@ -78,20 +79,6 @@ def injection(params, x):
 def head_loss(params, z, y):
     logits = z @ params["Wo"].T + params["bo"]
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def timeit(fn, repeats):
-    """Milliseconds per call: the minimum over `repeats` timed calls after warm-up (the
-    shared 2-core CPU machines are noisy; the minimum is the most repeatable statistic,
-    see the `timeit` module's documentation). Every row is measured the same way."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * min(times)
 
 
 def jax_peak_bytes(compiled):

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
+from _common import timeit
 
 import implicit_kit as ik
 
@@ -36,18 +37,6 @@ import implicit_kit as ik
 jax.config.update("jax_default_matmul_precision", "highest")
 
 STATE, WIDTH, BATCH, TOL, LR = 64, 128, 256, 1e-3, 1e-3
-
-
-def timeit(fn, repeats):
-    """Milliseconds per call: the minimum over `repeats` timed calls after warm-up."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * min(times)
 
 
 def data(seed=0):

@@ -1,0 +1,18 @@
+"""Helpers shared by the benchmark scripts (run from the repository root as
+`python benchmarks/<script>.py`, so this module is importable as `_common`)."""
+
+import time
+
+
+def timeit(fn, repeats):
+    """Milliseconds per call: the minimum over `repeats` timed calls after warm-up (the
+    shared 2-core CPU machines are noisy; the minimum is the most repeatable statistic,
+    see the `timeit` module's documentation). Every row is measured the same way."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * min(times)
