@@ -1,28 +1,39 @@
-"""Datasets. The default, scikit-learn's 8×8 handwritten digits (1,797 images, UCI
-"Optical Recognition of Handwritten Digits", CC BY 4.0), ships inside the package:
-nothing is downloaded."""
-
-import importlib.resources
+"""Datasets: the embedded 8×8 digits (the default, nothing downloaded), readers for the
+standard local files of MNIST, Fashion-MNIST, CIFAR-10 and SVHN, batching and
+normalisation."""
 
 import numpy as np
 
+from ._batch import (
+    batches as batches,
+    normalisation as normalisation,
+    normalise as normalise,
+    num_batches as num_batches,
+)
+from ._digits import load_digits as load_digits
+from ._readers import (
+    DatasetNotFoundError as DatasetNotFoundError,
+    load_cifar10 as load_cifar10,
+    load_fashion_mnist as load_fashion_mnist,
+    load_mnist as load_mnist,
+    load_svhn as load_svhn,
+    read_idx as read_idx,
+)
 
-def load_digits(split: str = "train", *, seed: int = 0, test_size: int = 360,
-                dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """The embedded digits as `(images, labels)`: images `(N, 1, 8, 8)` scaled to
-    [0, 1], labels `(N,)` int32. A fixed-seed permutation splits off `test_size`
-    images for `split="test"`; `split="all"` returns everything unshuffled."""
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"`split` must be 'train', 'test' or 'all', got {split!r}.")
-    with importlib.resources.files(__package__).joinpath("digits.npz").open("rb") as f:
-        data = np.load(f)
-        images, labels = data["images"], data["labels"]
-    x = (images.astype(dtype) / 16.0)[:, None]
-    y = labels.astype(np.int32)
-    if split == "all":
-        return x, y
-    if not 0 < test_size < len(y):
-        raise ValueError(f"`test_size` must be in (0, {len(y)}), got {test_size}.")
-    perm = np.random.default_rng(seed).permutation(len(y))
-    idx = perm[:test_size] if split == "test" else perm[test_size:]
-    return x[idx], y[idx]
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "svhn")
+_READERS = {"mnist": load_mnist, "fashion_mnist": load_fashion_mnist,
+            "cifar10": load_cifar10, "svhn": load_svhn}
+
+
+def load(name: str, split: str = "train", *, root=None, seed: int = 0,
+         test_size: int = 360) -> tuple[np.ndarray, np.ndarray]:
+    """Load `split` ("train" or "test") of dataset `name` (one of `DATASETS`) as
+    `(images (N, C, H, W) float32 in [0, 1], labels (N,) int32)`. `root` is the
+    directory of the files (unused for the embedded "digits"; `seed` and `test_size`
+    are its split)."""
+    if name == "digits":
+        return load_digits(split, seed=seed, test_size=test_size)
+    if name not in _READERS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}.")
+    return _READERS[name](root, split)

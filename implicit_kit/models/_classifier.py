@@ -90,6 +90,10 @@ class ImageClassifier(eqx.Module):
                    Head(out, final, classes, groups, key=k2))
 
     def __call__(self, x: Array, *, key: PRNGKeyArray | None = None,
-                 inference: bool = False):
-        z, stats = self.block(self.stem(x), key=key, inference=inference, return_stats=True)
+                 inference: bool = False, probe: Array | None = None):
+        """`probe`: an `ik.backward_probe()`, passed on to an equilibrium block (DEQ,
+        monDEQ) to read its backward-solve statistics."""
+        extra = {} if probe is None else {"probe": probe}
+        z, stats = self.block(self.stem(x), key=key, inference=inference, return_stats=True,
+                              **extra)
         return self.head(z), {**stats, "z_end": jax.lax.stop_gradient(z)}

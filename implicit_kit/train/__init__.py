@@ -1,0 +1,31 @@
+"""Training: the typed config, `fit` (jit-compiled steps, metrics, atomic checkpoints,
+exact resume, plots, data parallelism), and the `implicit-kit` CLI."""
+
+from ._build import build_model as build_model
+from ._checkpoint import (
+    CheckpointError as CheckpointError,
+    list_checkpoints as list_checkpoints,
+    load_checkpoint as load_checkpoint,
+    read_header as read_header,
+    save_checkpoint as save_checkpoint,
+)
+from ._config import (
+    Config as Config,
+    ConfigError as ConfigError,
+    config_from_dict as config_from_dict,
+    DataConfig as DataConfig,
+    load_config as load_config,
+    ModelConfig as ModelConfig,
+    OptimConfig as OptimConfig,
+    RegularizerConfig as RegularizerConfig,
+    TrainConfig as TrainConfig,
+)
+from ._fit import (
+    check_config as check_config,
+    count_params as count_params,
+    evaluate_checkpoint as evaluate_checkpoint,
+    fit as fit,
+    FitResult as FitResult,
+    load_data as load_data,
+    plot_history as plot_history,
+)

@@ -1,0 +1,278 @@
+"""The typed experiment config: YAML files mapped onto frozen dataclasses.
+
+Every key is checked before anything runs: an unknown key, a missing required key or a
+value of the wrong type is a `ConfigError` naming the file and the dotted key.
+Command-line overrides are `key.sub=value` (the value parsed as YAML).
+"""
+
+import dataclasses
+import pathlib
+import re
+import types
+import typing
+from typing import Any
+
+import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, except that `1e-3` is a float (as in YAML 1.2), not a
+    string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+class ConfigError(ValueError):
+    """An invalid config: the message names the file and the key."""
+
+
+MODEL_KINDS = ("node", "anode", "deq", "mondeq", "homoode")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The implicit block between the shared stem and head
+    (`ik.models.ImageClassifier`).
+
+    - `kind`: one of `node`, `anode`, `deq`, `mondeq`, `homoode`.
+    - `hidden`, `final`, `groups`: stem/block channels, head width, GroupNorm groups.
+    - `solver`: DEQ forward solver (`anderson`, `picard`, `broyden`); ODE models:
+      a diffrax solver name (`dopri5`, `tsit5`, `bosh3`, `heun`, `euler`).
+    - `adjoint`: DEQ `implicit`, `phantom`, `jfb`, `neumann`, `unrolled`; ODE models
+      `checkpoint` (exact backprop through the solver) or `backsolve`.
+    - `adjoint_steps`: k of phantom/neumann.
+    - `backward`: the linear solve of the DEQ `implicit` adjoint, `picard` (fixed-point
+      iteration on the adjoint, converges when the Jacobian's spectral radius is below
+      1) or `gmres` (lineax GMRES on `I - Jᵀ`, also when it is not); `backward_rtol`
+      its tolerance (also of the monDEQ's backward splitting; mind float32's ~1e-7).
+    - `rtol`, `atol`, `max_steps`: forward tolerances and step cap.
+    - `init`: DEQ `zeros|learned|skip`; HomoODE start `alternating|zeros|learned`.
+    - `augment`: extra channels of an ANODE; `dropout`: variational dropout in the cell.
+    - `monotone_m`: the monDEQ strong-monotonicity margin.
+    - `residual`: DEQ cell form, MDEQ's residual block `GN(ReLU(z + h))` (True) or the
+      plain `h` (False; the HomoODE field's form, closer to a contraction at
+      initialisation).
+    """
+
+    kind: str
+    hidden: int = 16
+    final: int = 32
+    groups: int = 8
+    solver: str | None = None
+    adjoint: str | None = None
+    adjoint_steps: int = 5
+    backward: str = "picard"
+    backward_rtol: float = 1e-4
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    max_steps: int | None = None
+    init: str | None = None
+    augment: int = 8
+    dropout: float = 0.0
+    monotone_m: float = 1.0
+    residual: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """- `name`: `digits` (embedded), `mnist`, `fashion_mnist`, `cifar10`, `svhn`.
+    - `dir`: the directory of the files (not for digits).
+    - `upsample`: nearest-neighbour upsampling factor; `test_size`, `split_seed`: the
+      digits split."""
+
+    name: str = "digits"
+    dir: str | None = None
+    upsample: int = 1
+    test_size: int = 360
+    split_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """- `name`: an optax optimiser (`adam`, `adamw`, `sgd`, ...), called with the
+      learning rate; `lr`; `schedule`: `constant`, `cosine` (per step, to
+      `lr * final_lr_factor`) or `warmup_cosine` (`warmup_steps`);
+    - `weight_decay`: decoupled, added to the update; `clip`: global-norm clipping
+      (0 = off)."""
+
+    name: str = "adam"
+    lr: float = 1e-3
+    schedule: str = "cosine"
+    final_lr_factor: float = 1e-3
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """- `epochs`, `batch`, `eval_batch`, `seed` (initialisation, data order, dropout);
+    - `eval_every` (epochs); `checkpoint_dir` (log, checkpoints and plots go there);
+      `keep_checkpoints`; `progress` (a progress bar on stderr); `dtype` of the
+      parameters and data (`float32` or `float64`)."""
+
+    epochs: int = 10
+    batch: int = 64
+    eval_batch: int = 120
+    seed: int = 0
+    eval_every: int = 1
+    checkpoint_dir: str = "runs/run"
+    keep_checkpoints: int = 2
+    progress: bool = True
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class RegularizerConfig:
+    """Weights of the regularisers added to the loss (0 = off):
+    - `init_loss`: smooth-L1 of a learned start/initial point to the detached end;
+    - `jacobian`: Hutchinson Frobenius norm of the DEQ cell Jacobian at z*;
+    - `error_penalty`: the "Opening the Blackbox" error-estimate penalty (ODE models);
+    - `kinetic`: not used by the image models (see `ik.regularizers`)."""
+
+    init_loss: float = 1.0
+    jacobian: float = 0.0
+    error_penalty: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str
+    model: ModelConfig
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    regularizers: RegularizerConfig = dataclasses.field(default_factory=RegularizerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections) -> "Config":
+        """A copy with some fields of some sections replaced:
+        `cfg.replace(train={"epochs": 2})`."""
+        out = {}
+        for section, values in sections.items():
+            if section == "name":
+                out["name"] = values
+                continue
+            out[section] = dataclasses.replace(getattr(self, section), **values)
+        return dataclasses.replace(self, **out)
+
+
+_ENUMS = {
+    "model.kind": MODEL_KINDS,
+    "data.name": ("digits", "mnist", "fashion_mnist", "cifar10", "svhn"),
+    "optim.schedule": ("constant", "cosine", "warmup_cosine"),
+    "model.backward": ("picard", "gmres"),
+    "train.dtype": ("float32", "float64"),
+}
+
+
+def _check_value(value, tp, where: str, source: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(value, inner[0], where, source)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, source)
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ConfigError(
+            f"{source}: key '{where}' must be {tp.__name__}, got "
+            f"{type(value).__name__} {value!r}."
+        )
+    value = float(value) if tp is float else value
+    if where in _ENUMS and value not in _ENUMS[where]:
+        raise ConfigError(
+            f"{source}: key '{where}' must be one of {_ENUMS[where]}, got {value!r}."
+        )
+    return value
+
+
+def _build(cls, raw, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: key '{prefix or '<top level>'}' must be a mapping, got "
+            f"{type(raw).__name__} {raw!r}."
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(
+                f"{source}: unknown key '{where}'; expected one of {sorted(fields)}."
+            )
+    kwargs = {}
+    for name, f in fields.items():
+        where = f"{prefix}.{name}" if prefix else name
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: missing required key '{where}'.")
+            continue
+        kwargs[name] = _check_value(raw[name], hints[name], where, source)
+    return cls(**kwargs)
+
+
+def _set(raw: dict, dotted: str, value, source: str) -> None:
+    keys = dotted.split(".")
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: override '{dotted}': '{k}' is not a section.")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} must be 'key.sub=value' (e.g. train.epochs=3)."
+            )
+        key, text = item.split("=", 1)
+        out.append((key.strip(), _yaml(text) if text.strip() else None))
+    return out
+
+
+def config_from_dict(raw: dict, overrides=(), *, source: str = "<dict>") -> Config:
+    """Validate a nested dict (as read from YAML), after applying `overrides`
+    (`["train.epochs=3", ...]`), into a `Config`."""
+    raw = _yaml(yaml.safe_dump(raw)) if raw is not None else {}
+    for key, value in parse_overrides(overrides):
+        _set(raw, key, value, f"{source} (command line)")
+    return _build(Config, raw, "", source)
+
+
+def load_config(path, overrides=()) -> Config:
+    """Read and validate a YAML config file (see `Config`)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist.")
+    try:
+        raw = _yaml(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return config_from_dict(raw, overrides, source=str(path))

@@ -1,0 +1,147 @@
+"""ik.data: the embedded digits, the standard-format readers (tiny files written in each
+real format and read back), batching and normalisation."""
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+
+import implicit_kit as ik
+
+
+def _write_idx(path, array, gz):
+    codes = {np.uint8: 0x08, np.int32: 0x0C}
+    header = bytes([0, 0, codes[array.dtype.type], array.ndim])
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    raw = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    opener = gzip.open if gz else open
+    with opener(str(path) + (".gz" if gz else ""), "wb") as f:
+        f.write(raw)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("loader", [ik.data.load_mnist, ik.data.load_fashion_mnist])
+def test_idx_roundtrip(tmp_path, gz, loader):
+    rng = np.random.default_rng(0)
+    imgs = {s: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for s, n in
+            (("train", 7), ("t10k", 3))}
+    labels = {s: rng.integers(0, 10, (len(imgs[s]),)).astype(np.uint8) for s in imgs}
+    for s in imgs:
+        _write_idx(tmp_path / f"{s}-images-idx3-ubyte", imgs[s], gz)
+        _write_idx(tmp_path / f"{s}-labels-idx1-ubyte", labels[s], gz)
+    for split, s in (("train", "train"), ("test", "t10k")):
+        x, y = loader(tmp_path, split)
+        assert x.shape == (len(imgs[s]), 1, 28, 28) and x.dtype == np.float32
+        np.testing.assert_array_equal(x[:, 0] * 255.0, imgs[s].astype(np.float32))
+        np.testing.assert_array_equal(y, labels[s])
+
+
+def test_idx_errors(tmp_path):
+    with pytest.raises(ik.data.DatasetNotFoundError, match="does not exist.*train-images"):
+        ik.data.load_mnist(tmp_path / "nowhere")
+    _write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((2, 4, 4), np.uint8), False)
+    with pytest.raises(ik.data.DatasetNotFoundError, match="train-labels-idx1-ubyte"):
+        ik.data.load_mnist(tmp_path)
+    # a truncated file is detected from its header
+    raw = (tmp_path / "train-images-idx3-ubyte").read_bytes()
+    (tmp_path / "cut").write_bytes(raw[:-5])
+    with pytest.raises(ValueError, match="truncated"):
+        ik.data.read_idx(tmp_path / "cut")
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="magic"):
+        ik.data.read_idx(tmp_path / "bad")
+    with pytest.raises(ValueError, match="`split`"):
+        ik.data.load_mnist(tmp_path, "valid")
+
+
+def test_cifar10_roundtrip(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, 4).tolist()
+        batches[name] = (data, labels)
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f)
+    x, y = ik.data.load_cifar10(tmp_path, "train")
+    assert x.shape == (20, 3, 32, 32)
+    data, labels = batches["data_batch_2"]
+    # rows are R (1024), G, B planes, each row-major 32x32
+    np.testing.assert_array_equal(x[4:8, 1, 0, :] * 255.0, data[:, 1024:1056])
+    np.testing.assert_array_equal(x[4:8, 2, 31, 31] * 255.0, data[:, 3071])
+    np.testing.assert_array_equal(y[4:8], labels)
+    xt, yt = ik.data.load_cifar10(root, "test")  # the batches directory itself also works
+    np.testing.assert_array_equal(yt, batches["test_batch"][1])
+    (root / "data_batch_3").unlink()
+    with pytest.raises(ik.data.DatasetNotFoundError, match="data_batch_3"):
+        ik.data.load_cifar10(tmp_path, "train")
+
+
+def test_svhn_roundtrip(tmp_path):
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(2)
+    for name, n in (("train_32x32.mat", 5), ("test_32x32.mat", 2)):
+        X = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        y = np.array([[10], [3], [1], [10], [9]][:n], np.uint8)
+        savemat(tmp_path / name, {"X": X, "y": y})
+        if name.startswith("train"):
+            X_train, y_train = X, y
+    x, y = ik.data.load_svhn(tmp_path, "train")
+    assert x.shape == (5, 3, 32, 32)
+    np.testing.assert_array_equal(x[2, 1] * 255.0, X_train[:, :, 1, 2])
+    np.testing.assert_array_equal(y, [0, 3, 1, 0, 9])  # the file's 10 means digit 0
+    (tmp_path / "test_32x32.mat").unlink()
+    with pytest.raises(ik.data.DatasetNotFoundError, match="test_32x32.mat"):
+        ik.data.load_svhn(tmp_path, "test")
+
+
+def test_digits_split():
+    x, y = ik.data.load_digits("train")
+    xt, yt = ik.data.load_digits("test")
+    xa, ya = ik.data.load_digits("all")
+    assert x.shape == (1437, 1, 8, 8) and xt.shape == (360, 1, 8, 8)
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    # the two splits partition the full set (no image in both, none lost)
+    rows = {r.tobytes() + bytes([c]) for r, c in zip(xa.reshape(len(ya), -1), ya)}
+    split = [r.tobytes() + bytes([c]) for r, c in zip(np.concatenate([x, xt]).reshape(
+        len(ya), -1), np.concatenate([y, yt]))]
+    assert sorted(split) == sorted(r.tobytes() + bytes([c]) for r, c in zip(
+        xa.reshape(len(ya), -1), ya)) and len(rows) <= len(split)
+    assert ik.data.load("digits", "test")[1].tolist() == yt.tolist()
+    with pytest.raises(ValueError, match="unknown dataset"):
+        ik.data.load("imagenet")
+
+
+def test_batches():
+    x = np.arange(10)[:, None].astype(np.float32)
+    y = np.arange(10)
+    b1 = list(ik.data.batches(x, y, 3, seed=0, epoch=1))
+    assert [len(b[1]) for b in b1] == [3, 3, 3]  # drop_last
+    again = list(ik.data.batches(x, y, 3, seed=0, epoch=1))
+    assert all((a[1] == b[1]).all() for a, b in zip(b1, again))  # replays exactly
+    other = np.concatenate([b[1] for b in ik.data.batches(x, y, 3, seed=0, epoch=2)])
+    assert not (np.concatenate([b[1] for b in b1]) == other).all()
+    full = list(ik.data.batches(x, y, 3, seed=0, epoch=1, drop_last=False))
+    ys = np.concatenate([b[1] for b in full])
+    assert sorted(ys.tolist()) == list(range(10)) and len(full[-1][1]) == 1
+    np.testing.assert_array_equal(ys, np.concatenate([b[0][:, 0] for b in full]))
+    assert ik.data.num_batches(10, 3) == 3 and ik.data.num_batches(10, 3, False) == 4
+    with pytest.raises(ValueError, match="same length"):
+        next(ik.data.batches(x, y[:5], 3))
+
+
+def test_normalisation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, (50, 2, 4, 4)).astype(np.float32)
+    x[:, 1] *= 5
+    mean, std = ik.data.normalisation(x)
+    z = ik.data.normalise(x, mean, std)
+    np.testing.assert_allclose(z.mean(axis=(0, 2, 3)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(z.std(axis=(0, 2, 3)), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="images"):
+        ik.data.normalisation(x[:, 0])

@@ -1,0 +1,252 @@
+"""ik.train: configs, the training loop, checkpoints and exact resume, data parallelism,
+the CLI. Runs in float32 (`train.dtype`, what training uses)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import implicit_kit as ik
+from implicit_kit.train import (
+    CheckpointError,
+    ConfigError,
+    config_from_dict,
+    fit,
+    load_config,
+)
+from implicit_kit.train._checkpoint import atomic_write
+from implicit_kit.train._cli import config_dir, DEMO, main
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _cfg(tmp_path, kind="mondeq", name="run", **sections):
+    raw = {"name": name, "model": {"kind": kind, "hidden": 8, "final": 16},
+           "train": {"epochs": 2, "batch": 64, "checkpoint_dir": str(tmp_path / name),
+                     "progress": False}}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return config_from_dict(raw)
+
+
+def _leaves(model):
+    import equinox as eqx
+
+    return [np.asarray(a) for a in jax.tree_util.tree_leaves(eqx.filter(
+        model, eqx.is_inexact_array))]
+
+
+# -- configs -----------------------------------------------------------------------
+
+
+def test_config_errors_name_the_key_and_file(tmp_path):
+    good = {"name": "x", "model": {"kind": "deq"}}
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nmodel:\n  kind: deq\n  widht: 3\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'model\.widht'"):
+        load_config(path)
+    path.write_text("name: x\nmodel:\n  kind: deq\ntrain:\n  epochs: ten\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: key 'train\.epochs' must be int, got str"):
+        load_config(path)
+    path.write_text("name: x\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"missing required key 'model'"):
+        load_config(path)
+    path.write_text("name: x\nmodel:\n  kind: transformer\n")
+    with pytest.raises(ConfigError, match=r"'model\.kind' must be one of"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"unknown key 'optim\.lrr'"):
+        config_from_dict(good, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"'train\.batch' must be int"):
+        config_from_dict(good, ["train.batch=1.5"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        config_from_dict(good, ["train.batch"])
+    with pytest.raises(ConfigError, match=r"'model\.solver' must be one of .* 'deq'"):
+        ik.train.check_config(config_from_dict(good, ["model.solver=dopri5"]))
+    with pytest.raises(ConfigError, match=r"'optim\.name'"):
+        ik.train.check_config(config_from_dict(good, ["optim.name=adamm"]))
+    with pytest.raises(ConfigError, match=r"does not exist"):
+        load_config(tmp_path / "none.yaml")
+
+
+def test_config_overrides_and_yaml_floats(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nmodel:\n  kind: node\n  rtol: 1e-4\noptim:\n  lr: 3e-3\n")
+    cfg = load_config(path, ["train.epochs=7", "model.atol=1e-5", "data.upsample=2"])
+    assert cfg.model.rtol == 1e-4 and cfg.optim.lr == 3e-3 and cfg.model.atol == 1e-5
+    assert cfg.train.epochs == 7 and cfg.data.upsample == 2
+    assert isinstance(cfg.model.rtol, float)
+
+
+def test_shipped_configs_are_valid():
+    files = sorted(config_dir().glob("*.yaml"))
+    names = {f.stem for f in files}
+    assert set(DEMO) <= names
+    assert {"mnist_homoode", "cifar10_homoode", "svhn_homoode"} <= names
+    for f in files:
+        cfg = load_config(f)
+        if cfg.data.name == "digits":
+            ik.train.check_config(cfg)
+        else:
+            ik.train._build.check_model_config(cfg.model)
+            assert cfg.data.dir is not None
+
+
+def test_missing_dataset_fails_before_training(tmp_path):
+    cfg = _cfg(tmp_path, data={"name": "mnist", "dir": str(tmp_path / "no_mnist")})
+    with pytest.raises(ik.data.DatasetNotFoundError, match="no_mnist"):
+        fit(cfg)
+    assert not (tmp_path / "run").exists()  # nothing was started
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"name: x\nmodel:\n  kind: deq\ndata:\n  name: cifar10\n  dir: "
+                    f"{tmp_path / 'nowhere'}\n")
+    assert main(["train", str(path)]) == 2
+
+
+# -- the loop ----------------------------------------------------------------------
+
+
+def test_fit_metrics_log_plots_no_retrace(tmp_path):
+    cfg = _cfg(tmp_path, train={"epochs": 3, "keep_checkpoints": 2})
+    result = fit(cfg)
+    assert result.traces == {"train": 1, "eval": 1}  # no retrace after the first step
+    h = result.history
+    assert [r["epoch"] for r in h] == [1, 2, 3]
+    for key in ("loss", "acc", "fwd_steps", "bwd_steps", "residual", "failure_rate",
+                "seconds", "peak_memory_mb", "test_acc", "test_loss", "test_fwd_steps"):
+        assert all(np.isfinite(r[key]) for r in h), key
+    assert h[-1]["loss"] < h[0]["loss"]  # it learns
+    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == h
+    assert [p.name for p in ik.train.list_checkpoints(result.run_dir)] == [
+        "epoch-0002.ckpt", "epoch-0003.ckpt"]
+    for p in result.plots:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the checkpoint evaluates to the logged test metrics
+    out = ik.train.evaluate_checkpoint(result.run_dir / "epoch-0003.ckpt")
+    assert out["test_acc"] == pytest.approx(h[-1]["test_acc"], abs=1e-6)
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        fit(cfg)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_mid_epoch_is_exact(tmp_path):
+    """Killed in the middle of epoch 2, resumed: the same parameters as an uninterrupted
+    run (dropout keys, data order and optimiser state all restored)."""
+    extra = {"model": {"dropout": 0.1, "adjoint": "phantom", "max_steps": 8,
+                       "init": "learned"}, "train": {"epochs": 3}}
+    full = fit(_cfg(tmp_path, "deq", "full", **extra))
+
+    def stop(epoch, step):
+        if epoch == 2 and step == 5:
+            raise _Stop
+
+    cfg = _cfg(tmp_path, "deq", "cut", **extra)
+    with pytest.raises(_Stop):
+        fit(cfg, step_callback=stop)
+    assert [p.name for p in ik.train.list_checkpoints(tmp_path / "cut")] == ["epoch-0001.ckpt"]
+    resumed = fit(cfg, resume=True)
+    for a, b in zip(_leaves(full.model), _leaves(resumed.model)):
+        np.testing.assert_array_equal(a, b)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    # a changed config cannot resume
+    with pytest.raises(ConfigError, match="optim.lr"):
+        fit(_cfg(tmp_path, "deq", "cut", **extra, optim={"lr": 0.5}), resume=True)
+
+
+def test_corrupt_checkpoint_detected_previous_kept(tmp_path):
+    cfg = _cfg(tmp_path, train={"epochs": 2})
+    fit(cfg)
+    old, new = ik.train.list_checkpoints(tmp_path / "run")
+    raw = bytearray(new.read_bytes())
+    raw[-10] ^= 0xFF
+    new.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="epoch-0002.ckpt.*corrupt"):
+        fit(cfg.replace(train={"epochs": 3}), resume=True)
+    new.write_bytes(bytes(raw[:-100]))
+    with pytest.raises(CheckpointError, match="truncated"):
+        ik.train.read_header(new)
+    header, _ = ik.train.read_header(old)  # the previous one is intact
+    assert header["epoch"] == 1
+    # an interrupted write leaves the old file and no temporary behind
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"old")
+
+    def boom(fd):
+        raise OSError("disk full")
+
+    real = os.fsync
+    os.fsync = boom
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            atomic_write(target, b"new contents")
+    finally:
+        os.fsync = real
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("file")) == [
+        "file.bin"]
+
+
+def test_data_parallel_equals_single_device(tmp_path):
+    """Four forced host devices: the batch axis sharded over them gives the single-device
+    result to float tolerance. (SGD: Adam's normalisation would blow float32
+    summation-order differences in near-zero gradients up to the size of a step.)"""
+    script = textwrap.dedent(f"""
+        import jax, numpy as np, equinox as eqx
+        from implicit_kit.train import config_from_dict, fit
+        assert len(jax.devices()) == 4
+        out = []
+        for name, devs in (("one", jax.devices()[:1]), ("four", jax.devices())):
+            cfg = config_from_dict({{"name": name, "model": {{"kind": "deq", "hidden": 8,
+                "final": 16, "adjoint": "phantom", "max_steps": 8, "residual": False}},
+                "optim": {{"name": "sgd", "lr": 0.05}}, "train": {{"epochs": 1, "checkpoint_dir":
+                r"{tmp_path}/" + name, "progress": False}}}})
+            r = fit(cfg, devices=devs)
+            out.append([np.asarray(a) for a in jax.tree_util.tree_leaves(
+                eqx.filter(r.model, eqx.is_inexact_array))])
+            out.append(r.history[-1]["test_acc"])
+        diff = max(float(np.max(np.abs(a - b))) for a, b in zip(out[0], out[2]))
+        scale = max(float(np.max(np.abs(a))) for a in out[0])
+        print("DIFF", diff, scale, out[1], out[3])
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    diff, scale, acc1, acc4 = map(float, proc.stdout.split("DIFF")[1].split())
+    assert diff <= 1e-4 * scale
+    assert abs(acc1 - acc4) <= 1 / 360 + 1e-9  # at most one test image flips
+
+
+# -- the CLI -----------------------------------------------------------------------
+
+
+def test_cli_train_eval_and_errors(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"name: tiny\nmodel:\n  kind: mondeq\n  hidden: 8\n  final: 16\ntrain:\n"
+                    f"  epochs: 1\n  progress: false\n  checkpoint_dir: {tmp_path / 'r'}\n")
+    assert main(["train", str(path), "optim.lr=0.003"]) == 0
+    out = capsys.readouterr().out
+    assert "test acc" in out and "tiny" in out and str(tmp_path / "r") in out
+    assert main(["eval", str(tmp_path / "r" / "epoch-0001.ckpt")]) == 0
+    assert "test_acc" in capsys.readouterr().out
+    assert main(["train", str(path), "model.width=3"]) == 2
+    assert "unknown key 'model.width'" in capsys.readouterr().err
+    assert main(["train", str(path)]) == 2  # would overwrite a run
+    assert "--resume" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "-m", "implicit_kit", "--help"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "demo" in proc.stdout
