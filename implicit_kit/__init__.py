@@ -5,6 +5,7 @@ import importlib.metadata
 from . import (
     data as data,
     homotopy as homotopy,
+    hyper as hyper,
     models as models,
     nn as nn,
     regularizers as regularizers,

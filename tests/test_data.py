@@ -90,7 +90,7 @@ def test_svhn_roundtrip(tmp_path):
         y = np.array([[10], [3], [1], [10], [9]][:n], np.uint8)
         savemat(tmp_path / name, {"X": X, "y": y})
         if name.startswith("train"):
-            X_train, y_train = X, y
+            X_train = X
     x, y = ik.data.load_svhn(tmp_path, "train")
     assert x.shape == (5, 3, 32, 32)
     np.testing.assert_array_equal(x[2, 1] * 255.0, X_train[:, :, 1, 2])

@@ -9,15 +9,14 @@ import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import implicit_kit as ik
 from implicit_kit.train import (
     CheckpointError,
-    ConfigError,
     config_from_dict,
+    ConfigError,
     fit,
     load_config,
 )

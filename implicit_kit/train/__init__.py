@@ -11,8 +11,8 @@ from ._checkpoint import (
 )
 from ._config import (
     Config as Config,
-    ConfigError as ConfigError,
     config_from_dict as config_from_dict,
+    ConfigError as ConfigError,
     DataConfig as DataConfig,
     load_config as load_config,
     ModelConfig as ModelConfig,

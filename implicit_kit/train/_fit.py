@@ -24,8 +24,8 @@ from ..nn import prepare
 from ..regularizers import jacobian_frobenius
 from ._build import build_model, check_model_config
 from ._checkpoint import (
-    CheckpointError,
     atomic_write,
+    CheckpointError,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
@@ -248,12 +248,15 @@ def _peak_memory_mb(compiled) -> tuple[float, str]:
 
 
 class _Progress:
+    """A per-step bar on an interactive stderr; one summary line per epoch always."""
+
     def __init__(self, enabled: bool, name: str, epochs: int, steps: int):
         self.enabled, self.name, self.epochs, self.steps = enabled, name, epochs, steps
+        self.bar = enabled and sys.stderr.isatty()
         self.t0 = time.perf_counter()
 
     def update(self, epoch: int, i: int, loss: float | None):
-        if not self.enabled:
+        if not self.bar:
             return
         width = 24
         done = int(width * i / self.steps)
@@ -437,7 +440,9 @@ def fit(cfg: Config, *, resume: bool = False, devices=None,
                 compiled = steps.train.lower(*args).compile()
             params, opt_state, m = steps.train(*args)
             acc_metrics.append(m)
-            progress.update(epoch, i + 1, None if prev_loss is None else float(prev_loss))
+            if progress.bar:
+                progress.update(epoch, i + 1,
+                                None if prev_loss is None else float(prev_loss))
             prev_loss = m["loss"]
             if step_callback is not None:
                 step_callback(epoch, i + 1)
