@@ -242,6 +242,16 @@ def test_cli_train_eval_and_errors(tmp_path, capsys):
     assert "test acc" in out and "tiny" in out and str(tmp_path / "r") in out
     assert main(["eval", str(tmp_path / "r" / "epoch-0001.ckpt")]) == 0
     assert "test_acc" in capsys.readouterr().out
+    other = tmp_path / "d.yaml"
+    other.write_text(path.read_text().replace("name: tiny", "name: tiny2").replace(
+        str(tmp_path / "r"), str(tmp_path / "r2")))
+    assert main(["compare", str(path), str(other), "--set",
+                 f"train.checkpoint_dir={tmp_path / 'cmp'}", "--set", "train.epochs=1"]) == 2
+    assert "share a train.checkpoint_dir" in capsys.readouterr().err  # refused up front
+    assert not (tmp_path / "cmp").exists()
+    assert main(["compare", str(other), "--set", "model.hidden=4"]) == 0
+    table = capsys.readouterr().out
+    assert "d " in table and "params" in table
     assert main(["train", str(path), "model.width=3"]) == 2
     assert "unknown key 'model.width'" in capsys.readouterr().err
     assert main(["train", str(path)]) == 2  # would overwrite a run

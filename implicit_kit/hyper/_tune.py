@@ -1,6 +1,7 @@
 """Online hyperparameter tuning (Lorraine et al.'s alternation) and training over a
 batch of hyperparameters in one compiled call, the batch spread over devices."""
 
+import functools
 from typing import Any
 
 import equinox as eqx
@@ -117,7 +118,8 @@ def vmap_hparams(fn, hparams_batch, *args, devices=None):
     return _vmapped(fn, len(args))(hparams_batch, *args)
 
 
-def _vmapped(fn, nargs):
+@functools.lru_cache(maxsize=64)
+def _vmapped(fn, nargs):  # cached: repeated calls with the same `fn` do not recompile
     return eqx.filter_jit(jax.vmap(fn, in_axes=(0,) + (None,) * nargs))
 
 

@@ -97,6 +97,16 @@ def _cmd_eval(a) -> int:
 
 def _cmd_compare(a) -> int:
     configs = [(pathlib.Path(p).stem, load_config(p, a.overrides)) for p in a.configs]
+    dirs = [pathlib.Path(c.train.checkpoint_dir).resolve() for _, c in configs]
+    if len(set(dirs)) < len(dirs):
+        raise ConfigError(
+            "the configs share a train.checkpoint_dir; each run needs its own "
+            f"({', '.join(map(str, dirs))})."
+        )
+    from ._fit import check_config
+
+    for _, cfg in configs:  # every config is checked before anything trains
+        check_config(cfg)
     rows = _fit_many(configs, a.resume)
     print(format_table(rows))
     return 0
