@@ -27,8 +27,13 @@ from implicit_kit.train._cli import config_dir, DEMO, main
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _cfg(tmp_path, kind="mondeq", name="run", **sections):
-    raw = {"name": name, "model": {"kind": kind, "hidden": 8, "final": 16},
+def _cfg(tmp_path, kind="deq", name="run", **sections):
+    # A small DEQ with the phantom gradient: fast to compile and train. (The monDEQ's FFT
+    # train step once crashed XLA's CPU compiler inside the full suite, see issue notes.)
+    model = {"kind": kind, "hidden": 8, "final": 16}
+    if kind == "deq":
+        model.update(adjoint="phantom", max_steps=8, residual=False)
+    raw = {"name": name, "model": model,
            "train": {"epochs": 2, "batch": 64, "checkpoint_dir": str(tmp_path / name),
                      "progress": False}}
     for section, values in sections.items():
@@ -118,7 +123,7 @@ def test_fit_metrics_log_plots_no_retrace(tmp_path):
     assert result.traces == {"train": 1, "eval": 1}  # no retrace after the first step
     h = result.history
     assert [r["epoch"] for r in h] == [1, 2, 3]
-    for key in ("loss", "acc", "fwd_steps", "bwd_steps", "residual", "failure_rate",
+    for key in ("loss", "acc", "fwd_steps", "residual", "failure_rate",
                 "seconds", "peak_memory_mb", "test_acc", "test_loss", "test_fwd_steps"):
         assert all(np.isfinite(r[key]) for r in h), key
     assert h[-1]["loss"] < h[0]["loss"]  # it learns
@@ -142,8 +147,7 @@ class _Stop(Exception):
 def test_resume_mid_epoch_is_exact(tmp_path):
     """Killed in the middle of epoch 2, resumed: the same parameters as an uninterrupted
     run (dropout keys, data order and optimiser state all restored)."""
-    extra = {"model": {"dropout": 0.1, "adjoint": "phantom", "max_steps": 8,
-                       "init": "learned"}, "train": {"epochs": 3}}
+    extra = {"model": {"dropout": 0.1, "init": "learned"}, "train": {"epochs": 3}}
     full = fit(_cfg(tmp_path, "deq", "full", **extra))
 
     def stop(epoch, step):
@@ -235,7 +239,8 @@ def test_data_parallel_equals_single_device(tmp_path):
 
 def test_cli_train_eval_and_errors(tmp_path, capsys):
     path = tmp_path / "c.yaml"
-    path.write_text(f"name: tiny\nmodel:\n  kind: mondeq\n  hidden: 8\n  final: 16\ntrain:\n"
+    path.write_text(f"name: tiny\nmodel:\n  kind: deq\n  adjoint: phantom\n  max_steps: 8\n"
+                    f"  hidden: 8\n  final: 16\ntrain:\n"
                     f"  epochs: 1\n  progress: false\n  checkpoint_dir: {tmp_path / 'r'}\n")
     assert main(["train", str(path), "optim.lr=0.003"]) == 0
     out = capsys.readouterr().out
