@@ -12,6 +12,7 @@ from .._adjoint import (
     PhantomAdjoint,
     UnrolledAdjoint,
 )
+from ..models._classifier import _groups
 from ._config import ConfigError, ModelConfig
 
 
@@ -22,13 +23,6 @@ _ODE_SOLVERS = {"dopri5": dfx.Dopri5, "tsit5": dfx.Tsit5, "bosh3": dfx.Bosh3,
 _DEQ_ADJOINTS = ("implicit", "phantom", "jfb", "neumann", "unrolled")
 _ODE_ADJOINTS = {"checkpoint": dfx.RecursiveCheckpointAdjoint, "backsolve": dfx.BacksolveAdjoint}
 _INITS = {"deq": ("zeros", "learned", "skip"), "homoode": ("alternating", "zeros", "learned")}
-
-
-def _groups(c: int, groups: int) -> int:
-    g = min(groups, c)
-    while c % g:
-        g -= 1
-    return g
 
 
 def _choice(value, choices, default, key: str, kind: str):

@@ -7,6 +7,7 @@ import pathlib
 import sys
 import time
 
+from ..hyper import format_table
 from ._checkpoint import CheckpointError
 from ._config import Config, ConfigError, load_config
 
@@ -43,25 +44,6 @@ def _row(name: str, result) -> dict:
         "peak MB": last["peak_memory_mb"],
         "failures": evals[-1]["test_failure_rate"] if evals else math.nan,
     }
-
-
-def format_table(rows: list[dict]) -> str:
-    """A plain-text table (one row per run)."""
-    if not rows:
-        return ""
-    cols = list(rows[0])
-
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.4f}" if abs(v) < 1 else f"{v:.1f}"
-        return str(v)
-
-    text = [[cell(r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(cols)]
-    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(t[i].ljust(widths[i]) for i in range(len(cols))) for t in text]
-    return "\n".join(out)
 
 
 def _fit_many(configs: list[tuple[str, Config]], resume: bool) -> list[dict]:

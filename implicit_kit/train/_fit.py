@@ -436,9 +436,9 @@ def fit(cfg: Config, *, resume: bool = False, devices=None,
                                                      epoch=epoch)):
             step = (epoch - 1) * steps_per_epoch + i
             args = (params, opt_state, shard(xb), shard(yb), key, jnp.asarray(step))
-            if compiled is None:
+            if compiled is None:  # compiled once; also gives the step's memory analysis
                 compiled = steps.train.lower(*args).compile()
-            params, opt_state, m = steps.train(*args)
+            params, opt_state, m = compiled(*args)
             acc_metrics.append(m)
             if progress.bar:
                 progress.update(epoch, i + 1,
