@@ -2,12 +2,14 @@
 (`ik.hyper.vmap_hparams`) against K sequential calls of the same compiled
 single-setting function, on CPU.
 
-The task: a 64-32-10 MLP on the embedded digits, full-batch Adam for `--steps` steps,
-with the weight decay and the learning rate as per-setting arrays. Compile time is
-excluded from both (each function is called once first); timings are medians of
-`--repeats` interleaved runs.
+The task: a 64-`--width`-10 MLP on the embedded digits, AdamW for `--steps` steps on
+minibatches of `--batch` (0 = full batch; the same batch order for every setting), with
+the weight decay and the learning rate as per-setting arrays. Compile time is excluded
+from both (each function is called once first); timings are medians of `--repeats`
+interleaved runs.
 
-Run: python benchmarks/hyper_vmap.py [--ks 4,16,64] [--steps 100] [--repeats 3]
+Run: python benchmarks/hyper_vmap.py [--ks 4,16,64] [--steps 1000] [--batch 64]
+[--width 32] [--repeats 3]
 """
 
 import argparse
@@ -27,31 +29,38 @@ import implicit_kit as ik
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--ks", default="4,16,64")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--width", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     x, y = ik.data.load_digits("train")
     xt, yt = ik.data.load_digits("test")
     x, xt = jnp.asarray(x.reshape(len(y), -1)), jnp.asarray(xt.reshape(len(yt), -1))
     y, yt = jnp.asarray(y), jnp.asarray(yt)
-    model0 = eqx.nn.MLP(64, 10, 32, 1, key=jr.key(0))
+    model0 = eqx.nn.MLP(64, 10, a.width, 1, key=jr.key(0))
+    n = len(y)
+    b = a.batch or n
+    order = jnp.asarray(np.concatenate([np.random.default_rng(e).permutation(n)
+                                        for e in range(a.steps * b // n + 1)]))
     params0, static = eqx.partition(model0, eqx.is_inexact_array)
 
     def train(h, x, y, xt, yt):
         opt = optax.inject_hyperparams(optax.adamw)(learning_rate=h["lr"],
                                                     weight_decay=h["wd"])
 
-        def loss(p):
+        def loss(p, xb, yb):
             m = eqx.combine(p, static)
-            return optax.softmax_cross_entropy_with_integer_labels(jax.vmap(m)(x), y).mean()
+            return optax.softmax_cross_entropy_with_integer_labels(jax.vmap(m)(xb), yb).mean()
 
-        def step(c, _):
+        def step(c, i):
             p, s = c
-            g = jax.grad(loss)(p)
+            idx = jax.lax.dynamic_slice_in_dim(order, i * b, b)
+            g = jax.grad(loss)(p, x[idx], y[idx])
             u, s = opt.update(g, s, p)
             return (optax.apply_updates(p, u), s), None
 
-        (p, _), _ = jax.lax.scan(step, (params0, opt.init(params0)), None, length=a.steps)
+        (p, _), _ = jax.lax.scan(step, (params0, opt.init(params0)), jnp.arange(a.steps))
         m = eqx.combine(p, static)
         return {"test_acc": jnp.mean(jnp.argmax(jax.vmap(m)(xt), -1) == yt)}
 

@@ -261,6 +261,29 @@ def test_tune_lowers_validation_loss_per_feature_decay():
     np.testing.assert_allclose(hist["outer_loss"][-1], end, rtol=1e-3)
 
 
+def test_tune_skips_failed_hypergradient_steps():
+    """A CG solve that does not converge (one step allowed for a 6-dimensional
+    system) is flagged and its hyperparameter step is not applied; with enough steps
+    every step is applied."""
+    X, y, Xv, yv = _ridge_data(n=30, d=6, seed=2)
+    h0 = jnp.full(6, 0.5)
+
+    def run(max_steps):
+        return ik.hyper.tune(_inner, _outer, jnp.zeros(6), h0,
+                             inner_optimizer=optax.sgd(0.05),
+                             outer_optimizer=optax.sgd(0.1), num_outer=4, inner_steps=3,
+                             inner_args=(X, y), outer_args=(Xv, yv), method="cg",
+                             rtol=1e-10, max_steps=max_steps)
+
+    bad = run(1)
+    assert bool(jnp.all(bad.history["skipped"])) and not bool(jnp.any(bad.history["converged"]))
+    np.testing.assert_array_equal(bad.hparams, h0)
+    good = run(50)
+    assert not bool(jnp.any(good.history["skipped"]))
+    assert bool(jnp.all(good.history["converged"]))
+    assert float(jnp.max(jnp.abs(good.hparams - h0))) > 1e-4
+
+
 def test_tune_with_equinox_model():
     """`params` may be an Equinox model with non-array leaves (activation functions)."""
     mlp = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a)

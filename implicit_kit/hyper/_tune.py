@@ -18,7 +18,9 @@ from ._hypergradient import hypergradient
 
 class TuneResult(eqx.Module):
     """`params`, `hparams` after tuning; `history`: per outer step `inner_loss`,
-    `outer_loss`, `hypergrad_norm`, `residual` (of the inverse-HVP), `converged`."""
+    `outer_loss`, `hypergrad_norm`, `residual` (of the inverse-HVP), `converged`, and
+    `skipped` (the hyperparameter step was not applied: the solve failed or the
+    hypergradient was not finite)."""
 
     params: Any
     hparams: Any
@@ -36,7 +38,8 @@ def tune(inner_loss, outer_loss, params, hparams, *, inner_optimizer, outer_opti
 
     `params` may be any pytree or Equinox model (only its floating arrays are trained);
     `hypergradient_kwargs` go to `hypergradient` (`k`, `alpha`, `rtol`, ...; `throw`
-    defaults to False here: a failed solve is recorded in `history["converged"]`).
+    defaults to False here: a failed solve is recorded in `history["converged"]` and its
+    hyperparameter step is skipped, `history["skipped"]`).
     """
     if num_outer < 1 or inner_steps < 0:
         raise ValueError(
@@ -68,8 +71,16 @@ def tune(inner_loss, outer_loss, params, hparams, *, inner_optimizer, outer_opti
                 inner_args=inner_args, outer_args=outer_args, method=method,
                 return_stats=True, **hypergradient_kwargs,
             )
-            upd, outer_state = outer_optimizer.update(g, outer_state, h_)
+            upd, new_state = outer_optimizer.update(g, outer_state, h_)
             h_new = optax.apply_updates(h_, upd)
+            # A failed inverse-HVP (NaN, or not converged) is never applied: the step is
+            # skipped and recorded, so one bad solve cannot poison the hyperparameters.
+            ok = st["converged"] & jnp.all(jnp.stack(
+                [jnp.all(jnp.isfinite(a)) for a in jtu.tree_leaves(g)]))
+            h_new = jtu.tree_map(lambda a, b: jnp.where(ok, a, b), h_new, h_)
+            outer_state = jtu.tree_map(
+                lambda a, b: jnp.where(ok, a, b) if eqx.is_array(a) else a,
+                new_state, outer_state)
             row = {
                 "inner_loss": lt(w_, h_),
                 "outer_loss": outer_loss(eqx.combine(w_, static), h_, outer_args),
@@ -77,6 +88,7 @@ def tune(inner_loss, outer_loss, params, hparams, *, inner_optimizer, outer_opti
                                                for a in jtu.tree_leaves(g))),
                 "residual": st["residual"],
                 "converged": st["converged"],
+                "skipped": ~ok,
             }
             return (w_, inner_state, h_new, outer_state), row
 

@@ -14,11 +14,14 @@ from ._config import (
     config_from_dict as config_from_dict,
     ConfigError as ConfigError,
     DataConfig as DataConfig,
+    HyperConfig as HyperConfig,
     load_config as load_config,
+    MLPConfig as MLPConfig,
     ModelConfig as ModelConfig,
     OptimConfig as OptimConfig,
     RegularizerConfig as RegularizerConfig,
     TrainConfig as TrainConfig,
+    TuneConfig as TuneConfig,
 )
 from ._fit import (
     check_config as check_config,
@@ -29,3 +32,4 @@ from ._fit import (
     load_data as load_data,
     plot_history as plot_history,
 )
+from ._tuning import check_tune_config as check_tune_config, run_tune as run_tune

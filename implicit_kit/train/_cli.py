@@ -1,4 +1,4 @@
-"""The `implicit-kit` command line: `train`, `eval`, `compare`, `demo`."""
+"""The `implicit-kit` command line: `train`, `eval`, `compare`, `demo`, `tune`."""
 
 import argparse
 import importlib.resources
@@ -9,7 +9,7 @@ import time
 
 from ..hyper import format_table
 from ._checkpoint import CheckpointError
-from ._config import Config, ConfigError, load_config
+from ._config import Config, ConfigError, load_config, TuneConfig
 
 
 DEMO = ("digits_node", "digits_anode", "digits_deq", "digits_mondeq",
@@ -122,6 +122,14 @@ def _cmd_demo(a) -> int:
     return 0
 
 
+def _cmd_tune(a) -> int:
+    from ._tuning import run_tune
+
+    cfg = load_config(a.config, a.overrides, schema=TuneConfig)
+    run_tune(cfg)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="implicit-kit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -145,6 +153,11 @@ def main(argv=None) -> int:
                    help="key.sub=value applied to every config (e.g. train.epochs=2)")
     d.add_argument("--resume", action="store_true")
     d.set_defaults(fn=_cmd_demo)
+    u = sub.add_parser("tune", help="tune weight decay by hypergradients against a "
+                       "vmapped grid search (a tune config)")
+    u.add_argument("config")
+    u.add_argument("overrides", nargs="*", help="key.sub=value")
+    u.set_defaults(fn=_cmd_tune)
     a = p.parse_args(argv)
     try:
         return a.fn(a)

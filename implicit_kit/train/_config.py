@@ -172,7 +172,72 @@ class Config:
         return dataclasses.replace(self, **out)
 
 
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+    """The model of `implicit-kit tune`: an MLP on the flattened images, `depth` hidden
+    layers of `width` units (ReLU)."""
+
+    width: int = 32
+    depth: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperConfig:
+    """`implicit-kit tune`: weight decay tuned by hypergradients against a grid search.
+
+    The training split is cut into a training part and `validation` images (fixed by
+    `seed`). The inner loss is full-batch cross-entropy on the training part plus
+    `½ Σ λ_i w_i²`, with λ = exp(h) of one value `per` `parameter` (one per weight),
+    `tensor` (per weight array) or `shared`, from `init`.
+    - Tuning: [`implicit_kit.hyper.tune`][] alternates `inner_steps` steps of the
+      `optim` optimiser with one Adam step (`outer_lr`) on h along the hypergradient of
+      the validation cross-entropy (`method`: `neumann` with `k` terms and step
+      `alpha`, `cg`/`gmres` with `rtol`, `max_steps`), `outer_steps` times.
+    - Baseline: `grid_points` shared decays, log-spaced over [`grid_min`, `grid_max`],
+      each trained for the same `outer_steps × inner_steps` steps from the same
+      initialisation, in one vmapped call ([`implicit_kit.hyper.vmap_hparams`][]); the
+      best is chosen by validation loss.
+    - `out_dir`: results (`results.json`, `history.jsonl`, `tune.png`); `dtype`.
+    """
+
+    per: str = "parameter"
+    init: float = 1e-3
+    method: str = "neumann"
+    k: int = 20
+    alpha: float = 0.1
+    rtol: float = 1e-4
+    max_steps: int = 50
+    inner_steps: int = 20
+    outer_steps: int = 100
+    outer_lr: float = 0.03
+    grid_points: int = 16
+    grid_min: float = 1e-6
+    grid_max: float = 1.0
+    validation: int = 360
+    seed: int = 0
+    out_dir: str = "runs/tune"
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """The config of `implicit-kit tune` (see `HyperConfig`); `optim` is the inner
+    optimiser (its `weight_decay` must be 0: the decay is what is tuned)."""
+
+    name: str
+    tune: HyperConfig = dataclasses.field(default_factory=HyperConfig)
+    model: MLPConfig = dataclasses.field(default_factory=MLPConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 _ENUMS = {
+    "tune.per": ("parameter", "tensor", "shared"),
+    "tune.method": ("neumann", "cg", "gmres"),
+    "tune.dtype": ("float32", "float64"),
     "model.kind": MODEL_KINDS,
     "data.name": ("digits", "mnist", "fashion_mnist", "cifar10", "svhn"),
     "optim.schedule": ("constant", "cosine", "warmup_cosine"),
@@ -257,17 +322,20 @@ def parse_overrides(overrides) -> list[tuple[str, Any]]:
     return out
 
 
-def config_from_dict(raw: dict, overrides=(), *, source: str = "<dict>") -> Config:
+def config_from_dict(raw: dict, overrides=(), *, source: str = "<dict>",
+                     schema=Config):
     """Validate a nested dict (as read from YAML), after applying `overrides`
-    (`["train.epochs=3", ...]`), into a `Config`."""
+    (`["train.epochs=3", ...]`), into a `schema` (`Config`, or `TuneConfig` for
+    `implicit-kit tune`)."""
     raw = _yaml(yaml.safe_dump(raw)) if raw is not None else {}
     for key, value in parse_overrides(overrides):
         _set(raw, key, value, f"{source} (command line)")
-    return _build(Config, raw, "", source)
+    return _build(schema, raw, "", source)
 
 
-def load_config(path, overrides=()) -> Config:
-    """Read and validate a YAML config file (see `Config`)."""
+def load_config(path, overrides=(), *, schema=Config):
+    """Read and validate a YAML config file (see `Config`; `TuneConfig` for
+    `implicit-kit tune`)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist.")
@@ -275,4 +343,4 @@ def load_config(path, overrides=()) -> Config:
         raw = _yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return config_from_dict(raw, overrides, source=str(path))
+    return config_from_dict(raw, overrides, source=str(path), schema=schema)

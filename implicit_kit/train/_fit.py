@@ -30,7 +30,7 @@ from ._checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from ._config import Config, ConfigError
+from ._config import Config, ConfigError, DataConfig, OptimConfig
 
 
 _ODE_KINDS = ("node", "anode", "homoode")
@@ -91,9 +91,9 @@ def check_config(cfg: Config) -> None:
         )
 
 
-def load_data(cfg: Config):
-    """`(train, test)` as normalised float32 numpy arrays (train statistics)."""
-    d = cfg.data
+def load_data(d: DataConfig, dtype: str = "float32"):
+    """`(train, test)` of the config's `data` section as normalised numpy arrays of
+    `dtype` (statistics of the training split)."""
     kw = {"root": d.dir, "seed": d.split_seed, "test_size": d.test_size}
     x, y = ik_data.load(d.name, "train", **kw)
     xt, yt = ik_data.load(d.name, "test", **kw)
@@ -101,7 +101,7 @@ def load_data(cfg: Config):
         x = x.repeat(d.upsample, 2).repeat(d.upsample, 3)
         xt = xt.repeat(d.upsample, 2).repeat(d.upsample, 3)
     mean, std = ik_data.normalisation(x)
-    dtype = np.dtype(cfg.train.dtype)
+    dtype = np.dtype(dtype)
     return ((ik_data.normalise(x, mean, std).astype(dtype), y),
             (ik_data.normalise(xt, mean, std).astype(dtype), yt))
 
@@ -115,8 +115,8 @@ def make_model(cfg: Config, in_channels: int, spatial: int, classes: int = 10):
         lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, model)
 
 
-def make_optimiser(cfg: Config, total_steps: int) -> optax.GradientTransformation:
-    o = cfg.optim
+def make_optimiser(o: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """The config's `optim` section as an optax optimiser over `total_steps` steps."""
     total = max(total_steps, 1)
     if o.schedule == "constant":
         lr = o.lr
@@ -382,7 +382,7 @@ def fit(cfg: Config, *, resume: bool = False, devices=None,
             f"{str(run_dir)!r} already holds checkpoints ({existing[-1].name}); resume with "
             "`--resume` or choose another train.checkpoint_dir."
         )
-    train, test = load_data(cfg)
+    train, test = load_data(cfg.data, cfg.train.dtype)
     devices = list(jax.devices() if devices is None else devices)
     n_dev = len(devices)
     for key, value in (("train.batch", t.batch), ("train.eval_batch", t.eval_batch)):
@@ -400,7 +400,7 @@ def fit(cfg: Config, *, resume: bool = False, devices=None,
     num_params = count_params(model)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     steps_per_epoch = ik_data.num_batches(x.shape[0], t.batch)
-    optimiser = make_optimiser(cfg, steps_per_epoch * t.epochs)
+    optimiser = make_optimiser(cfg.optim, steps_per_epoch * t.epochs)
     opt_state = optimiser.init(params)
     base_key = jr.key_data(jr.key(t.seed + 1))
     history: list[dict] = []
@@ -476,11 +476,11 @@ def evaluate_checkpoint(path, *, devices=None) -> dict:
     header, _ = read_header(path)
     cfg = config_from_dict(header["config"], source=str(path))
     check_config(cfg)
-    train, test = load_data(cfg)
+    train, test = load_data(cfg.data, cfg.train.dtype)
     model = make_model(cfg, train[0].shape[1], train[0].shape[-1])
     params, static = eqx.partition(model, eqx.is_inexact_array)
     steps_per_epoch = ik_data.num_batches(train[0].shape[0], cfg.train.batch)
-    optimiser = make_optimiser(cfg, steps_per_epoch * cfg.train.epochs)
+    optimiser = make_optimiser(cfg.optim, steps_per_epoch * cfg.train.epochs)
     like = (params, optimiser.init(params), jr.key_data(jr.key(0)))
     header, (params, _, _) = load_checkpoint(path, like)
     devices = list(jax.devices() if devices is None else devices)

@@ -1,0 +1,206 @@
+"""`implicit-kit tune`: weight decay tuned by hypergradients (one value per weight, per
+weight array, or shared) against a vmapped grid search over one shared decay."""
+
+import json
+import math
+import pathlib
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+import optax
+
+from ..hyper import format_table, metrics_table, tune, vmap_hparams
+from ._checkpoint import atomic_write
+from ._config import ConfigError, TuneConfig
+from ._fit import load_data, make_optimiser
+
+
+def check_tune_config(cfg: TuneConfig) -> None:
+    """Raise `ConfigError` (naming the key) for settings that cannot run."""
+    t = cfg.tune
+    problems = []
+    if cfg.optim.weight_decay != 0:
+        problems.append("key 'optim.weight_decay' must be 0: the weight decay is what "
+                        "`tune` tunes")
+    for key in ("inner_steps", "outer_steps", "grid_points", "validation", "k",
+                "max_steps"):
+        if getattr(t, key) < 1:
+            problems.append(f"key 'tune.{key}' must be >= 1, got {getattr(t, key)}")
+    for key in ("init", "grid_min", "grid_max", "alpha", "outer_lr", "rtol"):
+        if not getattr(t, key) > 0:
+            problems.append(f"key 'tune.{key}' must be > 0, got {getattr(t, key)}")
+    if not t.grid_max > t.grid_min:
+        problems.append(f"key 'tune.grid_max' ({t.grid_max}) must exceed 'tune.grid_min' "
+                        f"({t.grid_min})")
+    if cfg.model.width < 1 or cfg.model.depth < 0:
+        problems.append("keys 'model.width' >= 1 and 'model.depth' >= 0 are required")
+    if t.dtype == "float64" and not jax.config.jax_enable_x64:
+        problems.append("key 'tune.dtype' is float64 but JAX runs without "
+                        "`jax_enable_x64`; set JAX_ENABLE_X64=1")
+    if problems:
+        raise ConfigError(f"config {cfg.name!r}: " + "; ".join(problems) + ".")
+
+
+def _split(cfg: TuneConfig):
+    (x, y), (xt, yt) = load_data(cfg.data, cfg.tune.dtype)
+    x, xt = x.reshape(len(x), -1), xt.reshape(len(xt), -1)
+    n_val = cfg.tune.validation
+    if n_val >= len(x):
+        raise ConfigError(f"key 'tune.validation' ({n_val}) must be smaller than the "
+                          f"training split ({len(x)} images).")
+    perm = np.random.default_rng(cfg.tune.seed).permutation(len(x))
+    val, tr = perm[:n_val], perm[n_val:]
+    return tuple(jnp.asarray(a) for a in (x[tr], y[tr], x[val], y[val], xt, yt))
+
+
+def run_tune(cfg: TuneConfig, *, log=print) -> dict:
+    """Run the experiment of a `TuneConfig`; write `results.json`, `history.jsonl` and
+    `tune.png` to `cfg.tune.out_dir` and return the results.
+
+    Both arms start from the same initialisation and take the same number of inner
+    optimiser steps; the grid's best decay is chosen by validation loss, and the test
+    split is reported for both (tuning thousands of hyperparameters on one validation
+    set can overfit it: the test columns tell).
+    """
+    check_tune_config(cfg)
+    t = cfg.tune
+    xtr, ytr, xv, yv, xt, yt = _split(cfg)
+    dtype = jnp.dtype(t.dtype)
+    mlp = eqx.nn.MLP(xtr.shape[1], 10, cfg.model.width, cfg.model.depth,
+                     activation=jax.nn.relu, key=jr.key(t.seed))
+    mlp = jtu.tree_map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, mlp)
+    w0, static = eqx.partition(mlp, eqx.is_inexact_array)
+    total = t.outer_steps * t.inner_steps
+    optimiser = make_optimiser(cfg.optim, total)
+
+    def ce(w, x, y):
+        logits = jax.vmap(eqx.combine(w, static))(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def acc(w, x, y):
+        return jnp.mean(jnp.argmax(jax.vmap(eqx.combine(w, static))(x), -1) == y)
+
+    def decay(w, h):  # ½ Σ λ_i w_i², λ = exp(h) broadcast to the weights
+        hs = jtu.tree_leaves(h) if t.per != "shared" else [h] * len(jtu.tree_leaves(w))
+        return 0.5 * sum(jnp.sum(jnp.exp(hi) * wi**2)
+                         for hi, wi in zip(hs, jtu.tree_leaves(w)))
+
+    def inner(w, h, data):
+        return ce(w, *data) + decay(eqx.filter(w, eqx.is_inexact_array), h)
+
+    def outer(w, h, data):
+        return ce(eqx.filter(w, eqx.is_inexact_array), *data)
+
+    def metrics(w, xtr, ytr, xv, yv, xt, yt):
+        return {"train_loss": ce(w, xtr, ytr), "val_loss": ce(w, xv, yv),
+                "val_acc": acc(w, xv, yv), "test_loss": ce(w, xt, yt),
+                "test_acc": acc(w, xt, yt)}
+
+    def train_shared(hp, xtr, ytr, xv, yv, xt, yt):
+        h = jnp.log(hp["weight_decay"])
+
+        def step(carry, _):
+            w, s = carry
+            g = jax.grad(lambda w_: inner(w_, h, (xtr, ytr)))(w)
+            u, s = optimiser.update(g, s, w)
+            return (optax.apply_updates(w, u), s), None
+
+        (w, _), _ = jax.lax.scan(step, (w0, optimiser.init(w0)), None, length=total)
+        return metrics(w, xtr, ytr, xv, yv, xt, yt)
+
+    data = (xtr, ytr, xv, yv, xt, yt)
+    log(f"== {cfg.name}: MLP {xtr.shape[1]}-{cfg.model.width}x{cfg.model.depth}-10, "
+        f"{len(ytr)} train / {len(yv)} validation / {len(yt)} test, {total} inner "
+        f"{cfg.optim.name} steps per arm")
+    grid = {"weight_decay": jnp.logspace(math.log10(t.grid_min), math.log10(t.grid_max),
+                                         t.grid_points, dtype=dtype)}
+    t0 = time.perf_counter()
+    devices = jax.devices()  # the grid is sharded over the devices when it divides
+    devices = devices if t.grid_points % len(devices) == 0 else devices[:1]
+    grid_metrics = jax.block_until_ready(vmap_hparams(train_shared, grid, *data,
+                                                      devices=devices))
+    grid_s = time.perf_counter() - t0
+    rows = metrics_table(grid, grid_metrics)
+    best = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"])
+               else math.inf)
+    log(f"grid search ({t.grid_points} shared decays, one vmapped call, {grid_s:.1f} s):")
+    log(format_table(rows))
+
+    if t.per == "parameter":
+        h0 = jtu.tree_map(lambda a: jnp.full_like(a, math.log(t.init)), w0)
+    elif t.per == "tensor":
+        h0 = jtu.tree_map(lambda a: jnp.asarray(math.log(t.init), dtype), w0)
+    else:
+        h0 = jnp.asarray(math.log(t.init), dtype)
+    kw = ({"k": t.k, "alpha": t.alpha} if t.method == "neumann"
+          else {"rtol": t.rtol, "atol": 0.0, "max_steps": t.max_steps})
+    t0 = time.perf_counter()
+    res = tune(inner, outer, mlp, h0, inner_optimizer=optimiser,
+               outer_optimizer=optax.adam(t.outer_lr), num_outer=t.outer_steps,
+               inner_steps=t.inner_steps, inner_args=(xtr, ytr), outer_args=(xv, yv),
+               method=t.method, **kw)
+    w = eqx.filter(jax.block_until_ready(res.params), eqx.is_inexact_array)
+    tune_s = time.perf_counter() - t0
+    tuned = {k: float(v) for k, v in metrics(w, *data).items()}
+    lam = np.concatenate([np.exp(np.ravel(a)) for a in jtu.tree_leaves(res.hparams)])
+    hist = {k: np.asarray(v) for k, v in res.history.items()}
+    tuned.update(num_hparams=int(lam.size), lambda_min=float(lam.min()),
+                 lambda_median=float(np.median(lam)), lambda_max=float(lam.max()),
+                 skipped_steps=int(hist["skipped"].sum()), seconds=tune_s)
+    results = {
+        "name": cfg.name, "config": cfg.to_dict(),
+        "grid": rows, "grid_best": best, "grid_seconds": grid_s, "tuned": tuned,
+        "tuned_beats_grid": bool(tuned["val_loss"] < best["val_loss"]),
+    }
+    comparison = [
+        {"arm": f"grid best (shared {best['weight_decay']:.3g})",
+         **{k: best[k] for k in ("val_loss", "val_acc", "test_loss", "test_acc")},
+         "hparams": 1},
+        {"arm": f"tuned ({t.per}, {t.method})",
+         **{k: tuned[k] for k in ("val_loss", "val_acc", "test_loss", "test_acc")},
+         "hparams": tuned["num_hparams"]},
+    ]
+    log(f"tuning ({t.outer_steps} hypergradient steps, {tune_s:.1f} s; "
+        f"{tuned['skipped_steps']} skipped; λ from {tuned['lambda_min']:.3g} to "
+        f"{tuned['lambda_max']:.3g}, median {tuned['lambda_median']:.3g}):")
+    log(format_table(comparison))
+    log("tuned validation loss is " + ("below" if results["tuned_beats_grid"] else
+                                        "NOT below") + " the grid's best.")
+
+    out = pathlib.Path(t.out_dir)
+    lines = [json.dumps({"outer_step": i + 1, **{k: v[i].item() for k, v in hist.items()}})
+             for i in range(t.outer_steps)]
+    atomic_write(out / "history.jsonl", ("\n".join(lines) + "\n").encode())
+    atomic_write(out / "results.json", json.dumps(results, indent=1).encode())
+    _plot(out / "tune.png", cfg.name, hist, rows, best, tuned)
+    log(f"results, history and plot: {out.resolve()}")
+    return results
+
+
+def _plot(path, name, hist, rows, best, tuned) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a1.plot(np.arange(1, len(hist["outer_loss"]) + 1), hist["outer_loss"],
+            label="tuned (during tuning)")
+    a1.axhline(best["val_loss"], color="k", ls="--", label="grid best")
+    a1.set(xlabel="hypergradient step", ylabel="validation cross-entropy",
+           yscale="log", title=f"{name}: tuning")
+    a1.legend()
+    a2.semilogx([r["weight_decay"] for r in rows], [r["val_loss"] for r in rows],
+                marker="o", label="grid (shared decay)")
+    a2.axhline(tuned["val_loss"], color="C1", label="tuned")
+    a2.set(xlabel="shared weight decay", ylabel="validation cross-entropy",
+           yscale="log", title="grid search")
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
