@@ -303,6 +303,12 @@ def test_tune_cli_tunes_per_parameter_decay(tmp_path, capsys):
     assert res["tuned"]["num_hparams"] == 64 * 8 + 8 + 8 * 10 + 10
     assert res["tuned_beats_grid"] == (res["tuned"]["val_loss"] < res["grid_best"]["val_loss"])
     assert (tmp_path / "tune" / "tune.png").stat().st_size > 0
+    # The grid search trains one shared decay on every weight, whatever `tune.per` is.
+    assert main(["tune", str(path), "tune.per=shared",
+                 f"tune.out_dir={tmp_path / 'shared'}"]) == 0
+    shared = json.loads((tmp_path / "shared" / "results.json").read_text())
+    assert shared["grid"] == grid
+    assert shared["tuned"]["num_hparams"] == 1
 
 
 @pytest.mark.parametrize("raw_override, message", [

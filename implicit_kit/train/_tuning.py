@@ -85,13 +85,16 @@ def run_tune(cfg: TuneConfig, *, log=print) -> dict:
     def acc(w, x, y):
         return jnp.mean(jnp.argmax(jax.vmap(eqx.combine(w, static))(x), -1) == y)
 
-    def decay(w, h):  # ½ Σ λ_i w_i², λ = exp(h) broadcast to the weights
-        hs = jtu.tree_leaves(h) if t.per != "shared" else [h] * len(jtu.tree_leaves(w))
-        return 0.5 * sum(jnp.sum(jnp.exp(hi) * wi**2)
-                         for hi, wi in zip(hs, jtu.tree_leaves(w)))
+    def decay(w, h):  # ½ Σ λ_i w_i², λ = exp(h): a scalar, or one per array or weight
+        ws = jtu.tree_leaves(eqx.filter(w, eqx.is_inexact_array))
+        hs = jtu.tree_leaves(h)
+        hs = hs * len(ws) if len(hs) == 1 else hs  # one shared decay
+        if len(hs) != len(ws):
+            raise ValueError(f"{len(hs)} weight-decay leaves for {len(ws)} weight arrays.")
+        return 0.5 * sum(jnp.sum(jnp.exp(hi) * wi**2) for hi, wi in zip(hs, ws))
 
     def inner(w, h, data):
-        return ce(w, *data) + decay(eqx.filter(w, eqx.is_inexact_array), h)
+        return ce(w, *data) + decay(w, h)
 
     def outer(w, h, data):
         return ce(eqx.filter(w, eqx.is_inexact_array), *data)
