@@ -174,6 +174,12 @@ def run_tune(cfg: TuneConfig, *, log=print) -> dict:
     log(format_table(comparison))
     log("tuned validation loss is " + ("below" if results["tuned_beats_grid"] else
                                         "NOT below") + " the grid's best.")
+    if tuned["skipped_steps"]:
+        log(f"warning: {tuned['skipped_steps']} of {t.outer_steps} hypergradient steps were "
+            f"skipped because the {t.method} solve did not converge or was not finite"
+            + (" (none was applied: the decay stayed at tune.init)"
+               if tuned["skipped_steps"] == t.outer_steps else "")
+            + "; raise tune.max_steps, loosen tune.rtol, or use tune.method=neumann.")
 
     out = pathlib.Path(t.out_dir)
     lines = [json.dumps({"outer_step": i + 1, **{k: v[i].item() for k, v in hist.items()}})
