@@ -212,6 +212,30 @@ def test_vmap_over_lambdas_equals_separate_calls():
         ik.hyper.vmap_hparams(_hg_at, {"a": lams, "b": lams[:3]}, X, y, Xv, yv)
 
 
+def test_vmap_over_solver_tolerance_and_damping():
+    """Solver settings given as arrays are hyperparameters like any other: one vmapped
+    call equals the separate solves, and each setting meets its own tolerance."""
+    W = 0.9 * jnp.eye(3)[::-1]
+
+    def solve(h, x):
+        sol = ik.fixed_point(lambda z, a: jnp.tanh(W @ z + a), jnp.zeros(3), x,
+                             ik.Picard(rtol=h["rtol"], atol=0.0, damping=h["damping"]),
+                             max_steps=500)
+        res = jnp.linalg.norm(jnp.tanh(W @ sol.value + x) - sol.value)
+        return {"steps": sol.stats["num_steps"], "res": res,
+                "bound": h["rtol"] * jnp.linalg.norm(sol.value)}
+
+    hs = {"rtol": jnp.logspace(-2, -10, 4), "damping": jnp.array([1.0, 0.7, 0.5, 1.0])}
+    x = jnp.array([1.0, -0.5, 0.3])
+    batched = ik.hyper.vmap_hparams(solve, hs, x)
+    for i in range(4):
+        one = solve({k: v[i] for k, v in hs.items()}, x)
+        assert int(one["steps"]) == int(batched["steps"][i])
+        np.testing.assert_allclose(batched["res"][i], one["res"], rtol=1e-8, atol=1e-15)
+    assert bool(jnp.all(batched["res"] <= batched["bound"]))
+    assert int(batched["steps"][3]) > int(batched["steps"][0])  # tighter tolerance
+
+
 def test_vmap_sharded_over_forced_host_devices(tmp_path):
     script = textwrap.dedent("""
         import jax
