@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 import implicit_kit as ik
+import implicit_kit.train  # noqa: F401  (not imported by `implicit_kit` itself)
 
 
 def summarise(history: list[dict]) -> dict:

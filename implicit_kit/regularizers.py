@@ -90,7 +90,12 @@ def _scaled_error(y0, y1, y_error, rtol, atol):
     flat1, _ = ravel_pytree(y1)
     err, _ = ravel_pytree(y_error)
     scale = atol + rtol * jnp.maximum(jnp.abs(flat0), jnp.abs(flat1))
-    return jnp.sqrt(jnp.mean((err / scale) ** 2))
+    ms = jnp.mean((err / scale) ** 2)
+    # sqrt has an infinite slope at 0, and a zero error estimate is common (a step of
+    # size 0, taken by samples that finished early under vmap): the gradient would be
+    # 0 * inf = NaN. The double `where` keeps both the value and the gradient finite.
+    pos = ms > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, ms, 1.0)), 0.0)
 
 
 class ErrorEstimatePenalty(dfx.AbstractAdaptiveSolver, dfx.AbstractWrappedSolver):

@@ -220,6 +220,31 @@ def test_error_penalties_gradients_match_finite_differences():
         ik.models.ODESolve(error_penalty=True, adjoint=dfx.BacksolveAdjoint())
 
 
+def test_error_penalty_gradient_is_finite_when_an_error_estimate_is_zero():
+    """A sample whose field is zero has local error estimates of exactly 0 (the same
+    happens to the zero-size steps of samples that finish early under vmap). Its
+    penalty is 0 whatever the weights, so the batch's gradient must equal the other
+    sample's alone — not NaN, which the square root's infinite slope at 0 gave."""
+
+    class Field(eqx.Module):
+        w: jax.Array
+
+        def __call__(self, z, c):
+            return c * jnp.tanh(self.w @ z)
+
+    ode = ik.models.ODESolve(error_penalty=True)
+
+    def loss(f, cs):
+        pen = jax.vmap(lambda c: ode(f, jnp.ones(3), c, 1.0, None)[1]["error_penalty"])(cs)
+        return jnp.sum(pen)
+
+    f = Field(jr.normal(jr.key(0), (3, 3)))
+    both = jax.grad(loss)(f, jnp.array([0.0, 2.0])).w
+    alone = jax.grad(loss)(f, jnp.array([2.0])).w
+    assert float(jnp.linalg.norm(alone)) > 0
+    np.testing.assert_allclose(both, alone, rtol=1e-10)
+
+
 def test_kinetic_and_jacobian_channels():
     a = jr.normal(jr.key(0), (3, 3)) / 2
     eps = jr.normal(jr.key(1), (3,))

@@ -7,6 +7,7 @@ import math
 import pathlib
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 import equinox as eqx
@@ -461,6 +462,12 @@ def fit(cfg: Config, *, resume: bool = False, devices=None,
                         {"config": cfg_dict, "history": history, "num_params": num_params},
                         keep=t.keep_checkpoints)
         progress.end(row)
+        if row.get("skipped_steps", 0) > 0:
+            warnings.warn(
+                f"{cfg.name}, epoch {row['epoch']}: {row['skipped_steps']:.0%} of the train "
+                "steps were skipped because their gradient was not finite (a failed "
+                "backward solve, or a NaN in the loss); see `skipped_steps` in the metrics.",
+                RuntimeWarning, stacklevel=2)
         if callback is not None:
             callback(row)
     plots = plot_history(history, run_dir, cfg.name) if history else []
