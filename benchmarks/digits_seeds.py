@@ -6,7 +6,7 @@ seed setting the initialisation, the data order and the dropout masks (the digit
 is fixed). Several configs are run one after the other and summarised together.
 
 Run: python benchmarks/digits_seeds.py CONFIG [CONFIG ...] [--seeds 0,1,2]
-     [--set train.epochs=20 ...] [--out runs/seeds]
+     [--set train.epochs=20 ...] [--out runs/seeds] [--json PATH]
 """
 
 import argparse
@@ -35,9 +35,10 @@ def main():
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--out", default="runs/seeds")
+    p.add_argument("--json", default=None, help="write per-seed rows and summaries here")
     a = p.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
-    table = []
+    table, per_seed = [], []
     for path in a.configs:
         name = pathlib.Path(path).stem
         rows = []
@@ -49,6 +50,7 @@ def main():
             res = ik.train.fit(cfg)
             row = {"config": name, "seed": seed, **summarise(res.history)}
             rows.append(row)
+            per_seed.append(row)
             print(json.dumps(row), flush=True)
         summary = {"config": name, "seeds": len(rows)}
         for key in ("final_acc", "best_acc", "test_nfe", "train_nfe", "s_per_epoch"):
@@ -58,6 +60,9 @@ def main():
         table.append(summary)
     print(" ".join(sys.argv))
     print(ik.hyper.format_table(table))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"seeds": seeds, "overrides": a.overrides, "rows": per_seed}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from both (each function is called once first); timings are medians of `--repeat
 interleaved runs.
 
 Run: python benchmarks/hyper_vmap.py [--ks 4,16,64] [--steps 1000] [--batch 64]
-[--width 32] [--repeats 3]
+[--width 32] [--repeats 3] [--json PATH]
 """
 
 import argparse
@@ -33,6 +33,7 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None, help="write the rows as JSON here")
     a = p.parse_args()
     x, y = ik.data.load_digits("train")
     xt, yt = ik.data.load_digits("test")
@@ -88,6 +89,9 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(ik.hyper.format_table(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

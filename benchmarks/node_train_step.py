@@ -13,7 +13,7 @@ to a target, one Adam step. Rows:
 
 Reported: milliseconds per train step (minimum over repeats after warm-up; each
 implicit_kit/diffrax pair is timed interleaved), forward NFE per sample (torchdiffeq: of
-the one batched solve). Run: python benchmarks/node_train_step.py [--repeats N] [--json]
+the one batched solve). Run: python benchmarks/node_train_step.py [--repeats N] [--json PATH]
 """
 
 import argparse
@@ -183,7 +183,7 @@ def torch_rows(repeats):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", default=None, help="write the rows as JSON here")
     a = p.parse_args()
     rows = []
     rows += jax_rows("RecursiveCheckpoint", dfx.RecursiveCheckpointAdjoint(), a.repeats)
@@ -196,8 +196,8 @@ def main():
             "jax": jax.__version__, "command": " ".join(["python"] + sys.argv),
             "cpus": os.cpu_count()}
     if a.json:
-        print(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        return
+        with open(a.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"# Neural ODE train step ({meta['device']}; {meta['command']})")
     print("| row | ms / step | forward NFE per sample |")
     print("|---|---|---|")

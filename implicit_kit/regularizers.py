@@ -17,6 +17,10 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from ._diagnostics import spectral_radius as spectral_radius
 
 
+__all__ = ["ErrorEstimatePenalty", "fixed_point_correction", "jacobian_frobenius",
+           "kinetic_jacobian_field", "local_error_penalty", "spectral_radius"]
+
+
 def jacobian_frobenius(
     fn: Callable,
     z: PyTree[Array],

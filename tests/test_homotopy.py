@@ -142,3 +142,17 @@ def test_nfe_is_the_number_of_vector_field_calls():
         # and the residual check at the end.
         assert len(calls) == int(sol.stats["nfe"]) + 2, (type(solver), len(calls),
                                                          sol.stats["nfe"])
+
+
+@pytest.mark.parametrize("name", list(HOMOTOPIES))
+def test_float32_with_default_tolerances(name):
+    """The default linear solves follow the data's precision: in float32 they used to
+    ask GMRES for 1e-10, fail at every step and report the path lost."""
+    fn, (a, b) = _divergent_nonlinear()
+    a, b, z0 = a.astype(jnp.float32), b.astype(jnp.float32), jnp.full(3, 1.5, jnp.float32)
+    sol = ik.homotopy_solve(fn, z0, (a, b), HOMOTOPIES[name], throw=False)
+    assert sol.result == ik.RESULTS.successful and sol.value.dtype == jnp.float32
+    assert float(jnp.linalg.norm(fn(sol.value, (a, b)) - sol.value)) < 1e-4
+    g = jax.grad(lambda b: ik.homotopy_solve(fn, z0, (a, b), HOMOTOPIES[name]).value.sum())(b)
+    jac = jax.jacobian(lambda z: fn(z, (a, b)) - z)(sol.value)  # IFT in closed form
+    np.testing.assert_allclose(g, -jnp.linalg.solve(jac.T, jnp.ones(3)), rtol=1e-3, atol=1e-4)

@@ -35,6 +35,8 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int = 0,
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = True) -> int:
+    """The number of batches of `batch_size` in `n` samples (the last partial one
+    counted only without `drop_last`)."""
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
@@ -49,4 +51,5 @@ def normalisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def normalise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """`(x − mean) / std` in `x`'s dtype (the statistics of `normalisation`)."""
     return ((x - mean) / std).astype(x.dtype)

@@ -19,14 +19,22 @@ from jax.flatten_util import ravel_pytree
 from .._solution import RESULTS
 
 
-def _default_linear_solver():
-    return lx.GMRES(rtol=1e-10, atol=1e-12, restart=40)
+def default_linear_solver(dtype=None) -> lx.GMRES:
+    """GMRES at tolerances the data's precision can reach: 1e-10 / 1e-12 in float64,
+    100 / 10 machine epsilons in lower precision (a float32 solve cannot reach 1e-10 and
+    would report failure at every step)."""
+    eps = float(jnp.finfo(jnp.float64 if dtype is None else dtype).eps)
+    return lx.GMRES(rtol=max(1e-10, 100 * eps), atol=max(1e-12, 10 * eps), restart=40)
+
+
+def _dtype(tree):
+    return jnp.result_type(*jax.tree_util.tree_leaves(tree))
 
 
 class AbstractHomotopy(eqx.Module):
     """A homotopy: `velocity(f, z, lam, const)` gives $dz/d\\lambda$ at $(z, \\lambda)$."""
 
-    linear_solver: lx.AbstractLinearSolver = eqx.field(default_factory=_default_linear_solver)
+    linear_solver: lx.AbstractLinearSolver | None = None
 
     def constants(self, f, z0):
         """What the field needs from the start point (computed once per path)."""
@@ -37,9 +45,11 @@ class AbstractHomotopy(eqx.Module):
         """`(matvec, rhs)` of the linear system `H_z v = -H_lambda`."""
 
     def velocity(self, f, z, lam, const):
+        """`dz/dλ` at `(z, λ)`: the matrix-free linear solve of `H_z v = −H_λ` (lineax)."""
         matvec, rhs = self.operator_and_rhs(f, z, lam, const)
         op = lx.FunctionLinearOperator(matvec, jax.eval_shape(lambda: rhs))
-        sol = lx.linear_solve(op, rhs, self.linear_solver, throw=False)
+        solver = self.linear_solver or default_linear_solver(_dtype(rhs))
+        sol = lx.linear_solve(op, rhs, solver, throw=False)
         ok = (sol.result == lx.RESULTS.successful) & jnp.all(jnp.isfinite(sol.value))
         # A failed solve (singular H_z: a turning point) poisons the step with NaN, so
         # the ODE solver rejects it and the path is reported lost.
@@ -54,7 +64,8 @@ class FixedPointHomotopy(AbstractHomotopy):
 
     **Arguments:**
 
-    - `linear_solver`: the lineax solver for $I - \lambda J_f$ (default GMRES).
+    - `linear_solver`: the lineax solver for $I - \lambda J_f$ (default: GMRES at the data's
+      precision, `default_linear_solver`).
     """
 
     def operator_and_rhs(self, f, z, lam, z0):
@@ -68,7 +79,8 @@ class NewtonHomotopy(AbstractHomotopy):
 
     **Arguments:**
 
-    - `linear_solver`: the lineax solver for $J_G$ (default GMRES).
+    - `linear_solver`: the lineax solver for $J_G$ (default: GMRES at the data's
+      precision, `default_linear_solver`).
     """
 
     def constants(self, f, z0):
@@ -85,14 +97,15 @@ class NewtonCorrector(eqx.Module):
     (matrix-free, lineax GMRES), to remove the drift of path following."""
 
     steps: int = eqx.field(static=True, default=3)
-    linear_solver: lx.AbstractLinearSolver = eqx.field(default_factory=_default_linear_solver)
+    linear_solver: lx.AbstractLinearSolver | None = None
 
     def __call__(self, f, z):
         def body(_, z):
             fz, jvp = jax.linearize(f, z)
             g = fz - z
             op = lx.FunctionLinearOperator(lambda v: jvp(v) - v, jax.eval_shape(lambda: g))
-            dz = lx.linear_solve(op, g, self.linear_solver, throw=False).value
+            solver = self.linear_solver or default_linear_solver(_dtype(g))
+            dz = lx.linear_solve(op, g, solver, throw=False).value
             return jnp.where(jnp.all(jnp.isfinite(dz)), z - dz, z)
 
         return jax.lax.fori_loop(0, self.steps, body, z)
@@ -148,7 +161,10 @@ def integrate_path(
     # With `steps=True` the last accepted step is the end point (t1 is not repeated).
     saveat = dfx.SaveAt(steps=True) if save_path else dfx.SaveAt(t1=True)
     sol = dfx.diffeqsolve(
-        dfx.ODETerm(field), solver, 0.0, 1.0, dt0, z0, const, saveat=saveat,
+        # lambda in z's dtype: diffrax promotes the state to the time dtype, so float64
+        # times (x64 on) would turn a float32 path into float64.
+        dfx.ODETerm(field), solver, jnp.zeros((), z0.dtype), jnp.ones((), z0.dtype),
+        None if dt0 is None else jnp.asarray(dt0, z0.dtype), z0, const, saveat=saveat,
         stepsize_controller=stepsize_controller, max_steps=max_steps, adjoint=adjoint,
         throw=False,
     )

@@ -7,7 +7,6 @@ import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
@@ -15,6 +14,7 @@ from .._solution import RESULTS, Solution
 from ..solvers._base import AbstractFixedPointSolver, init_residual
 from ._homotopy import (
     AbstractHomotopy,
+    default_linear_solver,
     FixedPointHomotopy,
     flat_fn,
     integrate_path,
@@ -178,7 +178,8 @@ def homotopy_solve(
     )
     if adjoint is None or isinstance(adjoint, AbstractAdjoint):
         if adjoint is None:
-            adjoint = ImplicitAdjoint(lx.GMRES(rtol=1e-10, atol=1e-12, restart=40))
+            dtype = jnp.result_type(*jtu.tree_leaves(z0))
+            adjoint = ImplicitAdjoint(default_linear_solver(dtype))
         sol = fixed_point(fn, z0, args, hs, adjoint=adjoint, max_steps=1, throw=False)
         result = RESULTS.where(
             sol.result == RESULTS.nonlinear_max_steps_reached, RESULTS.homotopy_residual,

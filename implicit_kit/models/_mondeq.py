@@ -36,11 +36,16 @@ class MonotoneDEQ(eqx.Module):
     @classmethod
     def dense(cls, size: int, input_size: int, m: float = 1.0, *, key: PRNGKeyArray,
               **kwargs):
+        """A monotone DEQ on vectors: `MonotoneLinear(size, input_size, m)`, with `kwargs`
+        for the model (solver, adjoint, ...)."""
         return cls(MonotoneLinear(size, input_size, m, key=key), **kwargs)
 
     @classmethod
     def conv(cls, channels: int, input_channels: int, shape: tuple[int, int],
              m: float = 1.0, *, key: PRNGKeyArray, **kwargs):
+        """A convolutional monotone DEQ on `(channels, *shape)` states:
+        `MonotoneConv(channels, input_channels, shape, m)` (FFT-diagonalised), with `kwargs`
+        for the model."""
         return cls(MonotoneConv(channels, input_channels, shape, m, key=key), **kwargs)
 
     @property

@@ -88,6 +88,8 @@ class SubhomogeneousCell(eqx.Module):
             )
 
     def contraction_bound(self) -> float:
+        """The contraction factor the subhomogeneity degree guarantees (Sittoni & Tudisco):
+        the map is a contraction in the Thompson metric when this is below 1."""
         mu = subhomogeneity_degree(self.shift)
         return 2 * mu if self.normalise else mu
 

@@ -34,12 +34,15 @@ class MonotoneOperator(eqx.Module):
         return jnp.real(jnp.fft.ifft2(out, axes=(-2, -1))).astype(z.dtype)
 
     def W(self, z: Array) -> Array:
+        """The monotone operator applied to `z`: `W z`."""
         return self._apply(self.w, z)
 
     def WT(self, z: Array) -> Array:
+        """Its transpose applied to `z`: `Wᵀ z`."""
         return self._apply(self.w, z, transpose=True)
 
     def V(self, z: Array) -> Array:
+        """The resolvent `(I + α(I − W))⁻¹ z` of the splitting (needs `alpha`)."""
         if self.v is None:
             raise ValueError("this operator was built without `alpha`: no resolvent.")
         return self._apply(self.v, z)
@@ -95,9 +98,12 @@ class MonotoneLinear(eqx.Module):
         return (self.a.shape[0],)
 
     def bias(self, x: Array) -> Array:
+        """The input injection `U x + b`."""
         return self.u(x)
 
     def operator(self, alpha=None) -> MonotoneOperator:
+        """`W = (1 − m)I − AᵀA + B − Bᵀ` as a `MonotoneOperator`, formed once per solve;
+        with `alpha`, also its resolvent for the operator-splitting solvers."""
         w = _monotone_matrix(self.a, self.b, self.m)
         v = None if alpha is None else _resolvent(w, alpha)
         return MonotoneOperator(w, v, "dense")
@@ -162,9 +168,12 @@ class MonotoneConv(eqx.Module):
         return (self.a.shape[0], *self.shape)
 
     def bias(self, x: Array) -> Array:
+        """The input injection `U x + b`."""
         return self.u(x)
 
     def operator(self, alpha=None) -> MonotoneOperator:
+        """`W = (1 − m)I − AᵀA + B − Bᵀ` as a `MonotoneOperator`, formed once per solve;
+        with `alpha`, also its resolvent for the operator-splitting solvers."""
         h, w = self.shape
         ah = _kernel_fft(self.a, h, w)
         bh = _kernel_fft(self.b, h, w)

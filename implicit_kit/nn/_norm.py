@@ -40,6 +40,7 @@ class WeightNorm(AbstractPerSolve):
         self.g = jnp.sqrt(jnp.sum(w**2, axis=tuple(range(1, w.ndim)), keepdims=True))
 
     def weight(self) -> Array:
+        """The normalised weight `g · v / ‖v‖` (norm per output row)."""
         v = _get(self.layer, self.weight_name)
         norm = jnp.sqrt(jnp.sum(v**2, axis=tuple(range(1, v.ndim)), keepdims=True))
         return self.g * v / norm
@@ -92,6 +93,8 @@ class SpectralNorm(AbstractPerSolve):
         self.u0 = jr.normal(key, (w.shape[0],), w.dtype)
 
     def sigma(self) -> Array:
+        """The spectral norm estimate of the weight (power iteration from the stored
+        vector, gradients stopped through the vectors)."""
         w = _get(self.layer, self.weight_name)
         mat = w.reshape(w.shape[0], -1)
         msg = lax.stop_gradient(mat)
@@ -109,6 +112,7 @@ class SpectralNorm(AbstractPerSolve):
         return u @ mat @ v
 
     def weight(self) -> Array:
+        """The weight divided by its spectral norm, times `scale`."""
         w = _get(self.layer, self.weight_name)
         return self.scale * w / self.sigma()
 

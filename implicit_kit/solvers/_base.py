@@ -33,6 +33,9 @@ class AbstractImplicitSolver(eqx.Module):
     native: AbstractClassVar[str]
 
     def terminate(self, fn, y, args, options, state, tags):
+        """`(done, result)`: done when the residual is finite and at most
+        `atol + rtol * scale`; a non-finite residual is never convergence (the driver
+        reports it)."""
         del fn, y, args, options, tags
         # A non-finite residual is never convergence (even if the scale overflowed too).
         done = jnp.isfinite(state.residual) & (
@@ -41,6 +44,7 @@ class AbstractImplicitSolver(eqx.Module):
         return done, RESULTS.successful
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        """`(y, aux, stats)` returned by the solve; these solvers add no extra stats."""
         return y, aux, {}
 
 

@@ -9,6 +9,7 @@ from ._checkpoint import (
     read_header as read_header,
     save_checkpoint as save_checkpoint,
 )
+from ._cli import config_dir as config_dir
 from ._config import (
     Config as Config,
     config_from_dict as config_from_dict,

@@ -2,13 +2,14 @@
 
 import argparse
 import importlib.resources
+import json
 import math
 import pathlib
 import sys
 import time
 
 from ..hyper import format_table
-from ._checkpoint import CheckpointError
+from ._checkpoint import atomic_write, CheckpointError
 from ._config import Config, ConfigError, load_config, TuneConfig
 
 
@@ -116,9 +117,12 @@ def _cmd_demo(a) -> int:
     print("implicit models on the embedded 8x8 digits (same stem and head; test split of "
           "360 images; fwd = forward steps or vector-field evaluations per test sample)")
     print(format_table(rows))
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s. Per-run metrics log (metrics.jsonl), "
-          f"checkpoints (epoch-*.ckpt) and plots (curves.png, forward_steps.png) are in "
-          f"{out.resolve()}/<run>/.")
+    total = time.perf_counter() - t0
+    atomic_write(out / "table.json", json.dumps(
+        {"rows": rows, "total_seconds": total, "overrides": overrides}, indent=1).encode())
+    print(f"\ntotal {total:.0f} s. The table is in {out.resolve()}/table.json; per-run "
+          f"metrics log (metrics.jsonl), checkpoints (epoch-*.ckpt) and plots (curves.png, "
+          f"forward_steps.png) are in {out.resolve()}/<run>/.")
     return 0
 
 

@@ -150,6 +150,10 @@ class RegularizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """A training run (`implicit-kit train`): `name`, and the sections `model`
+    (`ModelConfig`), `data`, `train`, `optim` and `regularizers`, each a frozen dataclass
+    read from YAML by `load_config` (unknown, missing or mistyped keys are errors)."""
+
     name: str
     model: ModelConfig
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -158,6 +162,7 @@ class Config:
     regularizers: RegularizerConfig = dataclasses.field(default_factory=RegularizerConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as nested plain dicts (what checkpoints and logs record)."""
         return dataclasses.asdict(self)
 
     def replace(self, **sections) -> "Config":
@@ -231,6 +236,7 @@ class TuneConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as nested plain dicts (what checkpoints and logs record)."""
         return dataclasses.asdict(self)
 
 

@@ -136,6 +136,7 @@ def make_optimiser(o: OptimConfig, total_steps: int) -> optax.GradientTransforma
 
 
 def count_params(model) -> int:
+    """The number of trainable (floating-point) parameters of `model`."""
     return int(sum(a.size for a in jax.tree_util.tree_leaves(eqx.filter(model,
                                                                         eqx.is_inexact_array))))
 
@@ -307,6 +308,7 @@ def plot_history(history: list[dict], run_dir, name: str) -> list[pathlib.Path]:
     import matplotlib.pyplot as plt
 
     run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     epochs = [h["epoch"] for h in history]
     paths = []
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))

@@ -1,0 +1,129 @@
+"""Documentation: every public name has a docstring, the README's examples run and say
+what they claim, and the README's benchmark summary is the one in RESULTS.md."""
+
+import importlib
+import inspect
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import implicit_kit.train  # noqa: F401
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODULES = ["implicit_kit", "implicit_kit.solvers", "implicit_kit.models", "implicit_kit.nn",
+           "implicit_kit.homotopy", "implicit_kit.regularizers", "implicit_kit.data",
+           "implicit_kit.hyper", "implicit_kit.train"]
+
+
+def _public(module_name):
+    module = importlib.import_module(module_name)
+    names = getattr(module, "__all__", None) or [n for n in dir(module)
+                                                 if not n.startswith("_")]
+    for name in names:
+        obj = getattr(module, name)
+        if not inspect.ismodule(obj) and (inspect.isclass(obj) or callable(obj)):
+            yield f"{module_name}.{name}", obj
+
+
+def _undocumented(obj):
+    """The public names of `obj` (itself and, for a class, its own public methods)
+    without a real docstring. A dataclass's generated `Name(field, ...)` doesn't count."""
+    out = []
+    doc = obj.__dict__.get("__doc__") if inspect.isclass(obj) else inspect.getdoc(obj)
+    if not doc or len(doc.strip()) < 20 or (inspect.isclass(obj)
+                                            and doc.startswith(obj.__name__ + "(")):
+        out.append("")
+    if inspect.isclass(obj):
+        for attr, value in obj.__dict__.items():
+            fn = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+            if (not attr.startswith("_") and inspect.isfunction(fn)
+                    and len((inspect.getdoc(getattr(obj, attr)) or "").strip()) < 10):
+                out.append("." + attr)  # inherited docs (e.g. optimistix's `step`) count
+    return out
+
+
+def test_every_public_name_has_a_docstring():
+    missing = [name + m for module in MODULES for name, obj in _public(module)
+               for m in _undocumented(obj)]
+    assert not missing, f"public names without a docstring: {missing}"
+
+
+def test_the_docstring_check_can_fail():
+    class Bare:
+        def method(self):
+            pass
+
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Data:
+        x: int
+
+    assert _undocumented(Bare) == ["", ".method"]
+    assert _undocumented(Data) == [""]
+
+
+def _python_blocks(text):
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_examples_run_and_hold():
+    """The README's Python blocks, run in order in one namespace (the first is the
+    20-line example), then checked against what they claim."""
+    blocks = _python_blocks((ROOT / "README.md").read_text())
+    assert len(blocks) >= 2 and len(blocks[0].strip().splitlines()) <= 25
+    ns = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), ns)
+    f, x, sol = ns["f"], ns["x"], ns["sol"]
+    # the solve is a fixed point, to its tolerance
+    assert float(jnp.linalg.norm(f(sol.value, x) - sol.value)) < 1e-5
+    assert ns["ik"].RESULTS[sol.result] == ""
+    # the implicit gradient equals central finite differences of the solve
+    loss = ns["loss_of_x"]
+    g = jax.grad(loss)(x)
+    eps = 1e-3
+    fd = np.array([(loss(x.at[i].add(eps)) - loss(x.at[i].add(-eps))) / (2 * eps)
+                   for i in range(3)])
+    np.testing.assert_allclose(g, fd, rtol=2e-3, atol=1e-4)
+    # per-sample steps under vmap: larger inputs need more steps
+    steps = np.asarray(ns["sols"].stats["num_steps"])
+    assert steps.shape == (8,) and steps[0] < steps[-1]
+    stats = ns["ik"].backward_stats(ns["probe_grad"])
+    assert int(stats["num_failed"]) == 0 and int(stats["num_steps"]) > 0
+
+
+def _summary(text):
+    begin = text.index("<!-- results-summary: begin")
+    return text[begin:text.index("<!-- results-summary: end -->")]
+
+
+def test_readme_benchmark_summary_matches_results_md():
+    readme = (ROOT / "README.md").read_text()
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    summary = _summary(readme)
+    assert _summary(results) == summary, "run `python benchmarks/report.py --render`"
+    assert re.search(r"\d+\.\d+× faster", summary)  # it holds measured ratios
+
+
+def test_results_md_is_rendered_from_the_stored_results():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", (
+        "import sys; sys.path.insert(0, 'benchmarks'); import report; "
+        "text, _ = report.render(); sys.stdout.write(text)")],
+        cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout == (ROOT / "benchmarks" / "RESULTS.md").read_text(), (
+        "RESULTS.md differs from its rendering: run `python benchmarks/report.py --render`")
+
+
+@pytest.mark.parametrize("name", ["README.md", "benchmarks/RESULTS.md"])
+def test_no_placeholder_text(name):
+    text = (ROOT / name).read_text()
+    assert not re.search(r"\bTODO\b|\bTBD\b|XXX", text)
