@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import implicit_kit as ik
 
@@ -77,6 +78,41 @@ def test_anderson_singular_least_squares_is_safe():
                          max_steps=10, throw=False)
     np.testing.assert_array_equal(sol.value, c)
     assert bool(jnp.all(jnp.isfinite(sol.value)))
+
+
+def test_spd_solve_matches_lapack_under_vmap():
+    from implicit_kit.solvers.anderson import spd_solve
+
+    rng = np.random.default_rng(0)
+    for m in (1, 2, 5, 8):
+        B = rng.standard_normal((16, m, m))
+        A = B @ B.transpose(0, 2, 1) + 0.1 * np.eye(m)
+        b = rng.standard_normal((16, m))
+        got = jax.vmap(spd_solve)(jnp.asarray(A), jnp.asarray(b))
+        np.testing.assert_allclose(got, np.linalg.solve(A, b[..., None])[..., 0],
+                                   rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", ["two", "max"])
+def test_anderson_reports_the_residual_of_its_norm(norm):
+    # The default 2-norm is read off the Gram matrix; another norm is computed. Either
+    # way the reported residual is norm(T(y) - y) at the iterate the last step started
+    # from, recomputed here from the saved iterates.
+    problem = PROBLEMS[3]
+    norm_fn = None if norm == "two" else (lambda t: jnp.max(jnp.abs(
+        ravel_pytree(t)[0])))
+    kw = {} if norm_fn is None else {"norm": norm_fn}
+    solver = ik.Anderson(rtol=1e-8, atol=0.0, **kw)
+    sol = ik.fixed_point(problem.fn, problem.y0, problem.args, solver, max_steps=100)
+    k = int(sol.stats["num_steps"])
+    sol_k = ik.fixed_point(problem.fn, problem.y0, problem.args, solver, max_steps=100,
+                           save_iterates=(k - 1,))
+    y_prev = jax.tree_util.tree_map(lambda a: a[0], sol_k.stats["iterates"])
+    t_prev = problem.fn(y_prev, problem.args)
+    g = jax.tree_util.tree_map(lambda a, b: a - b, t_prev, y_prev)
+    expected = (norm_fn or (lambda t: jnp.linalg.norm(
+        ravel_pytree(t)[0])))(g)
+    np.testing.assert_allclose(float(sol.stats["residual"]), float(expected), rtol=1e-6)
 
 
 def test_broyden_memory_does_not_grow_with_max_steps():

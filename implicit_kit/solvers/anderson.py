@@ -1,6 +1,7 @@
 from collections.abc import Callable
 
 import equinox as eqx
+import jax.lax as lax
 import jax.numpy as jnp
 import optimistix as optx
 from jax.flatten_util import ravel_pytree
@@ -10,24 +11,29 @@ from ._base import AbstractFixedPointSolver, init_residual
 
 
 def spd_solve(A: Float[Array, "m m"], b: Float[Array, " m"]) -> Float[Array, " m"]:
-    """Solve a small symmetric positive definite system by Gaussian elimination without
-    pivoting (stable for SPD matrices), unrolled over the static size `m`.
+    """Solve a small symmetric positive definite system by Gauss–Jordan elimination
+    without pivoting (stable for SPD matrices), unrolled over the static size `m` entry
+    by entry.
 
     Unlike `jnp.linalg.solve`, whose batched form on CPU is one LAPACK call per sample,
-    this is a handful of elementwise operations that vectorise across a vmapped batch.
+    this is O(m^3) elementwise operations on scalars: under `vmap` they vectorise across
+    the batch and XLA fuses them into a few kernels (no slicing or scatters in between).
     """
     m = A.shape[0]
-    A = jnp.concatenate([A, b[:, None]], axis=1)
+    M = [[A[i, j] for j in range(m)] + [b[i]] for i in range(m)]
     for k in range(m):
-        row = A[k] / A[k, k]
-        A = A - A[:, k : k + 1] * row[None, :]
-        A = A.at[k].set(row)
-    return A[:, m]
+        row = [v / M[k][k] for v in M[k]]
+        for i in range(m):
+            if i != k:
+                c = M[i][k]
+                M[i] = [M[i][j] - c * row[j] for j in range(m + 1)]
+        M[k] = row
+    return jnp.stack([M[i][m] for i in range(m)])
 
 
 class _AndersonState(eqx.Module):
-    ys: Float[Array, "m n"]
-    gs: Float[Array, "m n"]
+    xs: Float[Array, "m n"]  # y_i + damping * g_i: what the step mixes
+    gs: Float[Array, "m n"]  # g_i = T(y_i) - y_i
     gram: Float[Array, "m m"]
     count: Int[Array, ""]
     residual: Float[Array, ""]
@@ -83,15 +89,18 @@ class Anderson(AbstractFixedPointSolver):
         flat_f, _ = ravel_pytree(fy)
         g = flat_f - flat_y
         slot = state.count % self.m
-        # Selects and elementwise products with reductions rather than scatters and
-        # small matmuls: under vmap these vectorise over the batch (a batched 5x256
-        # matmul or a per-sample scatter is a slow loop on CPU). Only the new row and
-        # column of the Gram matrix G G^T are computed: O(m n) per step, not O(m^2 n).
+        # Selects and small matrix-vector products rather than scatters: under vmap
+        # `count` is shared by the batch, the selects vectorise and the products become
+        # one batched matmul (a per-sample scatter would be a slow loop on CPU). Only the
+        # new row and column of the Gram matrix G G^T are computed: O(m n) per step.
+        # The history keeps y_i + damping * g_i, the only use of y_i, so the mixing
+        # reads one (m, n) array. Full-precision products: the mixed iterate and the
+        # residual norm must not carry TF32 rounding on GPUs.
         index = jnp.arange(self.m)
         at_slot = (index == slot)[:, None]
-        ys = jnp.where(at_slot, flat_y, state.ys)
+        xs = jnp.where(at_slot, flat_y + self.damping * g, state.xs)
         gs = jnp.where(at_slot, g, state.gs)
-        dots = jnp.sum(gs * g[None, :], axis=1)
+        dots = jnp.einsum("mn,n->m", gs, g, precision=lax.Precision.HIGHEST)
         gram = jnp.where(at_slot, dots[None, :], state.gram)
         gram = jnp.where(at_slot.T, dots[:, None], gram)
         n_valid = jnp.minimum(state.count + 1, self.m)
@@ -106,8 +115,12 @@ class Anderson(AbstractFixedPointSolver):
         alpha = a / jnp.sum(a)
         picard = (index == slot).astype(gram.dtype)
         alpha = jnp.where(jnp.all(jnp.isfinite(alpha)), alpha, picard)
-        new_flat = jnp.sum(alpha[:, None] * (ys + self.damping * gs), axis=0)
+        new_flat = jnp.einsum("m,mn->n", alpha, xs, precision=lax.Precision.HIGHEST)
+        if self.norm is optx.two_norm:  # ||g||^2 is in the Gram row already
+            residual = jnp.sqrt(jnp.sum(jnp.where(index == slot, dots, 0)))
+        else:
+            residual = self.norm(g)
         new_state = _AndersonState(
-            ys, gs, gram, state.count + 1, self.norm(g), self.norm(flat_y)
+            xs, gs, gram, state.count + 1, residual, self.norm(flat_y)
         )
         return unravel(new_flat), new_state, aux
