@@ -1,6 +1,7 @@
 from collections.abc import Callable
 
 import equinox as eqx
+import jax.lax as lax
 import jax.numpy as jnp
 import optimistix as optx
 from jax.flatten_util import ravel_pytree
@@ -63,10 +64,11 @@ class Broyden(AbstractRootSolver):
         g, _ = ravel_pytree(g_tree)
         us, vs = state.us, state.vs
 
-        # H = -I + sum_i u_i v_i^T, applied with elementwise products and reductions
-        # (a batched (m, n) matmul under vmap is a slow per-sample loop on CPU).
+        # H = -I + sum_i u_i v_i^T, applied as two matrix-vector products (one batched
+        # matmul each under vmap), in full precision (no TF32 rounding on GPUs).
         def apply(a, b, x):  # -x + sum_i a_i (b_i . x)
-            return -x + jnp.sum(a * jnp.sum(b * x[None, :], axis=1)[:, None], axis=0)
+            c = jnp.einsum("mn,n->m", b, x, precision=lax.Precision.HIGHEST)
+            return -x + jnp.einsum("m,mn->n", c, a, precision=lax.Precision.HIGHEST)
 
         matvec = lambda x: apply(us, vs, x)  # H x
         rmatvec = lambda x: apply(vs, us, x)  # H^T x
