@@ -123,8 +123,16 @@ def test_missing_dataset_fails_before_training(tmp_path):
 
 
 def test_fit_metrics_log_plots_no_retrace(tmp_path):
+    import matplotlib
+
     cfg = _cfg(tmp_path, train={"epochs": 3, "keep_checkpoints": 2})
-    result = fit(cfg)
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # the plots must not switch the caller's backend
+    try:
+        result = fit(cfg)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(backend)
     assert result.traces == {"train": 1, "eval": 1}  # no retrace after the first step
     h = result.history
     assert [r["epoch"] for r in h] == [1, 2, 3]

@@ -302,16 +302,16 @@ def _to_host(tree) -> dict:
 
 def plot_history(history: list[dict], run_dir, name: str) -> list[pathlib.Path]:
     """Loss/accuracy curves and forward steps per epoch as PNG files in `run_dir`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object-oriented API: no pyplot state and no backend switch (a notebook keeps
+    # its inline backend).
+    from matplotlib.figure import Figure
 
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     epochs = [h["epoch"] for h in history]
     paths = []
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    a1, a2 = fig.subplots(1, 2)
     a1.plot(epochs, [h["loss"] for h in history], label="train")
     a2.plot(epochs, [h["acc"] for h in history], label="train")
     ev = [h for h in history if "test_acc" in h]
@@ -325,8 +325,8 @@ def plot_history(history: list[dict], run_dir, name: str) -> list[pathlib.Path]:
     fig.tight_layout()
     paths.append(run_dir / "curves.png")
     fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    fig = Figure(figsize=(4.5, 3.5))
+    ax = fig.subplots()
     ax.plot(epochs, [h["fwd_steps"] for h in history], marker="o", label="train forward")
     if any("bwd_steps" in h for h in history):
         ax.plot(epochs, [h.get("bwd_steps", math.nan) for h in history], marker="s",
@@ -339,7 +339,6 @@ def plot_history(history: list[dict], run_dir, name: str) -> list[pathlib.Path]:
     fig.tight_layout()
     paths.append(run_dir / "forward_steps.png")
     fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
     return paths
 
 

@@ -191,12 +191,10 @@ def run_tune(cfg: TuneConfig, *, log=print) -> dict:
 
 
 def _plot(path, name, hist, rows, best, tuned) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot state, no backend switch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    a1, a2 = fig.subplots(1, 2)
     a1.plot(np.arange(1, len(hist["outer_loss"]) + 1), hist["outer_loss"],
             label="tuned (during tuning)")
     a1.axhline(best["val_loss"], color="k", ls="--", label="grid best")
@@ -211,4 +209,3 @@ def _plot(path, name, hist, rows, best, tuned) -> None:
     a2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
