@@ -16,3 +16,20 @@ def timeit(fn, repeats):
         fn()
         times.append(time.perf_counter() - t0)
     return 1e3 * min(times)
+
+
+def interleaved(fns, repeats):
+    """Milliseconds per call of each of `fns`, measured together: after a warm-up call of
+    each, `repeats` rounds call every function once in turn, and each gets the minimum
+    over the rounds. A slow spell of the shared machine then hits every row alike, so
+    the ratios between rows hold even when the absolute times drift."""
+    for fn in fns:
+        for _ in range(3):
+            fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return [1e3 * b for b in best]

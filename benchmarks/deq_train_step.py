@@ -34,7 +34,7 @@ import lineax as lx
 import numpy as np
 import optax
 import optimistix as optx
-from _common import timeit
+from _common import interleaved, timeit
 
 import implicit_kit as ik
 
@@ -160,21 +160,26 @@ def jaxopt_solve(tol):
     return solve
 
 
-def run_jax_row(name, solve, params, x, y, repeats, stop_rule):
+def prepare_jax_row(name, solve, params, x, y, stop_rule):
+    """`(row, call)`: the row's statistics from one compiled step, and the timed call."""
     step = jax_train_step(solve)
     probe = ik.backward_probe(jnp.float32)
     compiled = step.lower(params, probe, x, y).compile()
     mem, mem_kind = jax_peak_bytes(compiled)
     _, loss, fwd, probe_g = step(params, probe, x, y)
     bwd = float(probe_g[0]) / BATCH if float(probe_g[0]) > 0 else None
-    ms = timeit(lambda: jax.block_until_ready(step(params, probe, x, y)), repeats)
     fwd = np.asarray(fwd)
-    return dict(name=name, ms=ms, fwd_mean=float(fwd.mean()), fwd_max=int(fwd.max()),
-                bwd_mean=bwd, mem=mem, mem_kind=mem_kind, loss=float(loss),
-                stop=stop_rule)
+    row = dict(name=name, fwd_mean=float(fwd.mean()), fwd_max=int(fwd.max()),
+               bwd_mean=bwd, mem=mem, mem_kind=mem_kind, loss=float(loss), stop=stop_rule)
+    return row, lambda: jax.block_until_ready(step(params, probe, x, y))
 
 
-def floor_ms(hidden, n_ops, repeats):
+def run_jax_row(name, solve, params, x, y, repeats, stop_rule):
+    row, call = prepare_jax_row(name, solve, params, x, y, stop_rule)
+    return {**row, "ms": timeit(call, repeats)}
+
+
+def floor_call(hidden, n_ops):
     """A jit-compiled chain of n_ops bare (batch x hidden) matmul + tanh ops."""
     k = jr.split(jr.key(1), 3)
     W = jr.normal(k[0], (hidden, hidden)) / jnp.sqrt(hidden)
@@ -185,10 +190,10 @@ def floor_ms(hidden, n_ops, repeats):
     def chain(z):
         return jax.lax.fori_loop(0, n_ops, lambda i, z: jnp.tanh(z @ W.T + c), z)
 
-    return timeit(lambda: jax.block_until_ready(chain(z)), repeats)
+    return lambda: jax.block_until_ready(chain(z))
 
 
-def fixed_count_step_ms(params, x, y, n_fwd, n_bwd, repeats):
+def fixed_count_step(params, x, y, n_fwd, n_bwd):
     """The same train step with fixed trip counts and nothing else: `n_fwd` map
     applications forward, the map applied once more with the parameters traced (which
     also linearises it at the solution), `n_bwd` adjoint steps `u <- ybar + J^T u`, the
@@ -227,7 +232,7 @@ def fixed_count_step_ms(params, x, y, n_fwd, n_bwd, repeats):
         loss, g = jax.value_and_grad(loss_fn)(params)
         return jax.tree_util.tree_map(lambda p, gp: p - LR * gp, params, g), loss
 
-    return timeit(lambda: jax.block_until_ready(step(params, x, y)), repeats)
+    return lambda: jax.block_until_ready(step(params, x, y))
 
 
 def stop_cost(hidden, repeats):
@@ -252,14 +257,10 @@ def stop_cost(hidden, repeats):
     n = int(adaptive(z0)[1])
     fixed = jax.jit(lambda z: jax.lax.fori_loop(
         0, n, lambda i, z: cell_batch(z, args), z))
-    best = {"fixed": np.inf, "adaptive": np.inf}
-    for _ in range(3 * repeats):  # interleaved: the machine's noise hits both alike
-        for k, f in (("fixed", fixed), ("adaptive", adaptive)):
-            jax.block_until_ready(f(z0))
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(z0))
-            best[k] = min(best[k], 1e3 * (time.perf_counter() - t0))
-    return dict(steps=n, fixed_ms=best["fixed"], adaptive_ms=best["adaptive"])
+    fixed_ms, adaptive_ms = interleaved(
+        [lambda: jax.block_until_ready(fixed(z0)),
+         lambda: jax.block_until_ready(adaptive(z0))], 3 * repeats)
+    return dict(steps=n, fixed_ms=fixed_ms, adaptive_ms=adaptive_ms)
 
 
 def cell_batch(z, args):
@@ -269,7 +270,8 @@ def cell_batch(z, args):
 
 
 # --------------------------------------------------------------------------- TorchDEQ
-def torchdeq_row(params, x, y, repeats):
+def torchdeq_row(params, x, y):
+    """`(row, call)` for TorchDEQ, or None when it is not installed."""
     try:
         import torch
         from torchdeq import get_deq
@@ -312,75 +314,76 @@ def torchdeq_row(params, x, y, repeats):
         torch.cuda.reset_peak_memory_stats()
     loss = step()
     mem = torch.cuda.max_memory_allocated() if dev == "cuda" else None
-    ms = timeit(step, repeats)
     nstep = info_box["info"]["nstep"].float()
-    return dict(name="TorchDEQ 0.1.0 (anderson m=5, IFT fixed-point backward)", ms=ms,
+    return dict(name="TorchDEQ 0.1.0 (anderson m=5, IFT fixed-point backward)",
                 fwd_mean=float(nstep.mean()), fwd_max=int(nstep.max()),
                 bwd_mean=bwd_steps[-1] if bwd_steps else None, mem=mem,
                 mem_kind="cuda max allocated" if mem else "n/a on CPU",
-                loss=float(loss), stop="whole batch (max residual)")
+                loss=float(loss), stop="whole batch (max residual)"), step
 
 
 # --------------------------------------------------------------------------- sections
 def main_section(hidden, repeats, include_peers=True):
+    """Every row is compiled and run once for its statistics, then the JAX rows are timed
+    interleaved (one call of each per round; the minimum over `repeats` rounds), so that
+    the shared machine's slow spells hit every row alike and the ratios hold."""
     params, x, y = make_problem(hidden)
-    rows = []
+    rows = []  # (row, call)
     adj = ik.ImplicitAdjoint(ik.Picard(rtol=RTOL, atol=0.0), max_steps=MAX_STEPS)
-    rows.append(run_jax_row(
-        "implicit_kit Anderson(m=5) + ImplicitAdjoint(Picard)",
-        ik_solve(ik.Anderson(m=5, rtol=RTOL, atol=0.0), adj), params, x, y, repeats,
-        "per sample"))
-    rows.append(run_jax_row(
+    anderson = ik.Anderson(m=5, rtol=RTOL, atol=0.0)
+    rows.append(prepare_jax_row(
+        "implicit_kit Anderson(m=5) + ImplicitAdjoint(Picard)", ik_solve(anderson, adj),
+        params, x, y, "per sample"))
+    rows.append(prepare_jax_row(
         "implicit_kit Picard + ImplicitAdjoint(Picard)",
-        ik_solve(ik.Picard(rtol=RTOL, atol=0.0), adj), params, x, y, repeats,
-        "per sample"))
-    rows.append(run_jax_row(
+        ik_solve(ik.Picard(rtol=RTOL, atol=0.0), adj), params, x, y, "per sample"))
+    rows.append(prepare_jax_row(
         "implicit_kit Anderson(m=5) + ImplicitAdjoint(Anderson)",
-        ik_solve(ik.Anderson(m=5, rtol=RTOL, atol=0.0),
-                 ik.ImplicitAdjoint(ik.Anderson(m=5, rtol=RTOL, atol=0.0),
-                                    max_steps=MAX_STEPS)),
-        params, x, y, repeats, "per sample"))
+        ik_solve(anderson, ik.ImplicitAdjoint(anderson, max_steps=MAX_STEPS)),
+        params, x, y, "per sample"))
     if include_peers:
-        rows.append(run_jax_row(
+        per_sample = "per sample (vmap; converged samples keep iterating)"
+        rows.append(prepare_jax_row(
             "optimistix FixedPointIteration + ImplicitAdjoint(GMRES)",
             optx_solve(optx.ImplicitAdjoint(lx.GMRES(rtol=RTOL, atol=1e-5,
                                                      max_steps=MAX_STEPS))),
-            params, x, y, repeats, "per sample (vmap; converged samples keep iterating)"))
-        rows.append(run_jax_row(
+            params, x, y, per_sample))
+        rows.append(prepare_jax_row(
             "optimistix FixedPointIteration + ImplicitAdjoint() (default: dense LU)",
-            optx_solve(optx.ImplicitAdjoint()), params, x, y, max(3, repeats // 4),
-            "per sample (vmap; converged samples keep iterating)"))
+            optx_solve(optx.ImplicitAdjoint()), params, x, y, per_sample))
         try:
             z_norm = float(np.mean(np.linalg.norm(np.tanh(x @ params["U"].T), axis=1)))
-            rows.append(run_jax_row(
+            rows.append(prepare_jax_row(
                 "jaxopt 0.8 AndersonAcceleration(m=5) + implicit GMRES",
-                jaxopt_solve(RTOL * z_norm), params, x, y, repeats,
-                "per sample (vmap; converged samples keep iterating)"))
+                jaxopt_solve(RTOL * z_norm), params, x, y, per_sample))
         except ImportError as e:
             print(f"[skip] jaxopt row: {e} (pip install '.[bench]')", file=sys.stderr)
-        t = torchdeq_row(params, x, y, repeats)
-        if t:
-            rows.append(t)
-    ref = rows[0]
+        torch_row = torchdeq_row(params, x, y)
+    ref = rows[0][0]
     n_ops = int(round(ref["fwd_mean"] + (ref["bwd_mean"] or 0)))
-    fl = floor_ms(hidden, n_ops, repeats)
-    rows.append(dict(name=f"floor: {n_ops} bare matmul+tanh ops (jit, fori_loop)", ms=fl,
-                     fwd_mean=None, fwd_max=None, bwd_mean=None, mem=None, mem_kind="",
-                     loss=None, stop=""))
+    empty = dict(fwd_mean=None, fwd_max=None, bwd_mean=None, mem=None, mem_kind="",
+                 loss=None)
+    rows.append((dict(name=f"floor: {n_ops} bare matmul+tanh ops (jit, fori_loop)",
+                      stop="", **empty), floor_call(hidden, n_ops)))
     # The floor counts only the solver loops' map applications. A train step must also
     # apply the map once at the solution (to attach and linearise), form the parameter
     # cotangents and run the injection and readout; and a vmapped loop with per-sample
     # stops runs until its slowest sample stops (the max, not the mean, of the steps).
     n_fwd = ref["fwd_max"]
     n_bwd = n_ops - int(round(ref["fwd_mean"]))
-    rows.append(dict(
+    rows.append((dict(
         name=f"fixed-count train step: {n_fwd} fwd + {n_bwd} bwd map applications and the "
-             "work outside the loops, no stopping tests (jit)",
-        ms=fixed_count_step_ms(params, x, y, n_fwd, n_bwd, repeats), fwd_mean=None,
-        fwd_max=None, bwd_mean=None, mem=None, mem_kind="", loss=None, stop="fixed"))
-    for r in rows:
-        r["vs_floor"] = r["ms"] / fl
-    return rows
+             "work outside the loops, no stopping tests (jit)", stop="fixed", **empty),
+        fixed_count_step(params, x, y, n_fwd, n_bwd)))
+    times = interleaved([call for _, call in rows], repeats)
+    if include_peers and torch_row:
+        # Timed on its own: torch's worker threads keep spinning after a call and would
+        # slow whichever row ran next in an interleaved round.
+        row, call = torch_row
+        rows.insert(-2, (row, call))
+        times.insert(-2, timeit(call, repeats))
+    fl = times[-2]
+    return [{**row, "ms": ms, "vs_floor": ms / fl} for (row, _), ms in zip(rows, times)]
 
 
 def hard_section(hidden, repeats):
@@ -402,13 +405,15 @@ def scaling_section(sizes, repeats):
     for h in sizes:
         params, x, y = make_problem(h)
         adj = ik.ImplicitAdjoint(ik.Picard(rtol=RTOL, atol=0.0), max_steps=MAX_STEPS)
-        r = run_jax_row("implicit_kit", ik_solve(ik.Anderson(m=5, rtol=RTOL, atol=0.0),
-                                                 adj), params, x, y, repeats, "")
+        r, call = prepare_jax_row(
+            "implicit_kit", ik_solve(ik.Anderson(m=5, rtol=RTOL, atol=0.0), adj),
+            params, x, y, "")
         n_ops = int(round(r["fwd_mean"] + (r["bwd_mean"] or 0)))
-        fl = floor_ms(h, n_ops, repeats)
-        t = torchdeq_row(params, x, y, repeats)
-        rows.append(dict(hidden=h, ik_ms=r["ms"], floor_ms=fl,
-                         torchdeq_ms=t["ms"] if t else None, fwd=r["fwd_mean"],
+        times = interleaved([call, floor_call(h, n_ops)], repeats)
+        t = torchdeq_row(params, x, y)  # timed on its own (see main_section)
+        rows.append(dict(hidden=h, ik_ms=times[0], floor_ms=times[1],
+                         torchdeq_ms=timeit(t[1], repeats) if t else None,
+                         fwd=r["fwd_mean"],
                          bwd=r["bwd_mean"]))
     return rows
 
@@ -464,7 +469,8 @@ def report(results, command):
         "Workload: x ∈ R^64, z ∈ R^256, f(z,x) = tanh(Wz + Ux + b), ‖W‖₂ = 0.9, linear "
         "readout to 10 classes, cross-entropy, batch 256, forward to relative residual "
         "1e-4 (max 50), implicit backward to 1e-4 (max 50), one SGD step. Time: minimum "
-        "over repeats after warm-up (float32; full-precision matmuls on GPU, no TF32); "
+        "over repeats after warm-up, the JAX rows timed interleaved (float32; full-precision "
+        "matmuls on GPU, no TF32); "
         "steps are per-sample means (max in brackets). Memory: "
         "XLA's compile-time temp+argument+output bytes for JAX rows; TorchDEQ: "
         "torch.cuda.max_memory_allocated on GPU, not measured on CPU.",
