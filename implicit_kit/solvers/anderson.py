@@ -116,8 +116,8 @@ class Anderson(AbstractFixedPointSolver):
         picard = (index == slot).astype(gram.dtype)
         alpha = jnp.where(jnp.all(jnp.isfinite(alpha)), alpha, picard)
         new_flat = jnp.einsum("m,mn->n", alpha, xs, precision=lax.Precision.HIGHEST)
-        if self.norm is optx.two_norm:  # ||g||^2 is in the Gram row already
-            residual = jnp.sqrt(jnp.sum(jnp.where(index == slot, dots, 0)))
+        if self.norm is optx.two_norm and not jnp.iscomplexobj(g):
+            residual = jnp.sqrt(dots[slot])  # ||g||^2 is in the Gram row already
         else:
             residual = self.norm(g)
         new_state = _AndersonState(
