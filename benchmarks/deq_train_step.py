@@ -329,6 +329,7 @@ def main_section(hidden, repeats, include_peers=True):
     the shared machine's slow spells hit every row alike and the ratios hold."""
     params, x, y = make_problem(hidden)
     rows = []  # (row, call)
+    torch_row = None
     adj = ik.ImplicitAdjoint(ik.Picard(rtol=RTOL, atol=0.0), max_steps=MAX_STEPS)
     anderson = ik.Anderson(m=5, rtol=RTOL, atol=0.0)
     rows.append(prepare_jax_row(
@@ -369,6 +370,8 @@ def main_section(hidden, repeats, include_peers=True):
     # apply the map once at the solution (to attach and linearise), form the parameter
     # cotangents and run the injection and readout; and a vmapped loop with per-sample
     # stops runs until its slowest sample stops (the max, not the mean, of the steps).
+    # The backward count is the floor's (the rounded mean: the probe reports only the
+    # batch's total), not the backward loop's max, so this row is a lower bound.
     n_fwd = ref["fwd_max"]
     n_bwd = n_ops - int(round(ref["fwd_mean"]))
     rows.append((dict(
@@ -376,7 +379,7 @@ def main_section(hidden, repeats, include_peers=True):
              "work outside the loops, no stopping tests (jit)", stop="fixed", **empty),
         fixed_count_step(params, x, y, n_fwd, n_bwd)))
     times = interleaved([call for _, call in rows], repeats)
-    if include_peers and torch_row:
+    if torch_row:
         # Timed on its own: torch's worker threads keep spinning after a call and would
         # slow whichever row ran next in an interleaved round.
         row, call = torch_row

@@ -316,8 +316,9 @@ parameter cotangent matmul, the readout and the update; with Anderson also its h
 On a GPU each data-dependent loop stop costs a device-to-host round trip that the
 floor's fixed trip count does not pay. The fixed-count row is the train step written by
 hand with the same numbers of map applications (the forward at its slowest sample's
-count, as a vmapped loop runs), the work outside the loops, and no stopping tests: the
-least an exact implicit-gradient train step with these step counts costs. Its ratio to the
+count, as a vmapped loop runs; the backward at the floor's mean count, below the backward
+loop's max), the work outside the loops, and no stopping tests: a lower bound on any exact
+implicit-gradient train step with these step counts. Its ratio to the
 floor is the part of the gap that no solver loop can close; the line below the table
 measures what per-sample stopping costs by itself.
 
