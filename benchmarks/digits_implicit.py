@@ -56,7 +56,7 @@ def build(arm, hidden, final, spatial, key):
         field = ik.nn.ConvCell(hidden, groups=min(32, hidden), residual=False, dropout=0.1,
                                key=k1)
         start = "learned" if arm == "homoode-learned" else "alternating"
-        block = ik.models.HomoODE(field, (hidden, spatial, spatial), start=start, ode=ode)
+        block = ik.models.HomoODE(field, (hidden, spatial, spatial), init=start, ode=ode)
     else:
         field = ik.nn.ConvCell(hidden, groups=min(32, hidden), residual=False, inject=False,
                                key=k1)
@@ -73,7 +73,7 @@ def run_arm(arm, seed, a, train, test):
     total = steps_per_epoch * a.epochs
     sched = optax.cosine_decay_schedule(a.lr, total, alpha=1e-6 / a.lr)
     opt = optax.adam(sched)
-    is_start = (ik.models.HomoODE.start_params(model.block) if arm == "homoode-learned"
+    is_start = (ik.models.HomoODE.init_params(model.block) if arm == "homoode-learned"
                 else None)
     if is_start is not None:
         start_spec = eqx.tree_at(lambda m: m.block, jax.tree_util.tree_map(
@@ -97,7 +97,7 @@ def run_arm(arm, seed, a, train, test):
             logits, st = jax.vmap(lambda u, k: m(u, key=k))(xb, jr.split(key, xb.shape[0]))
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
             if "error_penalty" in st:
-                loss = loss + pen_weight(it) * jnp.mean(st["error_penalty"])
+                loss = loss + pen_weight(it) * jnp.mean(st.extras["error_penalty"])
             return loss, st
 
         params, rest = eqx.partition(model, main_spec)
@@ -109,7 +109,7 @@ def run_arm(arm, seed, a, train, test):
     def init_step(model, init_state, z_end):
         def obj(z0):
             block = eqx.tree_at(lambda b: b.z0, model.block, z0)
-            return ik.models.init_loss(jnp.broadcast_to(block.start_point(), z_end.shape),
+            return ik.models.init_loss(jnp.broadcast_to(block.initial_point(), z_end.shape),
                                        z_end)
 
         g = jax.grad(obj)(model.block.z0)
@@ -120,10 +120,11 @@ def run_arm(arm, seed, a, train, test):
     def evaluate(model):
         logits, st = jax.vmap(lambda u: model(u, inference=True))(xt)
         acc = jnp.mean(jnp.argmax(logits, -1) == yt)
-        gap = (ik.models.init_loss(jnp.broadcast_to(model.block.start_point(),
-                                                    st["z_end"].shape), st["z_end"])
+        gap = (ik.models.init_loss(jnp.broadcast_to(model.block.initial_point(),
+                                                    st.extras["z_end"].shape),
+                                   st.extras["z_end"])
                if arm.startswith("homoode") else jnp.nan)
-        return acc, jnp.mean(st["nfe"]), gap
+        return acc, jnp.mean(st.nfe), gap
 
     key = jr.key(1000 + seed)
     history = []
@@ -137,9 +138,9 @@ def run_arm(arm, seed, a, train, test):
             idx = perm[i * a.batch:(i + 1) * a.batch]
             model, state, loss, st = step(model, state, x[idx], y[idx],
                                           jr.fold_in(key, 10_000 + it), jnp.asarray(it))
-            nfe_train.append(st["nfe"])
+            nfe_train.append(st.nfe)
             if is_start is not None and it % a.init_every == 0:
-                model, init_state = init_step(model, init_state, st["z_end"])
+                model, init_state = init_step(model, init_state, st.extras["z_end"])
             it += 1
         jax.block_until_ready(loss)
         secs = time.perf_counter() - t0
@@ -185,7 +186,7 @@ def exact_section():
     for tol in (1e-6, 1e-3):
         for name, start in (("alternating", alternating), ("fitted", z0)):
             sol = jax.vmap(lambda x, start=start, tol=tol: ik.homotopy_solve(
-                fn, start, x, solver=dfx.Dopri5(),
+                fn, start, x, ode_solver=dfx.Dopri5(),
                 stepsize_controller=dfx.PIDController(rtol=tol, atol=tol), rtol=jnp.inf,
                 throw=False))(xs[n_train:])
             err = jnp.mean(jnp.linalg.norm(sol.value - eq[n_train:], axis=1))

@@ -24,7 +24,7 @@ def summarise(history: list[dict]) -> dict:
     evals = [h for h in history if "test_acc" in h]
     timed = [h["seconds"] for h in history[1:]] or [history[0]["seconds"]]
     return {"final_acc": evals[-1]["test_acc"], "best_acc": max(h["test_acc"] for h in evals),
-            "test_nfe": evals[-1]["test_fwd_steps"], "train_nfe": history[-1]["fwd_steps"],
+            "test_nfe": evals[-1]["test_nfe"], "train_nfe": history[-1]["nfe"],
             "s_per_epoch": float(np.mean(timed)),
             "skipped_steps": sum(h.get("skipped_steps", 0) for h in history)}
 

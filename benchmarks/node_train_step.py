@@ -72,7 +72,7 @@ def jax_rows(adjoint_name, adjoint, repeats, one_ode=False):
 
     def ik_loss(model):
         z1, st = batch_map(lambda z: model(z, return_stats=True))(z0)
-        return jnp.mean((z1 - target) ** 2), st["nfe"]
+        return jnp.mean((z1 - target) ** 2), st.nfe
 
     class Plain(eqx.Module):
         mlp: eqx.nn.MLP

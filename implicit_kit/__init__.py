@@ -21,17 +21,19 @@ from ._adjoint import (
     UnrolledAdjoint as UnrolledAdjoint,
 )
 from ._diagnostics import check_grad as check_grad, spectral_radius as spectral_radius
-from ._fixed_point import (
-    backward_probe as backward_probe,
-    backward_stats as backward_stats,
-    fixed_point as fixed_point,
-)
+from ._fixed_point import fixed_point as fixed_point
 from ._root import (
     custom_root as custom_root,
     minimise as minimise,
     root_find as root_find,
 )
-from ._solution import RESULTS as RESULTS, Solution as Solution
+from ._solution import (
+    backward_probe as backward_probe,
+    backward_stats as backward_stats,
+    BackwardStats as BackwardStats,
+    RESULTS as RESULTS,
+    Solution as Solution,
+)
 from .homotopy import homotopy_solve as homotopy_solve, HomotopySolver as HomotopySolver
 from .solvers import (
     Anderson as Anderson,

@@ -81,8 +81,9 @@ def _adjoint_hook_bwd(
 
 
 def _materialise(ybar, y):
+    # (`y` may hold None where a partitioned model has no array: nothing to fill there.)
     return jtu.tree_map(
-        lambda g, x: jnp.zeros_like(x) if g is None else g, ybar, y,
+        lambda g, x: jnp.zeros_like(x) if g is None and x is not None else g, ybar, y,
         is_leaf=lambda z: z is None,
     )
 

@@ -9,6 +9,7 @@ $\bar\theta = (\partial T/\partial\theta)^\top u$ with $u = \bar y + J_T(y^*)^\t
 import abc
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -18,11 +19,26 @@ import optimistix as optx
 import optimistix.internal as optxi
 
 from ._ad import implicit_vjp, stop_gradient
-from ._iterate import native_fn, run
-from ._misc import tree_sub
+from ._iterate import run
+from ._misc import gmres, scalars_to_arrays, tree_sub, tree_where
 from ._solution import RESULTS
 from .solvers import Picard
-from .solvers._base import AbstractFixedPointSolver
+from .solvers._base import AbstractFixedPointSolver, native_fn
+
+
+def backward_tolerance(forward: tuple[float, float] | None, dtype) -> tuple[float, float]:
+    """The default `(rtol, atol)` of a backward solve: the forward solve's, but never
+    tighter than `dtype` can reach (10 machine epsilons; float32 training never asks for
+    the impossible). Without a forward tolerance (`custom_root`), 1e-10 / 1e-12, raised
+    to 100 / 10 epsilons in lower precision."""
+    eps = float(jnp.finfo(dtype).eps)
+    if forward is None:
+        return max(1e-10, 100 * eps), max(1e-12, 10 * eps)
+    rtol, atol = forward
+    if all(isinstance(t, (int, float)) for t in (rtol, atol)):
+        return max(float(rtol), 10 * eps), max(float(atol), eps)
+    # Tolerances given as (possibly traced) arrays, e.g. vmapped over as hyperparameters.
+    return jnp.maximum(rtol, 10 * eps), jnp.maximum(atol, eps)
 
 
 class AbstractAdjoint(eqx.Module):
@@ -32,6 +48,13 @@ class AbstractAdjoint(eqx.Module):
     def apply(self, forward, fn, kind, y0, args, *, probe, throw, tags):
         """Return `forward(fn, y0, args)` (`(y, aux, stats, result)`) with this mode's
         derivative attached."""
+
+    def with_defaults(self, tolerance, dtype, kind, tags) -> "AbstractAdjoint":
+        """This adjoint with its unset settings filled in from the forward solve's
+        `tolerance` (`(rtol, atol)` or `None`), the `dtype`, the problem's `kind` and the
+        operator's `tags`. Modes without settings to derive return themselves."""
+        del tolerance, dtype, kind, tags
+        return self
 
 
 class AbstractVJPAdjoint(AbstractAdjoint):
@@ -69,13 +92,21 @@ class ImplicitAdjoint(AbstractVJPAdjoint):
     **Arguments:**
 
     - `linear_solver`: how the adjoint equation is solved:
-        - an implicit_kit fixed-point solver (default `Picard(rtol=1e-6, atol=1e-8)`,
-          i.e. fixed-point iteration on the adjoint; or `Anderson(...)`), run by the
+        - `None` (default): for fixed points, fixed-point iteration on the adjoint
+          (`Picard`, as cheap as a backward pass can be on a contraction), and, where it
+          fails (it diverges or stalls when $J_T$ has eigenvalues on or outside the unit
+          circle although $I - J_T$ is invertible), GMRES on $I - J_T^\top$, so that the
+          gradient is exact wherever the implicit function theorem holds (GMRES runs only
+          when some sample needs it). For roots, GMRES (CG where the operator is tagged
+          symmetric positive definite, as in `ik.minimise`).
+        - an implicit_kit fixed-point solver (`Picard(...)`, `Anderson(...)`), run by the
           same driver as the forward solve, with its own `rtol`/`atol`;
         - or a lineax solver on the operator $I - J_T^\top$ (`lx.GMRES(...)`,
-          `lx.BiCGStab(...)`; `lx.CG` for symmetric positive definite problems such
-          as `ik.minimise`).
-    - `max_steps`: the step limit of the backward solve (implicit_kit solvers; a lineax
+          `lx.BiCGStab(...)`; `lx.CG` for symmetric positive definite problems).
+    - `rtol`, `atol`: the tolerances of the default `linear_solver`; unset, they follow
+        the forward solver's and the dtype (`backward_tolerance`: the forward solve's, no
+        tighter than 10 machine epsilons).
+    - `max_steps`: the step limit of a backward solve run by the driver (a lineax
         solver has its own `max_steps`).
 
     The backward solve is never silently wrong: if it does not converge, `throw=True`
@@ -85,42 +116,81 @@ class ImplicitAdjoint(AbstractVJPAdjoint):
     [`implicit_kit.backward_stats`][]).
     """
 
-    linear_solver: AbstractFixedPointSolver | lx.AbstractLinearSolver = Picard(
-        rtol=1e-6, atol=1e-8
-    )
-    max_steps: int = eqx.field(static=True, default=200)
+    linear_solver: AbstractFixedPointSolver | lx.AbstractLinearSolver | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    max_steps: int = eqx.field(static=True, default=256)
+    krylov: lx.AbstractLinearSolver | None = eqx.field(default=None, repr=False)
 
     def __check_init__(self):
-        if not isinstance(
+        if self.linear_solver is not None and not isinstance(
             self.linear_solver, (AbstractFixedPointSolver, lx.AbstractLinearSolver)
         ):
             raise TypeError(
-                "`ImplicitAdjoint(linear_solver=...)` must be an implicit_kit fixed-point "
-                "solver (Picard, Anderson) or a lineax linear solver (lx.GMRES, "
+                "`ImplicitAdjoint(linear_solver=...)` must be None, an implicit_kit "
+                "fixed-point solver (Picard, Anderson) or a lineax linear solver (lx.GMRES, "
                 f"lx.BiCGStab, lx.CG); got {type(self.linear_solver).__name__}."
             )
 
+    def with_defaults(self, tolerance, dtype, kind, tags):
+        if self.linear_solver is not None:
+            return self
+        rtol, atol = backward_tolerance(tolerance, dtype)
+        rtol = rtol if self.rtol is None else self.rtol
+        atol = atol if self.atol is None else self.atol
+        spd = {lx.symmetric_tag, lx.positive_semidefinite_tag} <= set(tags)
+        krylov = lx.CG(rtol=rtol, atol=atol) if spd else gmres(rtol=rtol, atol=atol)
+        if kind == "root":
+            return ImplicitAdjoint(krylov, rtol, atol, self.max_steps)
+        return ImplicitAdjoint(Picard(rtol=rtol, atol=atol), rtol, atol, self.max_steps,
+                               krylov)
+
     def solve_adjoint(self, JT_T, A, ybar, tags):
-        if isinstance(self.linear_solver, lx.AbstractLinearSolver):
-            struct = jax.eval_shape(lambda: ybar)
-            operator = lx.FunctionLinearOperator(A, struct, tags)
-            sol = lx.linear_solve(operator, ybar, self.linear_solver, throw=False)
-            u = sol.value
-            residual = optx.two_norm(tree_sub(A(u), ybar))
-            steps = sol.stats.get("num_steps", jnp.array(0))
-            result = RESULTS.promote(sol.result)
-            finite = jnp.isfinite(residual)
-            result = RESULTS.where(finite, result, RESULTS.nonfinite)
-            return u, steps, residual, _backward_result(result)
-        u, _, stats, result = run(
+        linear_solver = self.linear_solver
+        if linear_solver is None:  # not resolved by an entry point: the float64 floor
+            return self.with_defaults(None, jnp.result_type(
+                *jtu.tree_leaves(ybar)), "fixed_point", tags).solve_adjoint(
+                    JT_T, A, ybar, tags)
+        if isinstance(linear_solver, lx.AbstractLinearSolver):
+            return _krylov_adjoint(linear_solver, A, ybar, tags)
+        out = run(
             lambda u, _: (jtu.tree_map(jnp.add, ybar, JT_T(u)), None),
             "fixed_point",
-            self.linear_solver,
+            linear_solver,
             ybar,
             None,
             max_steps=self.max_steps,
         )
-        return u, stats["num_steps"], stats["residual"], _backward_result(result)
+        u, _, stats, result = out
+        out = (u, stats["num_steps"], stats["residual"], _backward_result(result))
+        if self.krylov is None:
+            return out
+        # Where fixed-point iteration on the adjoint failed, GMRES on I - J^T (run only
+        # if some sample needs it: the predicate is unbatched under vmap).
+        failed = out[3] != RESULTS.successful
+
+        def krylov(out):
+            u2, steps2, residual2, result2 = _krylov_adjoint(self.krylov, A, ybar, tags)
+            return (
+                tree_where(failed, u2, out[0]),
+                jnp.where(failed, out[1] + steps2, out[1]),
+                jnp.where(failed, residual2.astype(out[2].dtype), out[2]),
+                RESULTS.where(failed, result2, out[3]),
+            )
+
+        return lax.cond(eqxi.unvmap_any(failed), krylov, lambda o: o, out)
+
+
+def _krylov_adjoint(linear_solver, A, ybar, tags):
+    struct = jax.eval_shape(lambda: ybar)
+    operator = lx.FunctionLinearOperator(A, struct, tags)
+    sol = lx.linear_solve(operator, ybar, linear_solver, throw=False)
+    u = sol.value
+    residual = optx.two_norm(tree_sub(A(u), ybar))
+    steps = jnp.asarray(sol.stats.get("num_steps", 0))
+    result = RESULTS.promote(sol.result)
+    result = RESULTS.where(jnp.isfinite(residual), result, RESULTS.nonfinite)
+    return u, steps, residual, _backward_result(result)
 
 
 class NeumannAdjoint(AbstractVJPAdjoint):
@@ -218,13 +288,15 @@ class UnrolledAdjoint(AbstractAdjoint):
 
 
 def _jvp_primal(inputs):
-    forward, fn, y0, args = inputs
+    # JAX may hand a custom-JVP rule a traced Python scalar back as a float literal: the
+    # closure-converted `fn` needs arrays where it was converted with arrays.
+    forward, fn, y0, args = scalars_to_arrays(inputs)
     y, aux, stats, result = forward(fn, y0, args)
     return y, (aux, stats, result)
 
 
 def _jvp_rewrite(root, residual, inputs):
-    forward, fn, y0, args = inputs
+    forward, fn, y0, args = scalars_to_arrays(inputs)
     del residual, y0
     g = native_fn(fn, forward.kind, "root")
     return g(root, args)[0]
@@ -240,11 +312,17 @@ class ImplicitJVPAdjoint(AbstractAdjoint):
 
     **Arguments:**
 
-    - `linear_solver`: a lineax solver for the Jacobian of the residual; default
-        `lx.GMRES(rtol=1e-8, atol=1e-10, restart=40)`.
+    - `linear_solver`: a lineax solver for the Jacobian of the residual; default GMRES
+        at the forward solve's tolerances (`backward_tolerance`).
     """
 
-    linear_solver: lx.AbstractLinearSolver = lx.GMRES(rtol=1e-8, atol=1e-10, restart=40)
+    linear_solver: lx.AbstractLinearSolver | None = None
+
+    def with_defaults(self, tolerance, dtype, kind, tags):
+        if self.linear_solver is not None:
+            return self
+        rtol, atol = backward_tolerance(tolerance, dtype)
+        return ImplicitJVPAdjoint(gmres(rtol=rtol, atol=atol))
 
     def apply(self, forward, fn, kind, y0, args, *, probe, throw, tags):
         del probe, throw, kind
@@ -261,8 +339,7 @@ class ImplicitJVPAdjoint(AbstractAdjoint):
 
 
 def default_adjoint(kind: str) -> AbstractAdjoint:
-    """`ImplicitAdjoint()` for fixed points; GMRES on the adjoint for roots."""
-    if kind == "fixed_point":
-        return ImplicitAdjoint()
-    return ImplicitAdjoint(linear_solver=lx.GMRES(rtol=1e-8, atol=1e-10, restart=40))
-
+    """`ImplicitAdjoint()`: fixed-point iteration on the adjoint with a GMRES fallback
+    for fixed points, GMRES (CG for symmetric positive definite operators) for roots."""
+    del kind
+    return ImplicitAdjoint()

@@ -16,48 +16,15 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
 
-from ._misc import tree_allfinite, tree_where, zeros_like_struct
+from ._misc import struct_str, tree_allfinite, tree_where, zeros_like_struct
 from ._solution import RESULTS
-from .solvers import AbstractImplicitSolver, Fallback
-
-
-KINDS = ("fixed_point", "root")
-
-
-def solver_native_kind(solver) -> str:
-    if isinstance(solver, AbstractImplicitSolver):
-        return solver.native
-    if isinstance(solver, optx.AbstractFixedPointSolver):
-        return "fixed_point"
-    if isinstance(solver, optx.AbstractRootFinder):
-        return "root"
-    if isinstance(solver, Fallback):
-        return "fallback"
-    raise TypeError(
-        "`solver` must be an implicit_kit solver (Picard, Anderson, Broyden, "
-        "NewtonKrylov, Halpern, Fallback, ...) or an optimistix fixed-point solver or "
-        f"root finder; got {type(solver).__name__}. (For an optimistix least-squares "
-        "solver or minimiser, use `ik.minimise` or optimistix directly.)"
-    )
-
-
-def native_fn(fn, kind: str, native: str):
-    """`fn(y, args) -> (out, aux)` of problem `kind`, rewritten for a solver of `native`."""
-    if kind == native:
-        return fn
-    if kind == "fixed_point":  # solver wants G = T - y
-
-        def root_fn(y, args):
-            out, aux = fn(y, args)
-            return jtu.tree_map(lambda a, b: a - b, out, y), aux
-
-        return root_fn
-
-    def fixed_point_fn(y, args):  # solver wants T = y + G
-        out, aux = fn(y, args)
-        return jtu.tree_map(lambda a, b: a + b, y, out), aux
-
-    return fixed_point_fn
+from .solvers._base import (
+    AbstractImplicitSolver,
+    KINDS,
+    native_fn,
+    solver_native_kind,
+    step_counted,
+)
 
 
 def residual_fn(fn, kind: str):
@@ -85,6 +52,7 @@ def _iterate(
         dynamic_init,
         zeros_like_struct(aux_struct),
         jnp.array(0),
+        jnp.array(0),
         jnp.array(False),
         RESULTS.successful,
         jnp.array(jnp.inf, real),
@@ -94,7 +62,7 @@ def _iterate(
     save_idx = jnp.array(save_at, dtype=int)
 
     def cond_fun(carry):
-        _, _, _, num_steps, done, *_ = carry
+        _, _, _, num_steps, _, done, *_ = carry
         keep_going = jnp.invert(done)
         if max_steps is not None and while_kind == "lax":
             keep_going = keep_going & (num_steps < max_steps)
@@ -104,17 +72,24 @@ def _iterate(
         return eqxi.unvmap_any(keep_going)
 
     def body_fun(carry):
-        y, dynamic_state, aux, num_steps, done, result, residual, residuals, saved = carry
+        y, dynamic_state, aux, num_steps, nfe, done, result, residual, residuals, saved = (
+            carry
+        )
         state = eqx.combine(static_state, dynamic_state)
-        new_y, new_state, new_aux = solver.step(nfn, y, args, options, state, tags)
+        new_y, new_state, new_aux, step_nfe = step_counted(
+            solver, nfn, y, args, options, state, tags
+        )
         terminate, step_result = solver.terminate(nfn, y, args, options, new_state, tags)
-        step_result = RESULTS.promote(step_result) if not ours else step_result
         if ours:
+            step_result = solver.result_code(step_result, new_state)
             new_residual = new_state.residual.astype(real)
-        elif trace:
-            new_residual = norm(residual_fn(fn, kind)(new_y, args)).astype(real)
         else:
-            new_residual = residual
+            step_result = RESULTS.promote(step_result)
+            if trace:
+                new_residual = norm(residual_fn(fn, kind)(new_y, args)).astype(real)
+                step_nfe = step_nfe + 1
+            else:
+                new_residual = residual
         finite = tree_allfinite(new_y)
         step_result = RESULTS.where(finite, step_result, RESULTS.nonfinite)
         stop = terminate | (step_result != RESULTS.successful)
@@ -137,9 +112,11 @@ def _iterate(
         residual = jnp.where(done, residual, new_residual)
         result = RESULTS.where(done, result, step_result)
         num_steps = jnp.where(done, num_steps, num_steps + 1)
+        nfe = jnp.where(done, nfe, nfe + step_nfe)
         new_dynamic, _ = eqx.partition(new_state, eqx.is_array)
         return (
-            y, new_dynamic, aux, num_steps, done | stop, result, residual, residuals, saved
+            y, new_dynamic, aux, num_steps, nfe, done | stop, result, residual, residuals,
+            saved,
         )
 
     if while_kind == "lax":
@@ -153,7 +130,7 @@ def _iterate(
             kind=while_kind,
             checkpoints=checkpoints,
         )
-    y, dynamic_state, aux, num_steps, done, result, residual, residuals, saved = carry
+    y, dynamic_state, aux, num_steps, nfe, done, result, residual, residuals, saved = carry
     result = RESULTS.where(
         jnp.invert(done) & (result == RESULTS.successful),
         RESULTS.nonlinear_max_steps_reached,
@@ -165,7 +142,8 @@ def _iterate(
     )
     if not ours and not trace:
         residual = norm(residual_fn(fn, kind)(y, args)).astype(real)
-    stats = {"num_steps": num_steps, "residual": residual, **extra}
+        nfe = nfe + 1
+    stats = {**extra, "num_steps": num_steps, "nfe": nfe, "residual": residual}
     if trace:
         stats["residual_trace"] = residuals
     if save_at:
@@ -195,7 +173,7 @@ def run(
 ):
     """Solve without any autodiff rewrite: returns `(y, aux, stats, result)`.
 
-    `stats` holds `num_steps`, `residual` (and `residual_trace` when `trace`; `iterates`,
+    `stats` holds `num_steps`, `nfe`, `residual` (and `residual_trace` when `trace`; `iterates`,
     the iterates after the steps listed in `save_at`, stacked on a leading axis, when
     `save_at` is not empty), per sample under vmap.
     """
@@ -207,46 +185,10 @@ def run(
     if trace and max_steps is None:
         raise ValueError("`trace=True` needs an integer `max_steps`.")
     options = {} if options is None else options
-    if not isinstance(solver, Fallback):
-        return _iterate(
-            fn, kind, solver, y0, args, options, max_steps, trace, while_kind,
-            checkpoints, save_at,
-        )
-    if save_at:
-        raise ValueError("`save_iterates` is not supported with a `Fallback` solver.")
-    y, aux, stats, result = run(
-        fn, kind, solver.solvers[0], y0, args, options, max_steps=max_steps,
-        trace=trace, while_kind=while_kind, checkpoints=checkpoints,
+    return _iterate(
+        fn, kind, solver, y0, args, options, max_steps, trace, while_kind, checkpoints,
+        save_at,
     )
-    operands = (y, aux, _core_stats(stats), result, jnp.array(0))
-    for i, next_solver in enumerate(solver.solvers[1:], start=1):
-
-        def retry(operands, next_solver=next_solver, i=i):
-            y, _, stats, result, _ = operands
-            # Where this sample already succeeded (only possible under vmap, where the
-            # cond becomes a select), restart from its solution so that it stops at once.
-            start = tree_where(result == RESULTS.successful, y, y0)
-            y2, aux2, stats2, result2 = run(
-                fn, kind, next_solver, start, args, options, max_steps=max_steps,
-                trace=trace, while_kind=while_kind, checkpoints=checkpoints,
-            )
-            stats2 = _core_stats(stats2)
-            stats2["num_steps"] = stats["num_steps"] + stats2["num_steps"]
-            return y2, aux2, stats2, result2, jnp.array(i)
-
-        failed = operands[3] != RESULTS.successful
-        operands = lax.cond(failed, retry, lambda o: o, operands)
-    y, aux, stats, result, index = operands
-    result = RESULTS.where(
-        result == RESULTS.successful, result, RESULTS.fallback_exhausted
-    )
-    return y, aux, {**stats, "solver_index": index}, result
-
-
-def _core_stats(stats):
-    return {
-        k: stats[k] for k in ("num_steps", "residual", "residual_trace") if k in stats
-    }
 
 
 def check_structure(fn, y0, args, name: str = "fn"):
@@ -259,8 +201,6 @@ def check_structure(fn, y0, args, name: str = "fn"):
         for a, b in zip(jtu.tree_leaves(out_struct), jtu.tree_leaves(in_struct))
     )
     if not same_shapes:
-        from ._misc import struct_str
-
         raise ValueError(
             f"`{name}(y0, args)` must return a pytree with the same structure and shapes "
             f"as `y0`; got `{name}(y0, args)` = {struct_str(out_struct)} but "

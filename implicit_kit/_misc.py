@@ -4,6 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import lineax as lx
 from jaxtyping import Array, Bool, PyTree
 
 
@@ -57,3 +58,40 @@ def struct_str(tree: PyTree) -> str:
         lambda x: f"{x.dtype}{list(x.shape)}" if hasattr(x, "shape") else repr(x), tree
     )
     return str(shapes)
+
+
+def dtype_of(tree: PyTree):
+    """The promoted dtype of a pytree's array leaves (the default float if none)."""
+    leaves = [x for x in jtu.tree_leaves(tree) if eqx.is_array_like(x)]
+    return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
+
+
+def precision_floor(dtype=None) -> tuple[float, float]:
+    """`(rtol, atol)` that a solve in `dtype` can reach: 1e-10 / 1e-12, raised to 100 / 10
+    machine epsilons in lower precision (a float32 solve cannot reach 1e-10)."""
+    eps = float(jnp.finfo(jnp.float64 if dtype is None else dtype).eps)
+    return max(1e-10, 100 * eps), max(1e-12, 10 * eps)
+
+
+def gmres(dtype=None, *, rtol: float | None = None, atol: float | None = None,
+          restart: int = 40, max_steps: int | None = None):
+    """The one place GMRES defaults live: `lx.GMRES` with `restart=40` and tolerances
+    given, or else the tightest that `dtype` can reach (`precision_floor`). Used by the
+    root and minimisation adjoints, the homotopy path and its corrector, the fallback of
+    the default adjoint, `ImplicitJVPAdjoint` and the GMRES hypergradient."""
+    floor_rtol, floor_atol = precision_floor(dtype)
+    return lx.GMRES(
+        rtol=floor_rtol if rtol is None else rtol,
+        atol=floor_atol if atol is None else atol,
+        restart=restart,
+        max_steps=max_steps,
+    )
+
+
+def keep_if(ok: Bool[Array, ""], new: PyTree, old: PyTree) -> PyTree:
+    """`new` where `ok`, else `old`, leaf by leaf (non-array leaves from `new`): the one
+    way a training loop skips an update that failed (a non-finite gradient, a backward
+    solve that did not converge), used by `ik.train.fit` and `ik.hyper.tune`."""
+    return jtu.tree_map(
+        lambda a, b: jnp.where(ok, a, b) if eqx.is_array(a) else a, new, old
+    )

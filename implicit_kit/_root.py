@@ -9,10 +9,11 @@ import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, PyTree
 
-from ._adjoint import AbstractAdjoint, default_adjoint, ImplicitAdjoint
-from ._fixed_point import Forward, solve
+from ._adjoint import AbstractAdjoint
 from ._iterate import residual_fn
 from ._solution import RESULTS, Solution
+from ._solve import Forward, GivenForward, solve, solver_tolerance
+from .solvers import NewtonKrylov
 
 
 @eqx.filter_jit
@@ -34,8 +35,9 @@ def root_find(
 
     The same driver, solvers and backward modes as [`implicit_kit.fixed_point`][]. A
     fixed-point solver (Picard, Anderson, Halpern) iterates `y <- y + fn(y, args)`. The
-    default solver is `NewtonKrylov()`; the default adjoint solves the adjoint equation
-    `-J^T u = ybar` with GMRES (fixed-point iteration on it needs `I + J` contractive).
+    default solver is `NewtonKrylov()`; the default adjoint (`ImplicitAdjoint()`) solves
+    the adjoint equation `-J^T u = ybar` with GMRES at the forward solve's tolerances
+    (fixed-point iteration on it would need `I + J` contractive).
 
     **Arguments:** as [`implicit_kit.fixed_point`][], with `fn(y, args)` returning a
     pytree of the structure and shapes of `y`.
@@ -43,8 +45,6 @@ def root_find(
     **Returns:** a [`implicit_kit.Solution`][].
     """
     if solver is None:
-        from .solvers import NewtonKrylov
-
         solver = NewtonKrylov()
 
     def factory(kind):
@@ -74,6 +74,9 @@ class _OptxMinimiseForward(eqx.Module):
     options: Any
     max_steps: int | None = eqx.field(static=True)
 
+    def tolerance(self):
+        return solver_tolerance(self.solver)
+
     def __call__(self, fn, y0, args, while_kind="lax", checkpoints=None):
         if while_kind != "lax":
             raise ValueError(
@@ -87,7 +90,11 @@ class _OptxMinimiseForward(eqx.Module):
             max_steps=self.max_steps, throw=False,
         )
         g = residual_fn(fn, "root")(sol.value, args)
-        stats = {"num_steps": sol.stats["num_steps"], "residual": optx.two_norm(g)}
+        # optimistix does not count evaluations: a minimiser's step evaluates the loss
+        # and its gradient once (one VJP), plus the residual above.
+        num_steps = sol.stats["num_steps"]
+        stats = {"num_steps": num_steps, "nfe": num_steps + 1,
+                 "residual": optx.two_norm(g)}
         return sol.value, sol.aux, stats, RESULTS.promote(sol.result)
 
 
@@ -119,8 +126,9 @@ def minimise(
         to the stationarity condition (`NewtonKrylov()` is Newton's method with
         Hessian-vector products; a fixed-point solver iterates gradient steps
         `y <- y - grad loss(y)`).
-    - `adjoint`: default `ImplicitAdjoint(linear_solver=lx.CG(...))` on the Hessian
-        (symmetric positive definite at a strict minimum), matrix-free.
+    - `adjoint`: default `ImplicitAdjoint()`, which solves with CG on the Hessian
+        (symmetric positive definite at a strict minimum), matrix-free, at the forward
+        solve's tolerances.
     - the rest: as [`implicit_kit.fixed_point`][].
 
     **Returns:** a [`implicit_kit.Solution`][]; `stats["residual"]` is the norm of the
@@ -128,8 +136,6 @@ def minimise(
     """
     if solver is None:
         solver = optx.BFGS(rtol=1e-8, atol=1e-8)
-    if adjoint is None:
-        adjoint = ImplicitAdjoint(linear_solver=lx.CG(rtol=1e-8, atol=1e-10))
     if not callable(loss):
         raise TypeError(f"`loss` must be callable, got {type(loss).__name__}.")
     scalar_loss = loss if has_aux else (lambda y, a: (loss(y, a), None))
@@ -149,21 +155,6 @@ def minimise(
         scalar_loss, y0, args, "root", factory, has_aux=True, adjoint=adjoint,
         throw=throw, probe=probe, tags=tags, name="grad(loss)", wrap=_NegGrad,
     )
-
-
-class _CustomRootForward(eqx.Module):
-    kind: str = eqx.field(static=True)
-    solver_fn: Callable = eqx.field(static=True)
-    max_steps: None = None
-
-    def __call__(self, fn, y0, args, while_kind="lax", checkpoints=None):
-        if while_kind != "lax":
-            raise ValueError("`UnrolledAdjoint` cannot unroll a `custom_root` solver.")
-        y = self.solver_fn(y0, *args)
-        y = jtu.tree_map(lambda a, b: jnp.asarray(a, b.dtype), y, y0)
-        g = residual_fn(fn, "root")(y, args)
-        stats = {"num_steps": jnp.array(0), "residual": optx.two_norm(g)}
-        return y, None, stats, RESULTS.successful
 
 
 def custom_root(
@@ -189,7 +180,8 @@ def custom_root(
 
     - `optimality_fn`: `optimality_fn(y, *args)`, zero at the solution, same structure
         as `y`.
-    - `adjoint`: default `ImplicitAdjoint` with GMRES on the adjoint equation.
+    - `adjoint`: default `ImplicitAdjoint()` (GMRES on the adjoint equation, at 1e-10 in
+        float64: the user's solver has no tolerance to follow).
     - `throw`: as in [`implicit_kit.fixed_point`][] (for the backward solve).
 
     **Returns:** a decorator; the decorated function returns the solution `y`.
@@ -202,9 +194,9 @@ def custom_root(
                 y_init,
                 tuple(args),
                 "root",
-                lambda kind: _CustomRootForward(kind, solver_fn),
+                lambda kind: GivenForward(kind, solver_fn),
                 has_aux=False,
-                adjoint=adjoint if adjoint is not None else default_adjoint("root"),
+                adjoint=adjoint,
                 throw=throw,
                 probe=None,
                 name="optimality_fn",

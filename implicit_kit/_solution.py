@@ -1,20 +1,23 @@
 from typing import Generic, TypeVar
 
+import diffrax as dfx
 import equinox as eqx
-import optimistix as optx
-from jaxtyping import ArrayLike, PyTree
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, PyTree
 
 
 Y = TypeVar("Y")
 Aux = TypeVar("Aux")
 
 
-class RESULTS(optx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
-    """The result codes of every implicit_kit solve.
+class RESULTS(dfx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
+    """The result codes of every implicit_kit solve and model.
 
-    Extends `optimistix.RESULTS` (and so `lineax.RESULTS`): a result from an optimistix
-    solver can be promoted with `RESULTS.promote(result)`. Index the class with a
-    result to get its message: `RESULTS[sol.result]`.
+    Extends `diffrax.RESULTS` (and so `optimistix.RESULTS` and `lineax.RESULTS`): an
+    outcome of a dependency is promoted with `RESULTS.promote(result)`, keeping its own
+    code and message (a diffrax `max_steps_reached` stays `max_steps_reached`, a lineax
+    `breakdown` stays `breakdown`). Index the class with a result to get its message:
+    `RESULTS[sol.result]`.
     """
 
     backward_max_steps_reached = (
@@ -56,13 +59,21 @@ class Solution(eqx.Module, Generic[Y, Aux]):
     - `value`: the solution (a pytree of the same structure as the initial guess).
     - `result`: a [`implicit_kit.RESULTS`][] member; `RESULTS[sol.result]` is its
         message. Under `jax.vmap` it is batched: one code per sample.
-    - `stats`: a dict of arrays, always with
-        - `num_steps`: the number of solver steps taken (per sample under vmap),
-        - `max_steps`: the step limit,
+    - `stats`: a dict of arrays (per sample under vmap), the same keys for every entry
+        point (`fixed_point`, `root_find`, `minimise`, `homotopy_solve`):
+        - `num_steps`: the iterations of the solve's outer loop (solver steps; ODE
+            steps for `homotopy_solve`, which follows one path),
+        - `max_steps`: its limit (`-1` for none),
+        - `nfe`: the evaluations of the user's function (a JVP or VJP through it counts
+            as one),
         - `residual`: the norm of the residual `fn(y) - y` (fixed points) or `fn(y)`
-            (roots) at the last iterate the solver evaluated,
-        and, when asked for with `trace=True`, `residual_trace` (one entry per step,
-        NaN after the last step). Solvers may add more.
+            (roots; the gradient for `minimise`) at the last iterate the solver
+            evaluated,
+        and documented extras: `residual_trace` (with `trace=True`, one entry per step,
+        NaN after the last step), `iterates` (with `save_iterates`), `linear_steps`
+        (Krylov steps of `NewtonKrylov`), `solver_index` (`Fallback`),
+        `ode_rejected_steps` (homotopy), `path_lambda`/`path_z` (homotopy with
+        `save_path=True`).
     - `aux`: auxiliary output of `fn` when `has_aux=True`, else `None`.
     """
 
@@ -70,3 +81,42 @@ class Solution(eqx.Module, Generic[Y, Aux]):
     result: RESULTS
     stats: dict[str, PyTree[ArrayLike]]
     aux: Aux
+
+
+STATS_KEYS = ("num_steps", "max_steps", "nfe", "residual")
+
+
+class BackwardStats(eqx.Module):
+    """Statistics of the implicit backward (adjoint) solves that used one
+    `ik.backward_probe()`, summed over every solve and vmapped sample.
+
+    **Attributes:**
+
+    - `num_steps`: the steps of the backward solves (fixed-point or Krylov iterations).
+    - `residual`: the final residual norms of the backward solves.
+    - `num_failed`: how many backward solves failed (their gradients are NaN).
+    """
+
+    num_steps: Array
+    residual: Array
+    num_failed: Array
+
+
+def backward_probe(dtype=None) -> Array:
+    """A zero `(3,)` array to pass as `probe=` and differentiate with respect to.
+
+    Its gradient holds the statistics of every implicit backward solve that used it;
+    read them with [`implicit_kit.backward_stats`][], which names them.
+    """
+    return jnp.zeros((3,), dtype if dtype is not None else jnp.result_type(float))
+
+
+def backward_stats(probe_grad: Array) -> BackwardStats:
+    """The gradient of a `backward_probe()` as a [`implicit_kit.BackwardStats`][]."""
+    probe_grad = jnp.asarray(probe_grad)
+    if probe_grad.shape[-1:] != (3,):
+        raise ValueError(
+            "`probe_grad` must be the gradient of `ik.backward_probe()` (shape (3,)); got "
+            f"shape {probe_grad.shape}."
+        )
+    return BackwardStats(probe_grad[..., 0], probe_grad[..., 1], probe_grad[..., 2])

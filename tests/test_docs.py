@@ -95,7 +95,7 @@ def test_readme_examples_run_and_hold():
     steps = np.asarray(ns["sols"].stats["num_steps"])
     assert steps.shape == (8,) and steps[0] < steps[-1]
     stats = ns["ik"].backward_stats(ns["probe_grad"])
-    assert int(stats["num_failed"]) == 0 and int(stats["num_steps"]) > 0
+    assert int(stats.num_failed) == 0 and int(stats.num_steps) > 0
 
 
 def _summary(text):

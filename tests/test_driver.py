@@ -138,7 +138,7 @@ def test_failed_backward_solve_is_never_silent():
     g, pg = jax.grad(loss, argnums=(0, 1))(jnp.ones(3), probe, False)
     assert bool(jnp.all(jnp.isnan(g)))
     stats = ik.backward_stats(pg)
-    assert float(stats["num_failed"]) == 1.0 and float(stats["num_steps"]) == 3.0
+    assert float(stats.num_failed) == 1.0 and float(stats.num_steps) == 3.0
     with pytest.raises(Exception, match="backward"):  # (raised asynchronously on GPU)
         jax.block_until_ready(jax.grad(loss)(jnp.ones(3), None, True))
     # Under vmap: one failure per failing sample, the others are exact.
@@ -166,9 +166,9 @@ def test_backward_stats_of_a_converged_solve():
 
     _, pg = jax.grad(loss, argnums=(0, 1))(PROBLEM.args[3], probe)
     stats = ik.backward_stats(pg)
-    assert 5 <= float(stats["num_steps"]) < 200
-    assert float(stats["num_failed"]) == 0.0
-    assert 0 < float(stats["residual"]) < 1e-10
+    assert 5 <= float(stats.num_steps) < 200
+    assert float(stats.num_failed) == 0.0
+    assert 0 < float(stats.residual) < 1e-10
 
 
 def test_lineax_backward_failure():

@@ -140,10 +140,10 @@ def test_vmap_per_sample_stats_and_jit():
     for i, x in enumerate(xs):
         z_i, s_i = model(x, return_stats=True)
         np.testing.assert_allclose(zs[i], z_i, rtol=1e-12, atol=1e-14)
-        assert int(stats["num_steps"][i]) == int(s_i["num_steps"])
-    assert len(set(np.asarray(stats["num_steps"]).tolist())) > 1
-    assert np.all(np.asarray(stats["result"]) == ik.RESULTS.successful._value)
-    assert np.all(np.asarray(stats["residual"]) <= 1e-8 * 10)
+        assert int(stats.num_steps[i]) == int(s_i.num_steps)
+    assert len(set(np.asarray(stats.num_steps).tolist())) > 1
+    assert bool(jnp.all(stats.result == ik.RESULTS.successful))
+    assert np.all(np.asarray(stats.residual) <= 1e-8 * 10)
 
 
 def test_learned_and_skip_inits_train_and_cut_forward_steps():
@@ -170,7 +170,7 @@ def test_learned_and_skip_inits_train_and_cut_forward_steps():
             deq, head = model
             z, st = jax.vmap(lambda x: deq(x, return_stats=True))(xs)
             pred = jax.vmap(head)(z)[:, 0]
-            return jnp.mean((pred - ys) ** 2) + ik.models.init_loss(st["z0"], z)
+            return jnp.mean((pred - ys) ** 2) + ik.models.init_loss(st.extras["z0"], z)
 
         @eqx.filter_jit
         def step(model, state):
@@ -186,7 +186,7 @@ def test_learned_and_skip_inits_train_and_cut_forward_steps():
 
     def mean_steps(deq):
         _, st = jax.vmap(lambda x: deq(x, return_stats=True))(xs)
-        return float(jnp.mean(st["num_steps"]))
+        return float(jnp.mean(st.num_steps))
 
     for init in ("learned", "skip"):
         deq, g0 = train(init)

@@ -79,21 +79,21 @@ def test_peaceman_rachford_converges_where_plain_iteration_diverges():
     )
     assert plain.result != ik.RESULTS.successful
     assert _fixed_point_residual(layer, x, plain.value) > 1.0
-    model = ik.models.MonotoneDEQ(layer, ik.solvers.PeacemanRachford(1.0, 1e-12, 1e-13),
+    model = ik.models.MonotoneDEQ(layer, ik.models.PeacemanRachford(1.0, 1e-12, 1e-13),
                                   max_steps=2000, throw=True)
     z, st = model(x, return_stats=True)
     assert _fixed_point_residual(layer, x, z) < 1e-9
     # Forward-backward converges too at a small enough step (alpha <= 2m/L^2) ...
     lip = float(jnp.linalg.norm(jnp.eye(30) - layer.operator().dense(), 2))
     fb = ik.models.MonotoneDEQ(
-        layer, ik.solvers.ForwardBackward(1.0 / lip**2, 1e-12, 1e-13), max_steps=100_000,
+        layer, ik.models.ForwardBackward(1.0 / lip**2, 1e-12, 1e-13), max_steps=100_000,
         throw=True,
     )
     np.testing.assert_allclose(fb(x), z, atol=1e-8)
     # ... and one equilibrium whatever the start (uniqueness).
     for seed in range(3):
         z0 = 5 * jr.normal(jr.key(seed), (30,))
-        sol = ik.solvers.PeacemanRachford(1.0, 1e-12, 1e-13).solve(layer, x, y0=z0,
+        sol = ik.models.PeacemanRachford(1.0, 1e-12, 1e-13).solve(layer, x, y0=z0,
                                                                   max_steps=2000)
         np.testing.assert_allclose(sol.value, z, atol=1e-9)
 
@@ -120,10 +120,10 @@ def test_gradient_matches_dense_implicit_gradient(splitting):
     x = jnp.array([0.5, -1.0, 0.3, 1.5])
     adjoint = ik.ImplicitAdjoint(ik.Picard(rtol=1e-14, atol=1e-15), max_steps=100_000)
     if splitting == "pr":
-        solver = ik.solvers.PeacemanRachford(1.0, 1e-14, 1e-15)
+        solver = ik.models.PeacemanRachford(1.0, 1e-14, 1e-15)
     else:
         lip = float(jnp.linalg.norm(jnp.eye(12) - layer.operator().dense(), 2))
-        solver = ik.solvers.ForwardBackward(1.0 / lip**2, 1e-14, 1e-15)
+        solver = ik.models.ForwardBackward(1.0 / lip**2, 1e-14, 1e-15)
     model = ik.models.MonotoneDEQ(layer, solver, adjoint, max_steps=100_000, throw=True)
     c = jr.normal(jr.key(9), (12,))
     z = model(x)
@@ -138,7 +138,7 @@ def test_conv_mondeq_gradient_matches_dense():
     layer = eqx.tree_at(lambda l: (l.a, l.b), layer, (2 * layer.a, 2 * layer.b))
     x = jr.normal(jr.key(4), (1, 4, 4))
     adjoint = ik.ImplicitAdjoint(ik.Picard(rtol=1e-14, atol=1e-15), max_steps=100_000)
-    model = ik.models.MonotoneDEQ(layer, ik.solvers.PeacemanRachford(1.0, 1e-14, 1e-15),
+    model = ik.models.MonotoneDEQ(layer, ik.models.PeacemanRachford(1.0, 1e-14, 1e-15),
                                   adjoint, max_steps=100_000, throw=True)
     z = model(x)
     c = jr.normal(jr.key(5), z.shape)

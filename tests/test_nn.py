@@ -32,7 +32,7 @@ def test_normalisation_once_per_solve():
     deq = ik.models.DEQ(cell, (6,), solver)
     _COUNT.clear()
     z, st = jax.block_until_ready(deq(x, return_stats=True))
-    assert int(st["num_steps"]) > 5
+    assert int(st.num_steps) > 5
     assert len(_COUNT) == 1
     # Also once in the backward pass's forward: a gradient costs one more evaluation.
     _COUNT.clear()
@@ -99,8 +99,8 @@ def test_conv_cell_deq_runs_under_vmap_with_dropout():
     for i in range(3):
         prepared = ik.nn.prepare(cell, key=keys[i])
         res = jnp.linalg.norm(prepared(zs[i], xs[i]) - zs[i])
-        assert float(res) <= float(st["residual"][i]) * 10 + 1e-5
-    assert np.all(np.asarray(st["result"]) == ik.RESULTS.successful._value)
+        assert float(res) <= float(st.residual[i]) * 10 + 1e-5
+    assert bool(jnp.all(st.result == ik.RESULTS.successful))
     with pytest.raises(ValueError, match="must divide"):
         ik.nn.ConvCell(6, groups=4, key=jr.key(0))
 
@@ -131,7 +131,7 @@ def test_subhomogeneous_unique_fixed_point_for_a_large_signed_w(normalise):
         return ik.fixed_point(cell, z0, x, solver, max_steps=2000, throw=False)
 
     sols = jax.vmap(solve)(starts)
-    assert np.all(np.asarray(sols.result._value) == ik.RESULTS.successful._value)
+    assert bool(jnp.all(sols.result == ik.RESULTS.successful))
     spread = float(jnp.max(jnp.abs(sols.value - sols.value[0])))
     assert spread < 1e-10
     assert float(jnp.min(sols.value)) > 0
@@ -236,11 +236,11 @@ def test_hopfield_update_is_attention_and_layer_retrieves():
     np.testing.assert_allclose(ik.nn.hopfield_update(xi, x, beta), att[0, 0], rtol=3e-5,
                                atol=1e-8)
     # Well separated at beta = 32: retrieval of the stored pattern from a noisy query.
-    layer = ik.nn.HopfieldLayer(beta=32.0)
+    layer = ik.models.HopfieldLayer(beta=32.0)
     query = x[:, 5] + 0.3 * jr.normal(jr.key(3), (32,)) / jnp.sqrt(32.0)
     np.testing.assert_allclose(layer(query, x), x[:, 5], atol=1e-6)
     # Implicit gradient at a metastable point matches finite differences.
-    layer = ik.nn.HopfieldLayer(beta=2.0, solver=ik.Picard(rtol=1e-13, atol=1e-14),
+    layer = ik.models.HopfieldLayer(beta=2.0, solver=ik.Picard(rtol=1e-13, atol=1e-14),
                                 max_steps=500)
     c = jr.normal(jr.key(4), (32,))
 

@@ -136,8 +136,8 @@ def test_fit_metrics_log_plots_no_retrace(tmp_path):
     assert result.traces == {"train": 1, "eval": 1}  # no retrace after the first step
     h = result.history
     assert [r["epoch"] for r in h] == [1, 2, 3]
-    for key in ("loss", "acc", "fwd_steps", "residual", "failure_rate",
-                "seconds", "peak_memory_mb", "test_acc", "test_loss", "test_fwd_steps"):
+    for key in ("loss", "acc", "num_steps", "nfe", "residual", "failure_rate",
+                "seconds", "peak_memory_mb", "test_acc", "test_loss", "test_nfe"):
         assert all(np.isfinite(r[key]) for r in h), key
     assert h[-1]["loss"] < h[0]["loss"]  # it learns
     lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
@@ -330,3 +330,37 @@ def test_tune_config_errors_name_the_key(tmp_path, capsys, raw_override, message
     path = _tune_cfg(tmp_path)
     assert main(["tune", str(path), raw_override]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_summary_table_and_comparison_figure(tmp_path):
+    """The demo's report reads the stats contract: one row per run with the same columns
+    for every model, printed to 3 decimals (seconds to 0.1), and one figure with a point
+    per model in each panel."""
+    from implicit_kit.train._report import plot_comparison, summary_row, SUMMARY_FORMATS
+
+    def result(acc, nfe, steps, mb, seconds):
+        hist = [{"epoch": e, "nfe": nfe + 1, "num_steps": steps + 1, "seconds": s,
+                 "peak_memory_mb": mb} for e, s in ((1, 9.0), (2, seconds))]
+        hist[-1].update(test_acc=acc, test_nfe=nfe, test_num_steps=steps,
+                        test_failure_rate=0.0)
+        return ik.train.FitResult(None, hist, tmp_path, {}, 1234, [])
+
+    rows = [summary_row("DEQ", result(0.97222, 12.345, 12.345, 10.0, 1.26)),
+            summary_row("Neural ODE", result(0.98611, 26.0, 4.0, 20.5, 2.04))]
+    assert rows[0]["NFE"] == 12.345 and rows[1]["steps"] == 4.0
+    assert rows[0]["s/epoch"] == 1.26  # the compiling first epoch is left out
+    table = ik.hyper.format_table(rows, SUMMARY_FORMATS)
+    assert "0.972" in table and "0.986" in table and "0.97222" not in table
+    assert " 1.3 " in table + " " and " 12.3 " in table
+    path = plot_comparison(rows, tmp_path / "comparison.png")
+    assert path.stat().st_size > 10_000
+    import matplotlib.image
+
+    assert matplotlib.image.imread(path).shape[2] in (3, 4)
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path):
+    cfg = config_from_dict({"name": "x", "model": {"kind": "deq"},
+                            "train": {"checkpoint_dir": str(tmp_path / "none")}})
+    with pytest.raises(ik.train.CheckpointError, match="nothing to resume"):
+        ik.train.fit(cfg, resume=True)

@@ -8,6 +8,7 @@ a lineax solver) at every vector-field evaluation.
 """
 
 import abc
+from typing import ClassVar
 
 import diffrax as dfx
 import equinox as eqx
@@ -16,25 +17,17 @@ import jax.numpy as jnp
 import lineax as lx
 from jax.flatten_util import ravel_pytree
 
+from .._misc import dtype_of, gmres
 from .._solution import RESULTS
-
-
-def default_linear_solver(dtype=None) -> lx.GMRES:
-    """GMRES at tolerances the data's precision can reach: 1e-10 / 1e-12 in float64,
-    100 / 10 machine epsilons in lower precision (a float32 solve cannot reach 1e-10 and
-    would report failure at every step)."""
-    eps = float(jnp.finfo(jnp.float64 if dtype is None else dtype).eps)
-    return lx.GMRES(rtol=max(1e-10, 100 * eps), atol=max(1e-12, 10 * eps), restart=40)
-
-
-def _dtype(tree):
-    return jnp.result_type(*jax.tree_util.tree_leaves(tree))
+from ..solvers.newton_krylov import newton_step
 
 
 class AbstractHomotopy(eqx.Module):
     """A homotopy: `velocity(f, z, lam, const)` gives $dz/d\\lambda$ at $(z, \\lambda)$."""
 
     linear_solver: lx.AbstractLinearSolver | None = None
+    # Evaluations of f in `constants` (counted in the stats' `nfe`).
+    constants_nfe: ClassVar[int] = 0
 
     def constants(self, f, z0):
         """What the field needs from the start point (computed once per path)."""
@@ -48,7 +41,7 @@ class AbstractHomotopy(eqx.Module):
         """`dz/dλ` at `(z, λ)`: the matrix-free linear solve of `H_z v = −H_λ` (lineax)."""
         matvec, rhs = self.operator_and_rhs(f, z, lam, const)
         op = lx.FunctionLinearOperator(matvec, jax.eval_shape(lambda: rhs))
-        solver = self.linear_solver or default_linear_solver(_dtype(rhs))
+        solver = self.linear_solver or gmres(dtype_of(rhs))
         sol = lx.linear_solve(op, rhs, solver, throw=False)
         ok = (sol.result == lx.RESULTS.successful) & jnp.all(jnp.isfinite(sol.value))
         # A failed solve (singular H_z: a turning point) poisons the step with NaN, so
@@ -65,7 +58,7 @@ class FixedPointHomotopy(AbstractHomotopy):
     **Arguments:**
 
     - `linear_solver`: the lineax solver for $I - \lambda J_f$ (default: GMRES at the data's
-      precision, `default_linear_solver`).
+      precision, `ik._misc.gmres`).
     """
 
     def operator_and_rhs(self, f, z, lam, z0):
@@ -80,8 +73,10 @@ class NewtonHomotopy(AbstractHomotopy):
     **Arguments:**
 
     - `linear_solver`: the lineax solver for $J_G$ (default: GMRES at the data's
-      precision, `default_linear_solver`).
+      precision, `ik._misc.gmres`).
     """
+
+    constants_nfe: ClassVar[int] = 1
 
     def constants(self, f, z0):
         return f(z0) - z0
@@ -94,21 +89,23 @@ class NewtonHomotopy(AbstractHomotopy):
 
 class NewtonCorrector(eqx.Module):
     r"""`steps` Newton iterations $z \leftarrow z - J_G(z)^{-1} G(z)$ on the end point
-    (matrix-free, lineax GMRES), to remove the drift of path following."""
+    (matrix-free, lineax GMRES; the library's one Newton step, `newton_step`), to remove
+    the drift of path following."""
 
     steps: int = eqx.field(static=True, default=3)
     linear_solver: lx.AbstractLinearSolver | None = None
 
     def __call__(self, f, z):
-        def body(_, z):
-            fz, jvp = jax.linearize(f, z)
-            g = fz - z
-            op = lx.FunctionLinearOperator(lambda v: jvp(v) - v, jax.eval_shape(lambda: g))
-            solver = self.linear_solver or default_linear_solver(_dtype(g))
-            dz = lx.linear_solve(op, g, solver, throw=False).value
-            return jnp.where(jnp.all(jnp.isfinite(dz)), z - dz, z)
+        """`(z', nfe)`: the corrected point and the evaluations of `f` (one per
+        linearisation, one per Krylov step)."""
+        solver = self.linear_solver or gmres(z.dtype)
 
-        return jax.lax.fori_loop(0, self.steps, body, z)
+        def body(_, carry):
+            z, nfe = carry
+            z, _, _, steps = newton_step(lambda z: (f(z) - z, None), z, solver)
+            return z, nfe + 1 + steps
+
+        return jax.lax.fori_loop(0, self.steps, body, (z, jnp.array(0)))
 
 
 def nfe_per_step(solver) -> tuple[int, int]:
@@ -151,8 +148,11 @@ def integrate_path(
     save_path: bool,
 ):
     """Integrate the path ODE of `homotopy` for `f` (a function of a flat vector) from
-    `z0` over lambda in [0, 1]. Returns `(z1, stats, result)`; differentiable through
-    the path with the diffrax `adjoint`."""
+    `z0` over lambda in [0, 1]. Returns `(z1, stats, result)`, `stats` with `num_steps`
+    (ODE steps, accepted and rejected), `ode_rejected_steps` and `nfe` (path-field
+    evaluations, each one linearisation of `f` plus a matrix-free linear solve whose JVPs
+    are not counted, and the corrector's evaluations); differentiable through the path
+    with the diffrax `adjoint`."""
     const = homotopy.constants(f, z0)
 
     def field(lam, z, const):
@@ -174,13 +174,15 @@ def integrate_path(
         z1 = sol.ys[-1]
     lost = (sol.result != dfx.RESULTS.successful) | jnp.invert(jnp.all(jnp.isfinite(z1)))
     z1 = jnp.where(lost, z0, z1)  # never hand NaN on
-    if corrector is not None:
-        z1 = corrector(f, z1)
     num_steps = sol.stats["num_steps"]
+    nfe = count_nfe(solver, num_steps) + homotopy.constants_nfe
+    if corrector is not None:
+        z1, corrector_nfe = corrector(f, z1)
+        nfe = nfe + corrector_nfe
     stats = {
-        "ode_steps": num_steps,
+        "num_steps": num_steps,
         "ode_rejected_steps": sol.stats["num_rejected_steps"],
-        "nfe": count_nfe(solver, num_steps),
+        "nfe": nfe,
     }
     if save_path:
         stats["path_lambda"] = sol.ts

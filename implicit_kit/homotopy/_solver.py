@@ -10,11 +10,13 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
+from .._adjoint import AbstractAdjoint, ImplicitAdjoint
+from .._fixed_point import fixed_point
+from .._misc import dtype_of, gmres
 from .._solution import RESULTS, Solution
 from ..solvers._base import AbstractFixedPointSolver, init_residual
 from ._homotopy import (
     AbstractHomotopy,
-    default_linear_solver,
     FixedPointHomotopy,
     flat_fn,
     integrate_path,
@@ -100,8 +102,8 @@ class HomotopySolver(AbstractFixedPointSolver):
         new_state = _HomotopyState(
             residual.astype(state.residual.dtype),
             self.norm(y1).astype(state.scale.dtype),
-            state.nfe + stats["nfe"],
-            state.ode_steps + stats["ode_steps"],
+            state.nfe + stats["nfe"] + 1,  # the path, and fn at its end point
+            state.ode_steps + stats["num_steps"],
             state.ode_rejected_steps + stats["ode_rejected_steps"],
             result == RESULTS.homotopy_path_lost,
             stats.get("path_lambda"),
@@ -111,11 +113,19 @@ class HomotopySolver(AbstractFixedPointSolver):
 
     def terminate(self, fn, y, args, options, state, tags):
         done, _ = super().terminate(fn, y, args, options, state, tags)
-        result = RESULTS.where(state.lost, RESULTS.homotopy_path_lost, RESULTS.successful)
+        # optimistix's code inside optimistix; `result_code` refines it here.
+        result = optx.RESULTS.where(
+            state.lost, optx.RESULTS.nonlinear_divergence, optx.RESULTS.successful
+        )
         return done | state.lost, result
 
+    def result_code(self, result, state) -> RESULTS:
+        return RESULTS.where(
+            state.lost, RESULTS.homotopy_path_lost, RESULTS.promote(result)
+        )
+
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
-        extra = {"nfe": state.nfe, "ode_steps": state.ode_steps,
+        extra = {"ode_steps": state.ode_steps,
                  "ode_rejected_steps": state.ode_rejected_steps}
         if self.save_path:
             extra["path_lambda"] = state.path_lambda
@@ -129,12 +139,12 @@ def homotopy_solve(
     args: PyTree = None,
     homotopy: AbstractHomotopy | None = None,
     *,
-    solver: dfx.AbstractSolver | None = None,
+    ode_solver: dfx.AbstractSolver | None = None,
     stepsize_controller: dfx.AbstractStepSizeController | None = None,
     dt0: float | None = None,
     corrector: NewtonCorrector | None = None,
     adjoint=None,
-    saveat_path: bool = False,
+    save_path: bool = False,
     max_steps: int = 4096,
     rtol: float = 1e-4,
     atol: float = 1e-6,
@@ -142,57 +152,57 @@ def homotopy_solve(
 ) -> Solution:
     r"""Find $z = f(z)$ by following a homotopy path from `z0` (one path, no restart).
 
-    **Arguments:**
+    **Arguments:** (named as [`implicit_kit.HomotopySolver`][]'s)
 
     - `fn`: the map `fn(z, args) -> z'` (same structure as `z0`).
     - `z0`: the start point; `args`: differentiable arguments.
     - `homotopy`: `FixedPointHomotopy()` (default) or `NewtonHomotopy()`.
-    - `solver`, `stepsize_controller`, `dt0`, `max_steps`: for diffrax (defaults
-        `Tsit5()`, `PIDController(rtol=1e-6, atol=1e-8)`).
+    - `ode_solver`, `stepsize_controller`, `dt0`, `max_steps`: for diffrax (defaults
+        `Tsit5()`, `PIDController(rtol=1e-6, atol=1e-8)`, 4096 ODE steps).
     - `corrector`: optional `NewtonCorrector(k)` at the end point.
     - `adjoint`: `None` or an implicit_kit adjoint: gradients by the implicit function
-        theorem at the end point (default `ImplicitAdjoint` with GMRES: exact whenever
-        the end point is an equilibrium, whatever path reached it, and memory-flat); or a
-        diffrax adjoint (`dfx.RecursiveCheckpointAdjoint()`, ...) to differentiate
-        through the path itself.
-    - `saveat_path`: return the accepted path points in `stats["path_lambda"]`,
+        theorem at the end point (default `ImplicitAdjoint` with GMRES at the data's
+        precision: exact whenever the end point is an equilibrium, whatever path reached
+        it, and memory-flat); or a diffrax adjoint (`dfx.RecursiveCheckpointAdjoint()`,
+        ...) to differentiate through the path itself.
+    - `save_path`: return the accepted path points in `stats["path_lambda"]`,
         `stats["path_z"]` (flattened states; unused slots have lambda = inf).
     - `rtol`, `atol`: the end point must satisfy `|f(z) - z| <= atol + rtol |z|`, or
         the result is `RESULTS.homotopy_residual`.
     - `throw`: raise on failure (else read `sol.result`).
 
-    **Returns:** a `Solution`; `stats` has `ode_steps`, `nfe` (vector-field
-    evaluations; each also costs a matrix-free linear solve) and `residual`.
+    **Returns:** a `Solution` whose stats follow the contract: `num_steps` (ODE steps of
+    the path, accepted and rejected), `max_steps`, `nfe` (path-field evaluations, each
+    also a matrix-free linear solve, plus the corrector's and the end point's) and
+    `residual`; extras `ode_rejected_steps` and the saved path.
     """
-    from .._adjoint import AbstractAdjoint, ImplicitAdjoint
-    from .._fixed_point import fixed_point
-
     hs = HomotopySolver(
         homotopy=FixedPointHomotopy() if homotopy is None else homotopy,
-        ode_solver=dfx.Tsit5() if solver is None else solver,
+        ode_solver=dfx.Tsit5() if ode_solver is None else ode_solver,
         stepsize_controller=(
             _default_controller() if stepsize_controller is None else stepsize_controller
         ),
-        dt0=dt0, ode_max_steps=max_steps, corrector=corrector, save_path=saveat_path,
+        dt0=dt0, ode_max_steps=max_steps, corrector=corrector, save_path=save_path,
         rtol=rtol, atol=atol,
     )
     if adjoint is None or isinstance(adjoint, AbstractAdjoint):
         if adjoint is None:
-            dtype = jnp.result_type(*jtu.tree_leaves(z0))
-            adjoint = ImplicitAdjoint(default_linear_solver(dtype))
+            adjoint = ImplicitAdjoint(gmres(dtype_of(z0)))
         sol = fixed_point(fn, z0, args, hs, adjoint=adjoint, max_steps=1, throw=False)
         result = RESULTS.where(
             sol.result == RESULTS.nonlinear_max_steps_reached, RESULTS.homotopy_residual,
             sol.result,
         )
-        stats = {k: v for k, v in sol.stats.items() if k not in ("num_steps", "max_steps")}
+        stats = dict(sol.stats)
+        stats["num_steps"] = stats.pop("ode_steps")
+        stats["max_steps"] = jnp.array(max_steps)
         sol = Solution(value=sol.value, result=result, stats=stats, aux=None)
     elif isinstance(adjoint, dfx.AbstractAdjoint):
         f, flat, unravel = flat_fn(fn, z0, args)
         z1, stats, result = integrate_path(
             f, flat, hs.homotopy, solver=hs.ode_solver,
             stepsize_controller=hs.stepsize_controller, dt0=dt0, max_steps=max_steps,
-            adjoint=adjoint, corrector=corrector, save_path=saveat_path,
+            adjoint=adjoint, corrector=corrector, save_path=save_path,
         )
         residual = hs.norm(f(z1) - z1)
         ok = residual <= atol + rtol * hs.norm(z1)
@@ -200,7 +210,9 @@ def homotopy_solve(
             (result == RESULTS.successful) & jnp.invert(ok), RESULTS.homotopy_residual,
             result,
         )
-        stats = jtu.tree_map(lax.stop_gradient, {**stats, "residual": residual})
+        stats = {**stats, "nfe": stats["nfe"] + 1, "residual": residual,
+                 "max_steps": jnp.array(max_steps)}
+        stats = jtu.tree_map(lax.stop_gradient, stats)
         sol = Solution(value=unravel(z1), result=result, stats=stats, aux=None)
     else:
         raise TypeError(

@@ -15,12 +15,12 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
-import optimistix as optx
 from jaxtyping import Array, PyTree
 
-
-def tree_dot(a: PyTree, b: PyTree) -> Array:
-    return sum(jnp.vdot(x, y) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b)))
+from .._adjoint import ImplicitAdjoint, NeumannAdjoint
+from .._misc import gmres
+from .._solution import backward_probe, backward_stats, RESULTS
+from .._solve import GivenForward, solve
 
 
 METHODS = ("cg", "gmres", "neumann", "unrolled")
@@ -81,12 +81,17 @@ def hypergradient(
       size `alpha` on the inner loss started from `params` (from $w^*$ this equals the
       $k$-term Neumann series).
 
-    **Failure:** the residual $\|Hu - \nabla_w L_V\|$ and the number of steps are
-    reported (`return_stats=True`: `(grad, stats)` with `residual`, `num_steps`,
-    `converged`). A `cg`/`gmres` solve that does not reach its tolerance raises with
-    `throw=True` (default); with `throw=False` the stats flag it (`converged=False`) —
+    The IFT methods run on the library's shared implicit machinery (`ik.ImplicitAdjoint`
+    with lineax CG/GMRES, `ik.NeumannAdjoint`) applied to the stationarity condition
+    $\nabla_w L_T = 0$ at the given `params`.
+
+    **Failure:** the residual $\|Hu - \nabla_w L_V\|$ (Neumann: the norm of the series'
+    last term) and the number of steps are reported (`return_stats=True`: `(grad, stats)`
+    with `residual`, `num_steps` and `result`, an `ik.RESULTS` member as in every solve). A `cg`/`gmres` solve that does
+    not reach its tolerance raises with `throw=True` (default); with `throw=False` the
+    stats flag it (`result == RESULTS.backward_max_steps_reached`) —
     the hypergradient is never silently wrong. Neumann and unrolled are approximations
-    by design: they report the residual of the $u$ they imply (Neumann) and never raise.
+    by design and never raise.
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
@@ -120,53 +125,41 @@ def hypergradient(
 
         grad = jax.grad(unrolled)(hparams)
         stats = {"residual": jnp.array(jnp.nan), "num_steps": jnp.array(k),
-                 "converged": jnp.array(True)}
+                 "result": RESULTS.successful}
         return (grad, stats) if return_stats else grad
 
-    gv_w, gv_h = jax.grad(lv, argnums=(0, 1))(w, hparams)
+    # The inner minimiser as an implicit function of the hyperparameters, through the
+    # library's shared machinery (`_solve.solve`, the adjoints): the stationarity
+    # condition G(w, h) = -scale * grad_w inner = 0 at the given `w`, so that the fixed-
+    # point form w + G is a gradient step and the adjoint operator is scale * H (symmetric
+    # positive definite at a minimum: CG applies).
+    scale = alpha if method == "neumann" else 1.0
     grad_w = jax.grad(lt)
 
-    def hvp(v):
-        return jax.jvp(lambda w_: grad_w(w_, hparams), (w,), (v,))[1]
+    def stationarity(w_, a):
+        return jtu.tree_map(lambda g: -scale * g, grad_w(w_, a[0]))
 
-    if method == "neumann":
-        def body(carry, _):
-            v, p = carry
-            v = _tree_axpy(-alpha, hvp(v), v)
-            return (v, jtu.tree_map(jnp.add, p, v)), None
-
-        (_, p), _ = lax.scan(body, (gv_w, gv_w), None, length=k)
-        u = jtu.tree_map(lambda a: alpha * a, p)
-        steps = jnp.array(k)
-        converged = jnp.array(True)
+    if method == "neumann":  # alpha * sum_{j<=k} (I - alpha H)^j
+        adjoint, tags = NeumannAdjoint(k), frozenset()
+    elif method == "cg":
+        adjoint = ImplicitAdjoint(lx.CG(rtol=rtol, atol=atol, max_steps=max_steps))
+        tags = frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})
     else:
-        struct = jax.eval_shape(lambda: gv_w)
-        if method == "cg":
-            solver = lx.CG(rtol=rtol, atol=atol, max_steps=max_steps)
-            tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
-        else:
-            solver = lx.GMRES(rtol=rtol, atol=atol, max_steps=max_steps,
-                              restart=min(max_steps, 50))
-            tags = ()
-        op = lx.FunctionLinearOperator(hvp, struct, tags)
-        sol = lx.linear_solve(op, gv_w, solver, throw=False)
-        u = sol.value
-        steps = sol.stats.get("num_steps", jnp.array(0))
-        converged = sol.result == lx.RESULTS.successful
-    r = jtu.tree_map(jnp.subtract, hvp(u), gv_w)
-    residual = optx.two_norm(r)
-    if method in ("cg", "gmres"):
-        scale = atol + rtol * optx.two_norm(gv_w)
-        converged = converged & jnp.isfinite(residual) & (residual <= 10 * scale)
-        if throw:
-            u = eqx.error_if(
-                u, ~converged,
-                f"hypergradient: the {method} solve of H u = dL_V/dw did not converge "
-                "(raise `max_steps`, loosen `rtol`/`atol`, or check that `params` is a "
-                "minimiser with a positive definite Hessian).",
-            )
-    u = lax.stop_gradient(u)
-    mixed = jax.grad(lambda h_: tree_dot(grad_w(w, h_), u))(hparams)
-    grad = jtu.tree_map(jnp.subtract, gv_h, mixed)
-    stats = {"residual": residual, "num_steps": steps, "converged": converged}
+        adjoint = ImplicitAdjoint(gmres(rtol=rtol, atol=atol, max_steps=max_steps,
+                                        restart=min(max_steps, 50)))
+        tags = frozenset()
+
+    def outer(h_, probe):
+        sol = solve(stationarity, w, (h_,), "root", lambda kind: GivenForward(
+            kind, lambda y0, *_: y0), has_aux=False, adjoint=adjoint, throw=throw,
+            probe=probe, tags=tags, name="grad(inner_loss)")
+        return lv(sol.value, h_)
+
+    dtype = jnp.result_type(*jtu.tree_leaves(w))
+    grad, probe_grad = jax.grad(outer, argnums=(0, 1))(hparams, backward_probe(dtype))
+    bs = backward_stats(probe_grad)
+    result = RESULTS.where(bs.num_failed > 0, RESULTS.backward_max_steps_reached,
+                           RESULTS.successful)
+    stats = {"residual": bs.residual, "num_steps": bs.num_steps.astype(int),
+             "result": result}
     return (grad, stats) if return_stats else grad

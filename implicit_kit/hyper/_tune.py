@@ -13,14 +13,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .._misc import keep_if, tree_allfinite
+from .._solution import RESULTS
 from ._hypergradient import hypergradient
 
 
 class TuneResult(eqx.Module):
     """`params`, `hparams` after tuning; `history`: per outer step `inner_loss`,
-    `outer_loss`, `hypergrad_norm`, `residual` (of the inverse-HVP), `converged`, and
-    `skipped` (the hyperparameter step was not applied: the solve failed or the
-    hypergradient was not finite)."""
+    `outer_loss`, `hypergrad_norm`, `residual` (of the inverse-HVP), `solve_failed`
+    (its `result` was not `ik.RESULTS.successful`), and `skipped` (the hyperparameter
+    step was not applied: the solve failed or the hypergradient was not finite)."""
 
     params: Any
     hparams: Any
@@ -38,7 +40,7 @@ def tune(inner_loss, outer_loss, params, hparams, *, inner_optimizer, outer_opti
 
     `params` may be any pytree or Equinox model (only its floating arrays are trained);
     `hypergradient_kwargs` go to `hypergradient` (`k`, `alpha`, `rtol`, ...; `throw`
-    defaults to False here: a failed solve is recorded in `history["converged"]` and its
+    defaults to False here: a failed solve is recorded in `history["solve_failed"]` and its
     hyperparameter step is skipped, `history["skipped"]`).
     """
     if num_outer < 1 or inner_steps < 0:
@@ -75,19 +77,15 @@ def tune(inner_loss, outer_loss, params, hparams, *, inner_optimizer, outer_opti
             h_new = optax.apply_updates(h_, upd)
             # A failed inverse-HVP (NaN, or not converged) is never applied: the step is
             # skipped and recorded, so one bad solve cannot poison the hyperparameters.
-            ok = st["converged"] & jnp.all(jnp.stack(
-                [jnp.all(jnp.isfinite(a)) for a in jtu.tree_leaves(g)]))
-            h_new = jtu.tree_map(lambda a, b: jnp.where(ok, a, b), h_new, h_)
-            outer_state = jtu.tree_map(
-                lambda a, b: jnp.where(ok, a, b) if eqx.is_array(a) else a,
-                new_state, outer_state)
+            ok = (st["result"] == RESULTS.successful) & tree_allfinite(g)
+            h_new, outer_state = keep_if(ok, (h_new, new_state), (h_, outer_state))
             row = {
                 "inner_loss": lt(w_, h_),
                 "outer_loss": outer_loss(eqx.combine(w_, static), h_, outer_args),
                 "hypergrad_norm": jnp.sqrt(sum(jnp.sum(jnp.abs(a) ** 2)
                                                for a in jtu.tree_leaves(g))),
                 "residual": st["residual"],
-                "converged": st["converged"],
+                "solve_failed": st["result"] != RESULTS.successful,
                 "skipped": ~ok,
             }
             return (w_, inner_state, h_new, outer_state), row
@@ -149,13 +147,20 @@ def metrics_table(hparams_batch, metrics) -> list[dict]:
             for i in range(n)]
 
 
-def format_table(rows: list[dict]) -> str:
-    """Plain-text table of `metrics_table` rows."""
+def format_table(rows: list[dict], formats: dict[str, str] | None = None) -> str:
+    """Plain-text table of dict rows (`metrics_table`'s, or a training summary's);
+    `formats` maps a column to a format spec (default `.6g` for floats)."""
     if not rows:
         return ""
+    formats = {} if formats is None else formats
     cols = list(rows[0])
-    fmt = [[f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in cols]
-           for r in rows]
+
+    def cell(c, v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and c in formats:
+            return format(v, formats[c]) if not (isinstance(v, float) and v != v) else "nan"
+        return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+    fmt = [[cell(c, r[c]) for c in cols] for r in rows]
     w = [max(len(c), *(len(f[i]) for f in fmt)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(x) for c, x in zip(cols, w)),
              "  ".join("-" * x for x in w)]

@@ -1,13 +1,25 @@
 """Implicit models (all `eqx.Module`, called on one sample; `jax.vmap` over a batch)."""
 
-from ._classifier import Head as Head, ImageClassifier as ImageClassifier, Stem as Stem
-from ._deq import DEQ as DEQ
+from ._classifier import (
+    group_count as group_count,
+    Head as Head,
+    ImageClassifier as ImageClassifier,
+    Stem as Stem,
+)
+from ._deq import DEQ as DEQ, DEQ_INITS as DEQ_INITS
+from ._hopfield import HopfieldLayer as HopfieldLayer
 from ._init import init_loss as init_loss
-from ._mondeq import MonotoneDEQ as MonotoneDEQ
+from ._mondeq import (
+    ForwardBackward as ForwardBackward,
+    MonotoneDEQ as MonotoneDEQ,
+    PeacemanRachford as PeacemanRachford,
+)
 from ._ode import (
     alternating_start as alternating_start,
     AugmentedNeuralODE as AugmentedNeuralODE,
     HomoODE as HomoODE,
+    HOMOODE_INITS as HOMOODE_INITS,
     NeuralODE as NeuralODE,
     ODESolve as ODESolve,
 )
+from ._stats import ModelStats as ModelStats

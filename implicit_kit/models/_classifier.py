@@ -9,7 +9,8 @@ import jax.random as jr
 from jaxtyping import Array, PRNGKeyArray
 
 
-def _groups(c: int, groups: int) -> int:
+def group_count(c: int, groups: int) -> int:
+    """The largest number of GroupNorm groups `<= groups` that divides `c` channels."""
     g = min(groups, c)
     while c % g:
         g -= 1
@@ -28,7 +29,7 @@ class Stem(eqx.Module):
     def __init__(self, in_channels: int, hidden: int, groups: int = 32, *,
                  key: PRNGKeyArray):
         k1, k2 = jr.split(key)
-        g = _groups(hidden, groups)
+        g = group_count(hidden, groups)
         self.conv1 = eqx.nn.Conv2d(in_channels, hidden, 3, padding=1, key=k1)
         self.gn1 = eqx.nn.GroupNorm(g, hidden)
         self.conv2 = eqx.nn.Conv2d(hidden, hidden, 3, stride=2, padding=1, key=k2)
@@ -50,9 +51,9 @@ class Head(eqx.Module):
     def __init__(self, channels: int, final: int, classes: int, groups: int = 32, *,
                  key: PRNGKeyArray):
         k1, k2 = jr.split(key)
-        self.gn1 = eqx.nn.GroupNorm(_groups(channels, groups), channels)
+        self.gn1 = eqx.nn.GroupNorm(group_count(channels, groups), channels)
         self.conv = eqx.nn.Conv2d(channels, final, 1, key=k1)
-        self.gn2 = eqx.nn.GroupNorm(_groups(final, groups), final)
+        self.gn2 = eqx.nn.GroupNorm(group_count(final, groups), final)
         self.linear = eqx.nn.Linear(final, classes, key=k2)
 
     def __call__(self, z: Array) -> Array:
@@ -66,8 +67,9 @@ class ImageClassifier(eqx.Module):
     model called as `block(features, key=..., inference=..., return_stats=True)`:
     `DEQ`, `MonotoneDEQ`, `NeuralODE`, `AugmentedNeuralODE`, `HomoODE`.
 
-    Returns `(logits, stats)` with the block's per-sample stats, plus `z_end` (the
-    detached block output, for a learned start point's `init_loss`).
+    Returns `(logits, stats)`: the block's per-sample
+    [`implicit_kit.models.ModelStats`][], with `z_end` (the detached block output, for a
+    learned initial point's `init_loss`) added to its extras.
 
     Build with `ImageClassifier.build(block_factory, in_channels, classes, hidden,
     final, key=...)`: the paper's sizes are hidden 64, final 256 (CIFAR-10); the digits
@@ -96,4 +98,4 @@ class ImageClassifier(eqx.Module):
         extra = {} if probe is None else {"probe": probe}
         z, stats = self.block(self.stem(x), key=key, inference=inference, return_stats=True,
                               **extra)
-        return self.head(z), {**stats, "z_end": jax.lax.stop_gradient(z)}
+        return self.head(z), stats.with_extras(z_end=jax.lax.stop_gradient(z))

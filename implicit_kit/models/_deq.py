@@ -10,9 +10,11 @@ from jaxtyping import Array, PRNGKeyArray
 
 from .._fixed_point import fixed_point
 from ..nn import prepare
+from ..solvers import Anderson
+from ._stats import ModelStats
 
 
-INITS = ("zeros", "learned", "skip")
+DEQ_INITS = ("zeros", "learned", "skip")
 
 
 class DEQ(eqx.Module):
@@ -37,8 +39,8 @@ class DEQ(eqx.Module):
 
         $z_0$ is detached inside the solve; train it with
         [`implicit_kit.models.init_loss`][] on the `z0` returned with the stats.
-    - `max_steps`, `throw`: as for `fixed_point` (default `throw=False`: failures are
-        reported in the stats, as a training loop wants).
+    - `max_steps`, `throw`: as for `fixed_point` (256 steps; `throw=False`, the rule for
+        every model: failures are reported in the stats, as a training loop wants).
     - `save_iterates`: step numbers whose iterates are returned in the stats (for
         [`implicit_kit.regularizers.fixed_point_correction`][]).
     - `input_shape`, `key`: needed to build the default `skip` map.
@@ -65,17 +67,15 @@ class DEQ(eqx.Module):
         init: str = "zeros",
         skip=None,
         input_shape: tuple[int, ...] | None = None,
-        max_steps: int = 50,
+        max_steps: int = 256,
         throw: bool = False,
         save_iterates: tuple[int, ...] = (),
         key: PRNGKeyArray | None = None,
     ):
-        if init not in INITS:
-            raise ValueError(f"`init` must be one of {INITS}, got {init!r}.")
+        if init not in DEQ_INITS:
+            raise ValueError(f"`init` must be one of {DEQ_INITS}, got {init!r}.")
         if not callable(cell):
             raise TypeError(f"`cell` must be callable, got {type(cell).__name__}.")
-        from ..solvers import Anderson
-
         self.cell = cell
         self.state_shape = tuple(state_shape)
         self.solver = Anderson() if solver is None else solver
@@ -120,9 +120,9 @@ class DEQ(eqx.Module):
         """Solve for the equilibrium at input `x`.
 
         `key` draws the dropout masks (needed when the cell has dropout, unless
-        `inference`). With `return_stats=True` returns `(z*, stats)` with per-sample
-        `num_steps`, `residual`, `result` (an integer code of `ik.RESULTS`), `z0` (the
-        learned initial point, with its gradient) and `iterates` if requested.
+        `inference`). With `return_stats=True` returns `(z*, stats)`, a
+        [`implicit_kit.models.ModelStats`][] with extras `z0` (the initial point, with
+        its gradient) and `iterates` if requested.
         """
         cell = prepare(self.cell, key=key, inference=inference)
         z0 = self.initial_point(x)
@@ -138,13 +138,7 @@ class DEQ(eqx.Module):
         )
         if not return_stats:
             return sol.value
-        stats = {
-            "num_steps": sol.stats["num_steps"],
-            "residual": sol.stats["residual"],
-            "result": sol.result._value,
-            "z0": z0,
-        }
+        extras = {"z0": z0}
         if self.save_iterates:
-            stats["iterates"] = sol.stats["iterates"]
-        return sol.value, stats
-
+            extras["iterates"] = sol.stats["iterates"]
+        return sol.value, ModelStats.from_solution(sol, **extras)

@@ -15,6 +15,7 @@ from .._solution import RESULTS
 from ..homotopy import count_nfe, FixedPointHomotopy, homotopy_solve
 from ..nn import prepare
 from ..regularizers import ErrorEstimatePenalty, local_error_penalty
+from ._stats import ModelStats, no_residual
 
 
 _DISCRETE = (dfx.RecursiveCheckpointAdjoint, dfx.DirectAdjoint)
@@ -60,7 +61,8 @@ class ODESolve(eqx.Module):
 
     def __call__(self, field, z0, condition, t1, key):
         """Integrate `dz/dt = field(z, condition)` from `z0` over `[0, t1]`; returns
-        `(z(t1), stats)` with `nfe`, `num_steps`, `result` and the penalties."""
+        `(z(t1), stats)`, a [`implicit_kit.models.ModelStats`][] (`residual` NaN) with
+        the penalties in its extras."""
 
         # The field travels in `args` (not closed over): BacksolveAdjoint differentiates
         # only with respect to `y0`, `args` and the terms.
@@ -89,23 +91,18 @@ class ODESolve(eqx.Module):
             adjoint=self.adjoint, max_steps=self.max_steps, throw=False,
         )
         z1 = sol.ys[-1]
-        num_steps = sol.stats["num_steps"]
-        stats = {
-            "nfe": count_nfe(self.solver, num_steps),
-            "num_steps": num_steps,
-            "result": RESULTS.where(
-                sol.result == dfx.RESULTS.successful, RESULTS.successful,
-                RESULTS.nonlinear_max_steps_reached,
-            )._value,
-        }
-        stats = jtu.tree_map(lax.stop_gradient, stats)
+        num_steps = lax.stop_gradient(sol.stats["num_steps"])
+        extras = {}
         if self.error_penalty:
-            stats["error_penalty"] = sol.solver_state[1]
+            extras["error_penalty"] = sol.solver_state[1]
         if self.local_penalty:
-            stats["local_error_penalty"] = local_error_penalty(
+            extras["local_error_penalty"] = local_error_penalty(
                 vf, self.solver, ts[0], sol.ys[0], (field, condition), rtol=self.rtol,
                 atol=self.atol, t_end=t1, dt=self.dt0,
             )
+        # diffrax's outcome promoted (max_steps_reached stays max_steps_reached).
+        stats = ModelStats(num_steps, count_nfe(self.solver, num_steps), no_residual(z1),
+                           RESULTS.promote(sol.result), extras)
         return z1, stats
 
 
@@ -122,7 +119,8 @@ class NeuralODE(eqx.Module):
         or `dfx.BacksolveAdjoint()` (continuous adjoint), penalties).
 
     Called on one sample: `model(z0, key=..., return_stats=True)` gives
-    `(z(t1), stats)` with `nfe` (vector-field evaluations), `num_steps`, `result`.
+    `(z(t1), stats)`, a [`implicit_kit.models.ModelStats`][] (`nfe`: vector-field
+    evaluations; `residual`: NaN).
     """
 
     field: Any
@@ -162,7 +160,7 @@ class AugmentedNeuralODE(eqx.Module):
                     return_stats=return_stats)
 
 
-STARTS = ("alternating", "zeros", "learned")
+HOMOODE_INITS = ("alternating", "zeros", "learned")
 
 
 def alternating_start(shape: tuple[int, ...], dtype=None) -> Array:
@@ -185,14 +183,18 @@ class HomoODE(eqx.Module):
       $dz/d\lambda = (I - \lambda J_f)^{-1}(f(z, x) - z_0)$, integrated by
       `ik.homotopy_solve` (gradients by the implicit function theorem at the end point).
 
-    Start points: `"alternating"` (the authors' default, ∓1 over channels), `"zeros"`,
-    or `"learned"`: one shared learnable point, per channel and constant over space for
-    `(C, H, W)` states (the authors' GN(Conv1×1(ones))), detached in the solve and
-    trained only by [`implicit_kit.models.init_loss`] to the detached end points —
-    with its own optimiser, every few steps (`HomoODE.start_params` selects it).
+    Initial (start) points, `init=` as for [`implicit_kit.models.DEQ`][]:
+    `"alternating"` (the authors' default, ∓1 over channels), `"zeros"`, or `"learned"`:
+    one shared learnable point, per channel and constant over space for `(C, H, W)`
+    states (the authors' GN(Conv1×1(ones))), detached in the solve and trained only by
+    [`implicit_kit.models.init_loss`] to the detached end points — with its own
+    optimiser, every few steps (`HomoODE.init_params` selects it).
 
     **Arguments:** `module` (the learned field, or the DEQ cell for `"exact"`),
-    `state_shape`, `field`, `start`, `ode` (default dopri5 at rtol = atol = 1e-3).
+    `state_shape`, `field`, `init`, `ode` (default dopri5 at rtol = atol = 1e-3). With
+    `field="exact"` the ODE's `solver`, tolerances (or `stepsize_controller`), `dt0` and
+    `max_steps` drive the homotopy path; its `adjoint` and penalties do not apply
+    (gradients come from the implicit function theorem at the end point) and are refused.
     """
 
     module: Any
@@ -200,36 +202,51 @@ class HomoODE(eqx.Module):
     ode: ODESolve
     state_shape: tuple[int, ...] = eqx.field(static=True)
     field: str = eqx.field(static=True)
-    start: str = eqx.field(static=True)
+    init: str = eqx.field(static=True)
 
     def __init__(self, module, state_shape, *, field: str = "learned",
-                 start: str = "alternating", ode: ODESolve | None = None):
+                 init: str = "alternating", ode: ODESolve | None = None):
         if field not in ("learned", "exact"):
             raise ValueError(f"`field` must be 'learned' or 'exact', got {field!r}.")
-        if start not in STARTS:
-            raise ValueError(f"`start` must be one of {STARTS}, got {start!r}.")
+        if init not in HOMOODE_INITS:
+            raise ValueError(f"`init` must be one of {HOMOODE_INITS}, got {init!r}.")
+        ode = ODESolve() if ode is None else ode
+        if field == "exact":
+            adjoint = ode.adjoint
+            if not (type(adjoint) is dfx.RecursiveCheckpointAdjoint
+                    and adjoint.checkpoints is None):
+                raise ValueError(
+                    "HomoODE(field='exact') differentiates by the implicit function "
+                    "theorem at the end point; `ode.adjoint` "
+                    f"({type(adjoint).__name__}) would be ignored: leave it unset."
+                )
+            if ode.error_penalty or ode.local_penalty:
+                raise ValueError(
+                    "HomoODE(field='exact') does not support `ode.error_penalty` / "
+                    "`ode.local_penalty` (its path is a homotopy, not the model's ODE)."
+                )
         self.module = module
         self.state_shape = tuple(state_shape)
         self.field = field
-        self.start = start
-        self.ode = ODESolve() if ode is None else ode
-        if start == "learned":
+        self.init = init
+        self.ode = ode
+        if init == "learned":
             base = alternating_start(self.state_shape)
             self.z0 = base[(slice(None),) + (slice(0, 1),) * (len(self.state_shape) - 1)]
         else:
             self.z0 = None
 
-    def start_point(self, dtype=None) -> Array:
+    def initial_point(self, dtype=None) -> Array:
         """The start point $z_0$ (with its gradient, for `init_loss`)."""
-        if self.start == "alternating":
+        if self.init == "alternating":
             return alternating_start(self.state_shape, dtype)
-        if self.start == "zeros":
+        if self.init == "zeros":
             return jnp.zeros(self.state_shape, dtype)
         z0 = jnp.broadcast_to(self.z0, self.state_shape)
         return z0 if dtype is None else z0.astype(dtype)
 
     @staticmethod
-    def start_params(model) -> Any:
+    def init_params(model) -> Any:
         """A filter spec selecting the learned start point (for its own optimiser)."""
         spec = jtu.tree_map(lambda _: False, model)
         return eqx.tree_at(lambda m: m.z0, spec, True, is_leaf=lambda x: x is None)
@@ -238,20 +255,22 @@ class HomoODE(eqx.Module):
                  inference: bool = False, return_stats: bool = False):
         kd, kp = (None, None) if key is None else jr.split(key)
         module = prepare(self.module, key=kd, inference=inference)
-        z0 = self.start_point(x.dtype)
+        z0 = self.initial_point(x.dtype)
         z0_solve = lax.stop_gradient(z0)
         if self.field == "learned":
             z1, stats = self.ode(module, z0_solve, x, 1.0, kp)
         else:
+            ode = self.ode
+            controller = ode.stepsize_controller
+            if controller is None:
+                controller = dfx.PIDController(rtol=ode.rtol, atol=ode.atol)
             sol = homotopy_solve(
                 lambda z, a: module(z, a), z0_solve, x, FixedPointHomotopy(),
-                solver=self.ode.solver,
-                stepsize_controller=dfx.PIDController(rtol=self.ode.rtol, atol=self.ode.atol),
-                dt0=self.ode.dt0, max_steps=self.ode.max_steps, rtol=jnp.inf, throw=False,
+                ode_solver=ode.solver, stepsize_controller=controller, dt0=ode.dt0,
+                max_steps=ode.max_steps, rtol=jnp.inf, throw=False,
             )
             z1 = sol.value
-            stats = {"nfe": sol.stats["nfe"], "num_steps": sol.stats["ode_steps"],
-                     "result": sol.result._value}
+            stats = ModelStats.from_solution(sol)
         if not return_stats:
             return z1
-        return z1, {**stats, "z0": z0}
+        return z1, stats.with_extras(z0=z0)

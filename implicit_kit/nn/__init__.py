@@ -9,7 +9,6 @@ from ._layers import (
     graph_fixed_point as graph_fixed_point,
     hopfield_energy as hopfield_energy,
     hopfield_update as hopfield_update,
-    HopfieldLayer as HopfieldLayer,
     subhomogeneity_degree as subhomogeneity_degree,
     SubhomogeneousCell as SubhomogeneousCell,
 )

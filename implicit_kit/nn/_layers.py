@@ -1,8 +1,6 @@
 """Well-posed implicit layers from the seed papers: subhomogeneous DEQ cells, the
 convergent graph solver, and the modern Hopfield fixed-point layer."""
 
-from typing import Any
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -199,35 +197,3 @@ def hopfield_energy(xi: Float[Array, " d"], patterns: Float[Array, "d n"], beta)
         + jnp.log(n) / beta
         + 0.5 * m**2
     )
-
-
-class HopfieldLayer(eqx.Module):
-    r"""Retrieval to the fixed point $\xi^* = X\,\mathrm{softmax}(\beta X^\top\xi^*)$ of the
-    modern Hopfield update, with implicit gradients (at a strict energy minimum
-    $I - J \succ 0$, so the backward problem is well posed).
-
-    **Arguments:**
-
-    - `beta`: the inverse temperature (hflayers' default is $1/\sqrt{d}$).
-    - `solver`, `adjoint`, `max_steps`, `throw`: as for [`implicit_kit.fixed_point`][]
-        (default `Picard(rtol=1e-6, atol=1e-8)`: the update is a CCCP step).
-    """
-
-    beta: float
-    solver: Any = None
-    adjoint: Any = None
-    max_steps: int = eqx.field(static=True, default=100)
-    throw: bool = eqx.field(static=True, default=True)
-
-    def __call__(self, query: Float[Array, " d"], patterns: Float[Array, "d n"]) -> Array:
-        from .._fixed_point import fixed_point
-        from ..solvers import Picard
-
-        solver = Picard(rtol=1e-6, atol=1e-8) if self.solver is None else self.solver
-        sol = fixed_point(
-            lambda xi, a: hopfield_update(xi, a[0], a[1]), query, (patterns, self.beta),
-            solver, adjoint=self.adjoint, max_steps=self.max_steps, throw=self.throw,
-        )
-        return sol.value
-
-

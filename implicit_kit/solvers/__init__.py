@@ -11,4 +11,3 @@ from .fallback import Fallback as Fallback
 from .halpern import Halpern as Halpern
 from .newton_krylov import NewtonKrylov as NewtonKrylov
 from .picard import Picard as Picard
-from .splitting import ForwardBackward as ForwardBackward, PeacemanRachford as PeacemanRachford

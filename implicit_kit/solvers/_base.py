@@ -2,14 +2,18 @@
 
 Every solver is an `eqx.Module` holding hyperparameters only and implementing the
 optimistix solver protocol (`init`, `step`, `terminate`, `postprocess`), so that it also
-works inside `optimistix.fixed_point` / `optimistix.root_find`. A solver works natively
-on either a fixed-point map `T(y) = y` (subclass of `AbstractFixedPointSolver`) or a root
-function `G(y) = 0` (subclass of `AbstractRootSolver`); the driver converts between the two
-with `G(y) = T(y) - y`.
+works inside `optimistix.fixed_point` / `optimistix.root_find`: `terminate` returns
+optimistix's result codes, which implicit_kit's driver promotes (with
+`result_code`, where a solver has a code of its own). A solver works natively on either
+a fixed-point map `T(y) = y` (subclass of `AbstractFixedPointSolver`) or a root function
+`G(y) = 0` (subclass of `AbstractRootSolver`); `native_fn` converts between the two with
+`G(y) = T(y) - y`.
 
 The state of every implicit_kit solver carries `residual`, the norm of `G` at the iterate
 the last `step` was taken from, and `scale`, the norm of that iterate: the termination test
-is `residual <= atol + rtol * scale`.
+is `residual <= atol + rtol * scale`. A state may carry `nfe`, a running count of the
+evaluations of `fn` (a JVP through it counts as one); without it, the evaluations are
+counted as the calls of `fn` in one traced `step` (`step_counted`).
 """
 
 from collections.abc import Callable
@@ -17,6 +21,7 @@ from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import optimistix as optx
 from equinox import AbstractClassVar, AbstractVar
 from jaxtyping import Array, Float, PyTree, Scalar
@@ -35,13 +40,20 @@ class AbstractImplicitSolver(eqx.Module):
     def terminate(self, fn, y, args, options, state, tags):
         """`(done, result)`: done when the residual is finite and at most
         `atol + rtol * scale`; a non-finite residual is never convergence (the driver
-        reports it)."""
+        reports it). `result` is an `optimistix.RESULTS` member (so that the solver runs
+        inside optimistix's own loop)."""
         del fn, y, args, options, tags
         # A non-finite residual is never convergence (even if the scale overflowed too).
         done = jnp.isfinite(state.residual) & (
             state.residual <= self.atol + self.rtol * state.scale
         )
-        return done, RESULTS.successful
+        return done, optx.RESULTS.successful
+
+    def result_code(self, result, state) -> RESULTS:
+        """`result` (from `terminate`) as an implicit_kit `RESULTS` member; solvers with
+        codes of their own (a lost homotopy path, an exhausted fallback) refine it."""
+        del state
+        return RESULTS.promote(result)
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
         """`(y, aux, stats)` returned by the solve; these solvers add no extra stats."""
@@ -62,9 +74,64 @@ class AbstractRootSolver(AbstractImplicitSolver, optx.AbstractRootFinder):
 
 def init_residual(y: PyTree) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """Residual `inf` and scale `0` in the dtype of `y` (so the state never changes dtype)."""
-    import jax.tree_util as jtu
-
     leaves = jtu.tree_leaves(y)
     dtype = jnp.result_type(*leaves) if leaves else jnp.result_type(float)
     real = jnp.finfo(dtype).dtype
     return jnp.array(jnp.inf, real), jnp.array(0.0, real)
+
+
+KINDS = ("fixed_point", "root")
+
+
+def solver_native_kind(solver) -> str:
+    """`"fixed_point"` or `"root"`: the kind of problem `solver` iterates on."""
+    if isinstance(solver, AbstractImplicitSolver):
+        return solver.native
+    if isinstance(solver, optx.AbstractFixedPointSolver):
+        return "fixed_point"
+    if isinstance(solver, optx.AbstractRootFinder):
+        return "root"
+    raise TypeError(
+        "`solver` must be an implicit_kit solver (Picard, Anderson, Broyden, "
+        "NewtonKrylov, Halpern, Fallback, HomotopySolver, ...) or an optimistix "
+        f"fixed-point solver or root finder; got {type(solver).__name__}. (For an "
+        "optimistix least-squares solver or minimiser, use `ik.minimise` or optimistix "
+        "directly.)"
+    )
+
+
+def native_fn(fn, kind: str, native: str):
+    """`fn(y, args) -> (out, aux)` of problem `kind`, rewritten for a solver of `native`."""
+    if kind == native:
+        return fn
+    if kind == "fixed_point":  # solver wants G = T - y
+
+        def root_fn(y, args):
+            out, aux = fn(y, args)
+            return jtu.tree_map(lambda a, b: a - b, out, y), aux
+
+        return root_fn
+
+    def fixed_point_fn(y, args):  # solver wants T = y + G
+        out, aux = fn(y, args)
+        return jtu.tree_map(lambda a, b: a + b, y, out), aux
+
+    return fixed_point_fn
+
+
+def step_counted(solver, fn, y, args, options, state, tags):
+    """`solver.step(...)` and the number of evaluations of `fn` it made: the change of
+    the state's `nfe` counter if it keeps one, else the calls of `fn` in the traced step
+    (exact for solvers that call `fn` outside inner loops; a lower bound otherwise)."""
+    calls = [0]
+
+    def counted(y, args):
+        calls[0] += 1
+        return fn(y, args)
+
+    new_y, new_state, aux = solver.step(counted, y, args, options, state, tags)
+    if hasattr(new_state, "nfe"):
+        nfe = new_state.nfe - state.nfe
+    else:
+        nfe = jnp.array(calls[0])
+    return new_y, new_state, aux, nfe

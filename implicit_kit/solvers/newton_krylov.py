@@ -8,12 +8,28 @@ import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from .._misc import tree_add
+from .._misc import gmres, tree_add
 from ._base import AbstractRootSolver, init_residual
+
+
+def newton_step(g_fn, y, linear_solver, damping=1.0):
+    """One inexact Newton step on `G = g_fn` (`g_fn(y) -> (G(y), aux)`): linearise `G` at
+    `y` (JVPs only), solve `J_G(y) delta = -G(y)` with the lineax `linear_solver`, and
+    step `y + damping * delta` (a non-finite `delta` is no step). Returns
+    `(y_new, G(y), aux, linear_steps)`. The one Newton step of the library: `NewtonKrylov`
+    and the homotopy's `NewtonCorrector` are built on it."""
+    g, lin, aux = jax.linearize(g_fn, y, has_aux=True)
+    operator = lx.FunctionLinearOperator(lin, jax.eval_shape(lambda: y))
+    rhs = jtu.tree_map(jnp.negative, g)
+    sol = lx.linear_solve(operator, rhs, linear_solver, throw=False)
+    delta = jtu.tree_map(lambda d: jnp.where(jnp.all(jnp.isfinite(d)), d, 0), sol.value)
+    steps = jnp.asarray(sol.stats.get("num_steps", 0))
+    return tree_add(y, delta, damping), g, aux, steps
 
 
 class _NewtonKrylovState(eqx.Module):
     linear_steps: Int[Array, ""]
+    nfe: Int[Array, ""]
     residual: Float[Array, ""]
     scale: Float[Array, ""]
 
@@ -38,28 +54,26 @@ class NewtonKrylov(AbstractRootSolver):
 
     rtol: float = 1e-5
     atol: float = 1e-6
-    linear_solver: lx.AbstractLinearSolver = lx.GMRES(
+    # A loose inner tolerance (the forcing term of inexact Newton), not the defaults.
+    linear_solver: lx.AbstractLinearSolver = gmres(
         rtol=1e-4, atol=1e-8, restart=20, max_steps=100
     )
     damping: float = 1.0
     norm: Callable[[PyTree], Scalar] = optx.two_norm
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
-        return _NewtonKrylovState(jnp.array(0), *init_residual(y))
+        zero = jnp.array(0)
+        return _NewtonKrylovState(zero, zero, *init_residual(y))
 
     def step(self, fn, y, args, options, state, tags):
-        g, lin, aux = jax.linearize(lambda _y: fn(_y, args), y, has_aux=True)
-        struct = jax.eval_shape(lambda: y)
-        operator = lx.FunctionLinearOperator(lin, struct)
-        rhs = jtu.tree_map(jnp.negative, g)
-        sol = lx.linear_solve(operator, rhs, self.linear_solver, throw=False)
-        delta = jtu.tree_map(
-            lambda d: jnp.where(jnp.all(jnp.isfinite(d)), d, 0), sol.value
+        new_y, g, aux, steps = newton_step(
+            lambda _y: fn(_y, args), y, self.linear_solver, self.damping
         )
-        new_y = tree_add(y, delta, self.damping)
-        steps = sol.stats.get("num_steps", jnp.array(0))
         new_state = _NewtonKrylovState(
-            state.linear_steps + steps, self.norm(g), self.norm(y)
+            state.linear_steps + steps,
+            state.nfe + 1 + steps,  # the linearisation, and one JVP per Krylov step
+            self.norm(g),
+            self.norm(y),
         )
         return new_y, new_state, aux
 

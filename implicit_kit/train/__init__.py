@@ -1,7 +1,7 @@
 """Training: the typed config, `fit` (jit-compiled steps, metrics, atomic checkpoints,
 exact resume, plots, data parallelism), and the `implicit-kit` CLI."""
 
-from ._build import build_model as build_model
+from ._build import build_model as build_model, count_params as count_params
 from ._checkpoint import (
     CheckpointError as CheckpointError,
     list_checkpoints as list_checkpoints,
@@ -11,6 +11,8 @@ from ._checkpoint import (
 )
 from ._cli import config_dir as config_dir
 from ._config import (
+    check_config as check_config,
+    check_tune_config as check_tune_config,
     Config as Config,
     config_from_dict as config_from_dict,
     ConfigError as ConfigError,
@@ -24,13 +26,7 @@ from ._config import (
     TrainConfig as TrainConfig,
     TuneConfig as TuneConfig,
 )
-from ._fit import (
-    check_config as check_config,
-    count_params as count_params,
-    evaluate_checkpoint as evaluate_checkpoint,
-    fit as fit,
-    FitResult as FitResult,
-    load_data as load_data,
-    plot_history as plot_history,
-)
-from ._tuning import check_tune_config as check_tune_config, run_tune as run_tune
+from ._data import load_data as load_data
+from ._loop import evaluate_checkpoint as evaluate_checkpoint, fit as fit, FitResult as FitResult
+from ._report import plot_history as plot_history
+from ._tuning import run_tune as run_tune

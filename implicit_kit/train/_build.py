@@ -1,72 +1,55 @@
-"""From a `ModelConfig` to an `ik.models.ImageClassifier` (shared stem and head)."""
+"""From a config to an `ik.models.ImageClassifier` (shared stem and head)."""
 
 import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import jax.random as jr
-import lineax as lx
 
 from .. import models, nn, solvers
 from .._adjoint import (
+    backward_tolerance,
     ImplicitAdjoint,
     JFBAdjoint,
     NeumannAdjoint,
     PhantomAdjoint,
     UnrolledAdjoint,
 )
-from ..models._classifier import _groups
-from ._config import ConfigError, ModelConfig
+from .._misc import gmres
+from ._config import (
+    check_model_config,
+    Config,
+    DEQ_SOLVERS,
+    ModelConfig,
+    ODE_ADJOINTS,
+    ODE_SOLVERS,
+)
 
 
-_DEQ_SOLVERS = {"anderson": solvers.Anderson, "picard": solvers.Picard,
-                "broyden": solvers.Broyden}
-_ODE_SOLVERS = {"dopri5": dfx.Dopri5, "tsit5": dfx.Tsit5, "bosh3": dfx.Bosh3,
-                "heun": dfx.Heun, "euler": dfx.Euler}
-_DEQ_ADJOINTS = ("implicit", "phantom", "jfb", "neumann", "unrolled")
-_ODE_ADJOINTS = {"checkpoint": dfx.RecursiveCheckpointAdjoint, "backsolve": dfx.BacksolveAdjoint}
-_INITS = {"deq": ("zeros", "learned", "skip"), "homoode": ("alternating", "zeros", "learned")}
+_DEQ_SOLVERS = dict(zip(DEQ_SOLVERS, (solvers.Anderson, solvers.Picard, solvers.Broyden)))
+_ODE_SOLVERS = dict(zip(ODE_SOLVERS, (dfx.Dopri5, dfx.Tsit5, dfx.Bosh3, dfx.Heun,
+                                      dfx.Euler)))
+_ODE_ADJOINTS = dict(zip(ODE_ADJOINTS, (dfx.RecursiveCheckpointAdjoint,
+                                        dfx.BacksolveAdjoint)))
 
 
-def _choice(value, choices, default, key: str, kind: str):
-    value = default if value is None else value
-    if value not in choices:
-        raise ConfigError(
-            f"key 'model.{key}' must be one of {tuple(choices)} for kind {kind!r}, got "
-            f"{value!r}."
-        )
-    return value
+def _implicit_adjoint(m: ModelConfig, dtype) -> ImplicitAdjoint:
+    """The `implicit` adjoint of the config: `backward_rtol` or else the forward
+    tolerance (`backward_tolerance`, the rule of `ImplicitAdjoint()` itself)."""
+    if m.backward == "auto":
+        return ImplicitAdjoint(rtol=m.backward_rtol, atol=m.backward_rtol)
+    rtol, atol = backward_tolerance((m.rtol, m.atol), dtype)
+    if m.backward_rtol is not None:
+        rtol = atol = m.backward_rtol
+    if m.backward == "picard":
+        return ImplicitAdjoint(solvers.Picard(rtol=rtol, atol=atol))
+    return ImplicitAdjoint(gmres(rtol=rtol, atol=atol, restart=20, max_steps=200))
 
 
-def check_model_config(m: ModelConfig) -> None:
-    """Validate the kind-dependent choices (raises `ConfigError` naming the key)."""
-    ode = m.kind in ("node", "anode", "homoode")
-    if m.kind == "deq":
-        _choice(m.solver, _DEQ_SOLVERS, "anderson", "solver", m.kind)
-        _choice(m.adjoint, _DEQ_ADJOINTS, "implicit", "adjoint", m.kind)
-    elif ode:
-        _choice(m.solver, _ODE_SOLVERS, "dopri5", "solver", m.kind)
-        _choice(m.adjoint, _ODE_ADJOINTS, "checkpoint", "adjoint", m.kind)
-    else:
-        _choice(m.solver, ("peaceman_rachford",), "peaceman_rachford", "solver", m.kind)
-        _choice(m.adjoint, ("implicit",), "implicit", "adjoint", m.kind)
-        _choice(m.backward, ("picard",), "picard", "backward", m.kind)
-    if m.kind in _INITS:
-        _choice(m.init, _INITS[m.kind], _INITS[m.kind][0], "init", m.kind)
-    elif m.init is not None:
-        raise ConfigError(f"key 'model.init' is not used by kind {m.kind!r}; remove it.")
-    for key in ("hidden", "final", "groups", "adjoint_steps"):
-        if getattr(m, key) < 1:
-            raise ConfigError(f"key 'model.{key}' must be positive, got {getattr(m, key)}.")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"key 'model.dropout' must be in [0, 1), got {m.dropout}.")
-
-
-def _deq_adjoint(m: ModelConfig):
+def _deq_adjoint(m: ModelConfig, dtype):
     name = m.adjoint or "implicit"
     return {
-        "implicit": lambda: ImplicitAdjoint(
-            solvers.Picard(rtol=m.backward_rtol, atol=m.backward_rtol)
-            if m.backward == "picard"
-            else lx.GMRES(rtol=m.backward_rtol, atol=m.backward_rtol, restart=20,
-                          max_steps=200)),
+        "implicit": lambda: _implicit_adjoint(m, dtype),
         "phantom": lambda: PhantomAdjoint(k=m.adjoint_steps),
         "jfb": lambda: JFBAdjoint(),
         "neumann": lambda: NeumannAdjoint(k=m.adjoint_steps),
@@ -75,34 +58,33 @@ def _deq_adjoint(m: ModelConfig):
 
 
 def build_model(m: ModelConfig, *, in_channels: int, classes: int, spatial: int, key,
-                error_penalty: bool = False):
+                error_penalty: bool = False, dtype="float32"):
     """The classifier for config `m` on `(in_channels, spatial, spatial)` images (the
-    stem halves the spatial size)."""
+    stem halves the spatial size), for training in `dtype`."""
     check_model_config(m)
+    steps = {} if m.max_steps is None else {"max_steps": m.max_steps}
     kb, kc = jr.split(key)
     s = (spatial + 1) // 2
     h = m.hidden
-    g = _groups(h, m.groups)
+    g = models.group_count(h, m.groups)
     if m.kind == "deq":
         cell = nn.ConvCell(h, groups=g, dropout=m.dropout, residual=m.residual, key=kb)
         solver = _DEQ_SOLVERS[m.solver or "anderson"](rtol=m.rtol, atol=m.atol)
-        block = models.DEQ(cell, (h, s, s), solver, _deq_adjoint(m), init=m.init or "zeros",
-                           max_steps=m.max_steps or 30)
+        block = models.DEQ(cell, (h, s, s), solver, _deq_adjoint(m, dtype),
+                           init=m.init or "zeros", **steps)
         channels = h
     elif m.kind == "mondeq":
         block = models.MonotoneDEQ.conv(
             h, h, (s, s), m.monotone_m, key=kb,
-            solver=solvers.PeacemanRachford(rtol=m.rtol, atol=m.atol),
-            adjoint=ImplicitAdjoint(solvers.Picard(rtol=m.backward_rtol, atol=m.backward_rtol),
-                                    max_steps=m.max_steps or 100),
-            max_steps=m.max_steps or 100,
+            solver=models.PeacemanRachford(rtol=m.rtol, atol=m.atol),
+            adjoint=_implicit_adjoint(m, dtype), **steps,
         )
         channels = h
     else:
         ode = models.ODESolve(
             solver=_ODE_SOLVERS[m.solver or "dopri5"](), rtol=m.rtol, atol=m.atol,
             adjoint=_ODE_ADJOINTS[m.adjoint or "checkpoint"](),
-            max_steps=m.max_steps or 4096, error_penalty=error_penalty,
+            error_penalty=error_penalty, **steps,
         )
         if m.kind == "node":
             field = nn.ConvCell(h, groups=g, residual=False, inject=False, dropout=m.dropout,
@@ -111,14 +93,29 @@ def build_model(m: ModelConfig, *, in_channels: int, classes: int, spatial: int,
             channels = h
         elif m.kind == "anode":
             channels = h + m.augment
-            field = nn.ConvCell(channels, groups=_groups(channels, m.groups), residual=False,
-                                inject=False, dropout=m.dropout, key=kb)
+            field = nn.ConvCell(channels, groups=models.group_count(channels, m.groups),
+                                residual=False, inject=False, dropout=m.dropout, key=kb)
             block = models.AugmentedNeuralODE(field, m.augment, ode)
         else:
             field = nn.ConvCell(h, groups=g, residual=False, dropout=m.dropout, key=kb)
-            block = models.HomoODE(field, (h, s, s), start=m.init or "alternating", ode=ode)
+            block = models.HomoODE(field, (h, s, s), init=m.init or "alternating", ode=ode)
             channels = h
     return models.ImageClassifier.build(
         block, in_channels=in_channels, classes=classes, hidden=h, final=m.final,
         block_channels=channels, groups=m.groups, key=kc,
     )
+
+
+def make_model(cfg: Config, in_channels: int, spatial: int, classes: int = 10):
+    model = build_model(cfg.model, in_channels=in_channels, classes=classes,
+                        spatial=spatial, key=jr.key(cfg.train.seed),
+                        error_penalty=cfg.regularizers.error_penalty > 0, dtype=cfg.train.dtype)
+    dtype = jnp.dtype(cfg.train.dtype)
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, model)
+
+
+def count_params(model) -> int:
+    """The number of trainable (floating-point) parameters of `model`."""
+    return int(sum(a.size for a in jax.tree_util.tree_leaves(eqx.filter(model,
+                                                                        eqx.is_inexact_array))))

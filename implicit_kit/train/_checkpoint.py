@@ -115,3 +115,19 @@ def load_checkpoint(path, like) -> tuple[dict, object]:
             f"checkpoint {str(path)!r} does not match the model built from its config: {e}"
         ) from None
     return header, state
+
+
+_RESUME_FREE = ("train.progress",)
+
+
+def config_diff(a: dict, b: dict, prefix="") -> list[str]:
+    """The dotted keys where two config dicts differ (those a resume may change
+    aside)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        where = f"{prefix}{k}"
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += config_diff(a[k], b[k], where + ".")
+        elif a.get(k) != b.get(k) and where not in _RESUME_FREE:
+            out.append(where)
+    return out

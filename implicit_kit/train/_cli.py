@@ -3,14 +3,16 @@
 import argparse
 import importlib.resources
 import json
-import math
 import pathlib
 import sys
 import time
 
 from ..hyper import format_table
 from ._checkpoint import atomic_write, CheckpointError
-from ._config import Config, ConfigError, load_config, TuneConfig
+from ._config import check_config, Config, ConfigError, load_config, TuneConfig
+from ._loop import evaluate_checkpoint, fit
+from ._report import plot_comparison, SUMMARY_FORMATS, summary_row
+from ._tuning import run_tune
 
 
 DEMO = ("digits_node", "digits_anode", "digits_deq", "digits_mondeq",
@@ -31,47 +33,25 @@ def config_dir() -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 
-def _row(name: str, result) -> dict:
-    h = result.history
-    last = h[-1]
-    evals = [r for r in h if "test_acc" in r]
-    timed = [r["seconds"] for r in h[1:]] or [r["seconds"] for r in h]
-    return {
-        "model": name,
-        "test acc": evals[-1]["test_acc"] if evals else math.nan,
-        "params": result.num_params,
-        "fwd NFE/steps": evals[-1]["test_fwd_steps"] if evals else last["fwd_steps"],
-        "s/epoch": sum(timed) / len(timed),
-        "peak MB": last["peak_memory_mb"],
-        "failures": evals[-1]["test_failure_rate"] if evals else math.nan,
-    }
-
-
 def _fit_many(configs: list[tuple[str, Config]], resume: bool) -> list[dict]:
-    from ._fit import fit
-
     rows = []
     for name, cfg in configs:
         print(f"== {name}: {cfg.model.kind}, {cfg.train.epochs} epochs -> "
               f"{cfg.train.checkpoint_dir}", flush=True)
         result = fit(cfg, resume=resume)
-        rows.append(_row(name, result))
+        rows.append(summary_row(name, result))
     return rows
 
 
 def _cmd_train(a) -> int:
-    from ._fit import fit
-
     cfg = load_config(a.config, a.overrides)
     result = fit(cfg, resume=a.resume)
-    print(format_table([_row(cfg.name, result)]))
+    print(format_table([summary_row(cfg.name, result)], SUMMARY_FORMATS))
     print(f"log, checkpoints and plots: {result.run_dir}")
     return 0
 
 
 def _cmd_eval(a) -> int:
-    from ._fit import evaluate_checkpoint
-
     out = evaluate_checkpoint(a.checkpoint)
     for k, v in out.items():
         print(f"{k}: {v}")
@@ -86,12 +66,10 @@ def _cmd_compare(a) -> int:
             "the configs share a train.checkpoint_dir; each run needs its own "
             f"({', '.join(map(str, dirs))})."
         )
-    from ._fit import check_config
-
     for _, cfg in configs:  # every config is checked before anything trains
         check_config(cfg)
     rows = _fit_many(configs, a.resume)
-    print(format_table(rows))
+    print(format_table(rows, SUMMARY_FORMATS))
     return 0
 
 
@@ -115,20 +93,20 @@ def _cmd_demo(a) -> int:
     rows = _fit_many(configs, a.resume)
     print()
     print("implicit models on the embedded 8x8 digits (same stem and head; test split of "
-          "360 images; fwd = forward steps or vector-field evaluations per test sample)")
-    print(format_table(rows))
+          "360 images; NFE = evaluations of the cell or vector field per test sample)")
+    print(format_table(rows, SUMMARY_FORMATS))
     total = time.perf_counter() - t0
     atomic_write(out / "table.json", json.dumps(
         {"rows": rows, "total_seconds": total, "overrides": overrides}, indent=1).encode())
-    print(f"\ntotal {total:.0f} s. The table is in {out.resolve()}/table.json; per-run "
-          f"metrics log (metrics.jsonl), checkpoints (epoch-*.ckpt) and plots (curves.png, "
-          f"forward_steps.png) are in {out.resolve()}/<run>/.")
+    figure = plot_comparison(rows, out / "comparison.png")
+    print(f"\ntotal {total:.0f} s. The table is in {out.resolve()}/table.json and the "
+          f"comparison figure in {figure.resolve()}; per-run metrics log (metrics.jsonl), "
+          f"checkpoints (epoch-*.ckpt) and plots (curves.png, forward_steps.png) are in "
+          f"{out.resolve()}/<run>/.")
     return 0
 
 
 def _cmd_tune(a) -> int:
-    from ._tuning import run_tune
-
     cfg = load_config(a.config, a.overrides, schema=TuneConfig)
     run_tune(cfg)
     return 0

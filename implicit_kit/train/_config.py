@@ -1,4 +1,6 @@
-"""The typed experiment config: YAML files mapped onto frozen dataclasses.
+"""The typed experiment config: YAML files mapped onto frozen dataclasses, and every
+check of a config (`check_config`, `check_model_config`, `check_tune_config`: the one
+place config validation lives).
 
 Every key is checked before anything runs: an unknown key, a missing required key or a
 value of the wrong type is a `ConfigError` naming the file and the dotted key.
@@ -12,7 +14,12 @@ import types
 import typing
 from typing import Any
 
+import jax
+import optax
 import yaml
+
+from .. import data as ik_data
+from ..models import DEQ_INITS, HOMOODE_INITS
 
 
 class _Loader(yaml.SafeLoader):
@@ -40,6 +47,14 @@ class ConfigError(ValueError):
 
 
 MODEL_KINDS = ("node", "anode", "deq", "mondeq", "homoode")
+# The choices of the config, by name (`_build` maps each name to its class).
+ODE_KINDS = ("node", "anode", "homoode")
+DEQ_SOLVERS = ("anderson", "picard", "broyden")
+ODE_SOLVERS = ("dopri5", "tsit5", "bosh3", "heun", "euler")
+DEQ_ADJOINTS = ("implicit", "phantom", "jfb", "neumann", "unrolled")
+ODE_ADJOINTS = ("checkpoint", "backsolve")
+BACKWARDS = ("auto", "picard", "gmres")
+INITS = {"deq": DEQ_INITS, "homoode": HOMOODE_INITS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +69,14 @@ class ModelConfig:
     - `adjoint`: DEQ `implicit`, `phantom`, `jfb`, `neumann`, `unrolled`; ODE models
       `checkpoint` (exact backprop through the solver) or `backsolve`.
     - `adjoint_steps`: k of phantom/neumann.
-    - `backward`: the linear solve of the DEQ `implicit` adjoint, `picard` (fixed-point
-      iteration on the adjoint, converges when the Jacobian's spectral radius is below
-      1) or `gmres` (lineax GMRES on `I - Jᵀ`, also when it is not); `backward_rtol`
-      its tolerance (also of the monDEQ's backward splitting; mind float32's ~1e-7).
-    - `rtol`, `atol`, `max_steps`: forward tolerances and step cap.
+    - `backward`: the linear solve of the DEQ `implicit` adjoint: `auto` (default,
+      `ik.ImplicitAdjoint()`'s: fixed-point iteration on the adjoint, GMRES where that
+      fails), `picard` (fixed-point iteration only, converges when the Jacobian's
+      spectral radius is below 1) or `gmres` (lineax GMRES on `I - Jᵀ`);
+      `backward_rtol` its tolerance (also of the monDEQ's backward splitting), by
+      default the forward `rtol`/`atol`, no tighter than the dtype can reach.
+    - `rtol`, `atol`, `max_steps`: forward tolerances and step cap (default: the
+      model's, 256 solver steps or 4096 ODE steps).
     - `init`: DEQ `zeros|learned|skip`; HomoODE start `alternating|zeros|learned`.
     - `augment`: extra channels of an ANODE; `dropout`: variational dropout in the cell.
     - `monotone_m`: the monDEQ strong-monotonicity margin.
@@ -74,8 +92,8 @@ class ModelConfig:
     solver: str | None = None
     adjoint: str | None = None
     adjoint_steps: int = 5
-    backward: str = "picard"
-    backward_rtol: float = 1e-4
+    backward: str = "auto"
+    backward_rtol: float | None = None
     rtol: float = 1e-3
     atol: float = 1e-3
     max_steps: int | None = None
@@ -247,7 +265,7 @@ _ENUMS = {
     "model.kind": MODEL_KINDS,
     "data.name": ("digits", "mnist", "fashion_mnist", "cifar10", "svhn"),
     "optim.schedule": ("constant", "cosine", "warmup_cosine"),
-    "model.backward": ("picard", "gmres"),
+    "model.backward": BACKWARDS,
     "train.dtype": ("float32", "float64"),
 }
 
@@ -350,3 +368,104 @@ def load_config(path, overrides=(), *, schema=Config):
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return config_from_dict(raw, overrides, source=str(path), schema=schema)
+
+
+def _choice(value, choices, default, key: str, kind: str):
+    value = default if value is None else value
+    if value not in choices:
+        raise ConfigError(
+            f"key 'model.{key}' must be one of {tuple(choices)} for kind {kind!r}, got "
+            f"{value!r}."
+        )
+    return value
+
+
+def check_model_config(m: ModelConfig) -> None:
+    """Validate the kind-dependent choices (raises `ConfigError` naming the key)."""
+    ode = m.kind in ODE_KINDS
+    if m.kind == "deq":
+        _choice(m.solver, DEQ_SOLVERS, "anderson", "solver", m.kind)
+        _choice(m.adjoint, DEQ_ADJOINTS, "implicit", "adjoint", m.kind)
+        _choice(m.backward, BACKWARDS, "auto", "backward", m.kind)
+    elif ode:
+        _choice(m.solver, ODE_SOLVERS, "dopri5", "solver", m.kind)
+        _choice(m.adjoint, ODE_ADJOINTS, "checkpoint", "adjoint", m.kind)
+    else:
+        _choice(m.solver, ("peaceman_rachford",), "peaceman_rachford", "solver", m.kind)
+        _choice(m.adjoint, ("implicit",), "implicit", "adjoint", m.kind)
+        _choice(m.backward, ("auto", "picard"), "auto", "backward", m.kind)
+    if m.kind in INITS:
+        _choice(m.init, INITS[m.kind], INITS[m.kind][0], "init", m.kind)
+    elif m.init is not None:
+        raise ConfigError(f"key 'model.init' is not used by kind {m.kind!r}; remove it.")
+    for key in ("hidden", "final", "groups", "adjoint_steps"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"key 'model.{key}' must be positive, got {getattr(m, key)}.")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"key 'model.dropout' must be in [0, 1), got {m.dropout}.")
+
+
+def check_config(cfg: Config) -> None:
+    """Every check that can fail before training starts (raises `ConfigError`,
+    `DatasetNotFoundError`)."""
+    check_model_config(cfg.model)
+    kind = cfg.model.kind
+    if cfg.regularizers.jacobian > 0 and kind != "deq":
+        raise ConfigError("key 'regularizers.jacobian' is only used by model.kind 'deq'.")
+    if cfg.regularizers.error_penalty > 0 and kind not in ODE_KINDS:
+        raise ConfigError(
+            "key 'regularizers.error_penalty' is only used by the ODE kinds "
+            f"{ODE_KINDS}."
+        )
+    if cfg.regularizers.error_penalty > 0 and cfg.model.adjoint == "backsolve":
+        raise ConfigError(
+            "key 'regularizers.error_penalty' needs model.adjoint 'checkpoint' (its gradient "
+            "through a backsolve adjoint would be silently zero)."
+        )
+    opt = getattr(optax, cfg.optim.name, None)
+    if cfg.optim.name.startswith("_") or not callable(opt):
+        raise ConfigError(f"key 'optim.name': {cfg.optim.name!r} is not an optax optimiser.")
+    for key in ("epochs", "batch", "eval_batch", "eval_every", "keep_checkpoints"):
+        if getattr(cfg.train, key) < 1:
+            raise ConfigError(f"key 'train.{key}' must be positive, got "
+                              f"{getattr(cfg.train, key)}.")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"key 'optim.lr' must be positive, got {cfg.optim.lr}.")
+    if cfg.data.upsample < 1:
+        raise ConfigError(f"key 'data.upsample' must be positive, got {cfg.data.upsample}.")
+    if cfg.train.dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ConfigError("key 'train.dtype' is float64 but JAX runs without "
+                          "`jax_enable_x64`; set JAX_ENABLE_X64=1.")
+    if cfg.data.name != "digits" and cfg.data.dir is None:
+        raise ConfigError(f"key 'data.dir' is required for dataset {cfg.data.name!r}.")
+    if cfg.data.name != "digits" and not pathlib.Path(cfg.data.dir).expanduser().is_dir():
+        raise ik_data.DatasetNotFoundError(
+            f"key 'data.dir': the directory {cfg.data.dir!r} for dataset "
+            f"{cfg.data.name!r} does not exist."
+        )
+
+
+def check_tune_config(cfg: TuneConfig) -> None:
+    """Raise `ConfigError` (naming the key) for settings that cannot run."""
+    t = cfg.tune
+    problems = []
+    if cfg.optim.weight_decay != 0:
+        problems.append("key 'optim.weight_decay' must be 0: the weight decay is what "
+                        "`tune` tunes")
+    for key in ("inner_steps", "outer_steps", "grid_points", "validation", "k",
+                "max_steps"):
+        if getattr(t, key) < 1:
+            problems.append(f"key 'tune.{key}' must be >= 1, got {getattr(t, key)}")
+    for key in ("init", "grid_min", "grid_max", "alpha", "outer_lr", "rtol"):
+        if not getattr(t, key) > 0:
+            problems.append(f"key 'tune.{key}' must be > 0, got {getattr(t, key)}")
+    if not t.grid_max > t.grid_min:
+        problems.append(f"key 'tune.grid_max' ({t.grid_max}) must exceed 'tune.grid_min' "
+                        f"({t.grid_min})")
+    if cfg.model.width < 1 or cfg.model.depth < 0:
+        problems.append("keys 'model.width' >= 1 and 'model.depth' >= 0 are required")
+    if t.dtype == "float64" and not jax.config.jax_enable_x64:
+        problems.append("key 'tune.dtype' is float64 but JAX runs without "
+                        "`jax_enable_x64`; set JAX_ENABLE_X64=1")
+    if problems:
+        raise ConfigError(f"config {cfg.name!r}: " + "; ".join(problems) + ".")

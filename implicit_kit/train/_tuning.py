@@ -16,34 +16,9 @@ import optax
 
 from ..hyper import format_table, metrics_table, tune, vmap_hparams
 from ._checkpoint import atomic_write
-from ._config import ConfigError, TuneConfig
-from ._fit import load_data, make_optimiser
-
-
-def check_tune_config(cfg: TuneConfig) -> None:
-    """Raise `ConfigError` (naming the key) for settings that cannot run."""
-    t = cfg.tune
-    problems = []
-    if cfg.optim.weight_decay != 0:
-        problems.append("key 'optim.weight_decay' must be 0: the weight decay is what "
-                        "`tune` tunes")
-    for key in ("inner_steps", "outer_steps", "grid_points", "validation", "k",
-                "max_steps"):
-        if getattr(t, key) < 1:
-            problems.append(f"key 'tune.{key}' must be >= 1, got {getattr(t, key)}")
-    for key in ("init", "grid_min", "grid_max", "alpha", "outer_lr", "rtol"):
-        if not getattr(t, key) > 0:
-            problems.append(f"key 'tune.{key}' must be > 0, got {getattr(t, key)}")
-    if not t.grid_max > t.grid_min:
-        problems.append(f"key 'tune.grid_max' ({t.grid_max}) must exceed 'tune.grid_min' "
-                        f"({t.grid_min})")
-    if cfg.model.width < 1 or cfg.model.depth < 0:
-        problems.append("keys 'model.width' >= 1 and 'model.depth' >= 0 are required")
-    if t.dtype == "float64" and not jax.config.jax_enable_x64:
-        problems.append("key 'tune.dtype' is float64 but JAX runs without "
-                        "`jax_enable_x64`; set JAX_ENABLE_X64=1")
-    if problems:
-        raise ConfigError(f"config {cfg.name!r}: " + "; ".join(problems) + ".")
+from ._config import check_tune_config, ConfigError, TuneConfig
+from ._data import load_data
+from ._step import make_optimiser
 
 
 def _split(cfg: TuneConfig):

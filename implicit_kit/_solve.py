@@ -1,0 +1,156 @@
+"""The shared entry of every solve: checks, closure conversion, adjoint dispatch, the
+contract's stats, `throw`."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import optimistix as optx
+from jaxtyping import Array
+
+from ._adjoint import AbstractAdjoint, default_adjoint
+from ._iterate import check_structure, residual_fn, run
+from ._misc import inexact_asarray, scalars_to_arrays
+from ._solution import RESULTS, Solution, STATS_KEYS
+
+
+def solver_tolerance(solver) -> tuple[float, float] | None:
+    """`(rtol, atol)` of a forward solver (implicit_kit's or optimistix's), or `None`."""
+    rtol, atol = getattr(solver, "rtol", None), getattr(solver, "atol", None)
+    if rtol is None or atol is None:
+        return None
+    return rtol, atol
+
+
+class _Prepared(eqx.Module):
+    """`fn` as the driver sees it: returns `(out, aux)`, `out` cast to `y`'s dtypes."""
+
+    fn: Any
+    has_aux: bool = eqx.field(static=True)
+
+    def __call__(self, y, args):
+        out = self.fn(y, args)
+        out, aux = out if self.has_aux else (out, None)
+        if jtu.tree_structure(out) == jtu.tree_structure(y):
+            out = jtu.tree_map(lambda o, x: jnp.asarray(o).astype(x.dtype), out, y)
+        return out, aux
+
+
+class Forward(eqx.Module):
+    """The forward solve of a problem, as handed to an adjoint: `forward(fn, y0, args)`
+    returns `(y, aux, stats, result)`."""
+
+    kind: str = eqx.field(static=True)
+    solver: Any
+    options: Any
+    max_steps: int | None = eqx.field(static=True)
+    trace: bool = eqx.field(static=True)
+    save_at: tuple[int, ...] = eqx.field(static=True, default=())
+
+    def tolerance(self):
+        """`(rtol, atol)` of the forward solver, or `None` where it has none."""
+        return solver_tolerance(self.solver)
+
+    def __call__(self, fn, y0, args, while_kind="lax", checkpoints=None):
+        if while_kind != "lax" and self.max_steps is None:
+            raise ValueError("`UnrolledAdjoint` needs an integer `max_steps`.")
+        return run(
+            fn, self.kind, self.solver, y0, args, self.options,
+            max_steps=self.max_steps, trace=self.trace, while_kind=while_kind,
+            checkpoints=checkpoints, save_at=self.save_at,
+        )
+
+
+def solve(
+    fn,
+    y0,
+    args,
+    kind: str,
+    forward_factory,
+    *,
+    has_aux: bool,
+    adjoint: AbstractAdjoint | None,
+    throw: bool,
+    probe: Array | None,
+    tags: frozenset = frozenset(),
+    name: str = "fn",
+    wrap=None,
+) -> Solution:
+    """The shared entry: checks, closure conversion, adjoint dispatch, `throw`."""
+    if not callable(fn):
+        raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}.")
+    y0 = jtu.tree_map(inexact_asarray, y0)
+    # Python floats become (weakly typed) arrays: differentiable like any other input.
+    args = scalars_to_arrays(args)
+    if not jtu.tree_leaves(y0):
+        raise ValueError("`y0` must contain at least one array.")
+    # Hoist closed-over arrays and tracers into `fn`'s leaves so that they are
+    # differentiated like `args` (a custom VJP must never close over a traced value).
+    fn = eqx.filter_closure_convert(fn, y0, args)
+    if wrap is not None:
+        fn = wrap(fn)
+    fn = _Prepared(fn, has_aux)
+    check_structure(fn, y0, args, name)
+    if adjoint is None:
+        adjoint = default_adjoint(kind)
+    if not isinstance(adjoint, AbstractAdjoint):
+        raise TypeError(
+            "`adjoint` must be an implicit_kit adjoint (ImplicitAdjoint, "
+            "ImplicitJVPAdjoint, NeumannAdjoint, PhantomAdjoint, JFBAdjoint, "
+            f"UnrolledAdjoint); got {type(adjoint).__name__}."
+        )
+    if probe is not None:
+        probe = jnp.asarray(probe)
+        if probe.shape != (3,) or not jnp.issubdtype(probe.dtype, jnp.floating):
+            raise ValueError(
+                "`probe` must be a float array of shape (3,) (see `ik.backward_probe`); "
+                f"got {probe.dtype}{list(probe.shape)}."
+            )
+    forward = forward_factory(kind)
+    # Unset tolerances of the backward solve follow the forward solve's and the dtype.
+    adjoint = adjoint.with_defaults(
+        forward.tolerance(), jnp.result_type(*jtu.tree_leaves(y0)), kind, tags
+    )
+    y, aux, stats, result = adjoint.apply(
+        forward, fn, kind, y0, args, probe=probe, throw=throw, tags=tags
+    )
+    # Result codes and stats carry no derivative (an integer array that reaches
+    # `error_if` with a tangent attached fails to differentiate).
+    result, stats = jtu.tree_map(lax.stop_gradient, (result, stats))
+    max_steps = getattr(forward, "max_steps", None)
+    stats = {**stats, "max_steps": jnp.array(-1 if max_steps is None else max_steps)}
+    missing = [k for k in STATS_KEYS if k not in stats]
+    assert not missing, f"a forward solve did not report {missing}"
+    sol = Solution(value=y, result=result, stats=stats, aux=aux if has_aux else None)
+    if throw:
+        sol = result.error_if(sol, result != RESULTS.successful)
+    return sol
+
+
+class GivenForward(eqx.Module):
+    """A forward solve by a user's function `solver_fn(y0, *args) -> y` (any code, not
+    differentiated): `custom_root`'s, and `ik.hyper.hypergradient`'s (whose solution is
+    given). Its steps are unknown (0)."""
+
+    kind: str = eqx.field(static=True)
+    solver_fn: Callable = eqx.field(static=True)
+    max_steps: None = None
+
+    def tolerance(self):
+        return None
+
+    def __call__(self, fn, y0, args, while_kind="lax", checkpoints=None):
+        if while_kind != "lax":
+            raise ValueError("`UnrolledAdjoint` cannot unroll a given solution "
+                             "(`custom_root`, `hypergradient`).")
+        y = self.solver_fn(y0, *args)
+        y = jtu.tree_map(lambda a, b: jnp.asarray(a, b.dtype), y, y0)
+        g = residual_fn(fn, "root")(y, args)
+        # The user's solver is opaque: its steps and evaluations are unknown (0); `nfe`
+        # counts the one evaluation of the optimality condition for the residual.
+        stats = {"num_steps": jnp.array(0), "nfe": jnp.array(1),
+                 "residual": optx.two_norm(g)}
+        return y, None, stats, RESULTS.successful

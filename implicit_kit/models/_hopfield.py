@@ -1,0 +1,39 @@
+"""Modern Hopfield retrieval as an implicit layer (Ramsauer et al., ICLR 2021)."""
+
+from typing import Any
+
+import equinox as eqx
+from jaxtyping import Array, Float
+
+from .._fixed_point import fixed_point
+from ..nn import hopfield_update
+from ..solvers import Picard
+
+
+class HopfieldLayer(eqx.Module):
+    r"""Retrieval to the fixed point $\xi^* = X\,\mathrm{softmax}(\beta X^\top\xi^*)$ of the
+    modern Hopfield update, with implicit gradients (at a strict energy minimum
+    $I - J \succ 0$, so the backward problem is well posed).
+
+    **Arguments:**
+
+    - `beta`: the inverse temperature (hflayers' default is $1/\sqrt{d}$).
+    - `solver`, `adjoint`, `max_steps`, `throw`: as for [`implicit_kit.fixed_point`][]
+        (default `Picard(rtol=1e-6, atol=1e-8)`: the update is a CCCP step).
+    """
+
+    beta: float
+    solver: Any = None
+    adjoint: Any = None
+    max_steps: int = eqx.field(static=True, default=256)
+    throw: bool = eqx.field(static=True, default=True)
+
+    def __call__(self, query: Float[Array, " d"], patterns: Float[Array, "d n"]) -> Array:
+        solver = Picard(rtol=1e-6, atol=1e-8) if self.solver is None else self.solver
+        sol = fixed_point(
+            lambda xi, a: hopfield_update(xi, a[0], a[1]), query, (patterns, self.beta),
+            solver, adjoint=self.adjoint, max_steps=self.max_steps, throw=self.throw,
+        )
+        return sol.value
+
+

@@ -1,0 +1,128 @@
+"""The optimiser of a config and the jit-compiled train and eval steps."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+
+from .._misc import keep_if, tree_allfinite
+from .._solution import backward_probe, backward_stats
+from ..models import init_loss, ModelStats
+from ..nn import prepare
+from ..regularizers import jacobian_frobenius
+from ._config import Config, OptimConfig
+
+
+def make_optimiser(o: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """The config's `optim` section as an optax optimiser over `total_steps` steps."""
+    total = max(total_steps, 1)
+    if o.schedule == "constant":
+        lr = o.lr
+    elif o.schedule == "cosine":
+        lr = optax.cosine_decay_schedule(o.lr, total, alpha=o.final_lr_factor)
+    else:
+        lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, total,
+                                                end_value=o.lr * o.final_lr_factor)
+    parts = []
+    if o.clip > 0:
+        parts.append(optax.clip_by_global_norm(o.clip))
+    if o.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(o.weight_decay))
+    parts.append(getattr(optax, o.name)(learning_rate=lr))
+    return optax.chain(*parts)
+
+
+def _uses_probe(cfg: Config) -> bool:
+    return cfg.model.kind == "mondeq" or (cfg.model.kind == "deq" and cfg.model.adjoint in (
+        None, "implicit"))
+
+
+def _learned_init(cfg: Config) -> bool:
+    return cfg.model.kind in ("deq", "homoode") and cfg.model.init in ("learned", "skip")
+
+
+def _contract_metrics(st: ModelStats) -> dict:
+    """Per-sample metrics read off the stats contract (no branching on the model kind):
+    forward steps, NFE, residual (NaN for the ODE models), failures."""
+    return {
+        "num_steps": st.num_steps.astype(jnp.float32),
+        "nfe": st.nfe.astype(jnp.float32),
+        "residual": st.residual.astype(jnp.float32),
+        "failure_rate": st.failed().astype(jnp.float32),
+    }
+
+
+class Steps:
+    """The jitted train and eval steps for one config (traces counted)."""
+
+    def __init__(self, cfg: Config, static, optimiser):
+        self.cfg, self.static, self.optimiser = cfg, static, optimiser
+        self.traces = {"train": 0, "eval": 0}
+        self.train = jax.jit(self._train, donate_argnums=(0, 1))
+        self.eval = jax.jit(self._eval)
+
+    def _loss(self, params, probe, xb, yb, key):
+        cfg = self.cfg
+        model = eqx.combine(params, self.static)
+        keys = jr.split(key, xb.shape[0] + 1)
+        extra = {"probe": probe} if probe is not None else {}
+
+        def one(x, k):
+            return model(x, key=k, **extra)
+
+        logits, st = jax.vmap(one)(xb, keys[1:])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+        total = loss
+        reg = cfg.regularizers
+        if _learned_init(cfg) and reg.init_loss > 0:
+            total = total + reg.init_loss * init_loss(st.extras["z0"], st.extras["z_end"])
+        if reg.error_penalty > 0:
+            total = total + reg.error_penalty * jnp.mean(st.extras["error_penalty"])
+        if reg.jacobian > 0:
+            cell = prepare(model.block.cell, key=None, inference=True)
+            feats = jax.vmap(model.stem)(xb)
+            jac = jax.vmap(lambda z, f, k: jacobian_frobenius(cell, z, f, key=k))(
+                st.extras["z_end"], feats, jr.split(keys[0], xb.shape[0]))
+            total = total + reg.jacobian * jnp.mean(jac)
+        metrics = {
+            "loss": loss,
+            "acc": jnp.mean(jnp.argmax(logits, -1) == yb),
+            **{k: jnp.mean(v) for k, v in _contract_metrics(st).items()},
+        }
+        return total, metrics
+
+    def _train(self, params, opt_state, xb, yb, key, step):
+        self.traces["train"] += 1  # runs only while tracing
+        key = jr.fold_in(key, step)
+        probe = backward_probe(xb.dtype) if _uses_probe(self.cfg) else None
+        grad_fn = jax.value_and_grad(self._loss, argnums=(0, 1), has_aux=True)
+        (_, metrics), (grads, probe_grad) = grad_fn(params, probe, xb, yb, key)
+        if probe is not None:
+            bwd = backward_stats(probe_grad)
+            metrics["bwd_steps"] = bwd.num_steps / xb.shape[0]
+            metrics["bwd_failure_rate"] = bwd.num_failed / xb.shape[0]
+        # A step whose gradient is not finite (e.g. a failed backward solve, which
+        # `ImplicitAdjoint` reports as NaN rather than a silently wrong gradient) is
+        # skipped, not applied, and counted in the metrics.
+        finite = tree_allfinite(grads)
+        grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0), grads)
+        updates, new_state = self.optimiser.update(grads, opt_state, params)
+        new_params = eqx.apply_updates(params, updates)
+        metrics["skipped_steps"] = 1.0 - finite.astype(jnp.float32)
+        new_params, new_state = keep_if(finite, (new_params, new_state),
+                                        (params, opt_state))
+        return new_params, new_state, metrics
+
+    def _eval(self, params, xb, yb, mask):
+        self.traces["eval"] += 1
+        model = eqx.combine(params, self.static)
+        logits, st = jax.vmap(lambda x: model(x, inference=True))(xb)
+        w = mask.astype(logits.dtype)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+        sums = {
+            "loss": jnp.sum(w * ce),
+            "acc": jnp.sum(w * (jnp.argmax(logits, -1) == yb)),
+            **{k: jnp.sum(w * v) for k, v in _contract_metrics(st).items()},
+        }
+        return sums
