@@ -21,7 +21,7 @@ import optimistix.internal as optxi
 from ._ad import implicit_vjp, stop_gradient
 from ._iterate import run
 from ._misc import gmres, scalars_to_arrays, tree_sub, tree_where
-from ._solution import RESULTS
+from ._solution import as_results, RESULTS
 from .solvers import Picard
 from .solvers._base import AbstractFixedPointSolver, native_fn
 
@@ -188,7 +188,7 @@ def _krylov_adjoint(linear_solver, A, ybar, tags):
     u = sol.value
     residual = optx.two_norm(tree_sub(A(u), ybar))
     steps = jnp.asarray(sol.stats.get("num_steps", 0))
-    result = RESULTS.promote(sol.result)
+    result = as_results(sol.result)
     result = RESULTS.where(jnp.isfinite(residual), result, RESULTS.nonfinite)
     return u, steps, residual, _backward_result(result)
 

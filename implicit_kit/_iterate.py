@@ -17,7 +17,7 @@ import jax.tree_util as jtu
 import optimistix as optx
 
 from ._misc import struct_str, tree_allfinite, tree_where, zeros_like_struct
-from ._solution import RESULTS
+from ._solution import as_results, RESULTS
 from .solvers._base import (
     AbstractImplicitSolver,
     KINDS,
@@ -84,7 +84,7 @@ def _iterate(
             step_result = solver.result_code(step_result, new_state)
             new_residual = new_state.residual.astype(real)
         else:
-            step_result = RESULTS.promote(step_result)
+            step_result = as_results(step_result)
             if trace:
                 new_residual = norm(residual_fn(fn, kind)(new_y, args)).astype(real)
                 step_nfe = step_nfe + 1

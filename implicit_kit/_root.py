@@ -11,7 +11,7 @@ from jaxtyping import Array, PyTree
 
 from ._adjoint import AbstractAdjoint
 from ._iterate import residual_fn
-from ._solution import RESULTS, Solution
+from ._solution import as_results, Solution
 from ._solve import Forward, GivenForward, solve, solver_tolerance
 from .solvers import NewtonKrylov
 
@@ -95,7 +95,7 @@ class _OptxMinimiseForward(eqx.Module):
         num_steps = sol.stats["num_steps"]
         stats = {"num_steps": num_steps, "nfe": num_steps + 1,
                  "residual": optx.two_norm(g)}
-        return sol.value, sol.aux, stats, RESULTS.promote(sol.result)
+        return sol.value, sol.aux, stats, as_results(sol.result)
 
 
 @eqx.filter_jit

@@ -51,6 +51,14 @@ class RESULTS(dfx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
     )
 
 
+def as_results(result) -> RESULTS:
+    """`result` as an implicit_kit `RESULTS` member: a member of a dependency's RESULTS
+    (diffrax, optimistix, lineax) is promoted, keeping its code; one of ours is kept."""
+    if getattr(result, "_enumeration", None) is RESULTS:
+        return result
+    return RESULTS.promote(result)
+
+
 class Solution(eqx.Module, Generic[Y, Aux]):
     """The solution of an equilibrium problem.
 

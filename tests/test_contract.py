@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
+import lineax as lx
 import numpy as np
 import optimistix as optx
 import pytest
@@ -360,3 +361,18 @@ def test_custom_root_forward_mode_with_python_scalars():
                                    rtol=1e-10)
         np.testing.assert_allclose(jax.jacrev(lambda a: cube_root(1.0, a))(x), exact,
                                    rtol=1e-10)
+
+
+def test_a_solver_may_return_implicit_kit_or_dependency_codes():
+    class Strict(ik.Picard):  # a user's solver of the protocol with a code of ours
+        def terminate(self, fn, y, args, options, state, tags):
+            done, _ = super().terminate(fn, y, args, options, state, tags)
+            return done, ik.RESULTS.where(state.residual > 1e3, ik.RESULTS.nonfinite,
+                                          ik.RESULTS.successful)
+
+    fn, a = _contraction()
+    sol = ik.fixed_point(fn, jnp.zeros(5), a, Strict(rtol=1e-8, atol=1e-10))
+    assert sol.result == ik.RESULTS.successful
+    sol = ik.fixed_point(lambda y, a: 3 * y + 1, jnp.ones(2), None, Strict(), throw=False)
+    assert sol.result == ik.RESULTS.nonfinite
+    assert ik._solution.as_results(lx.RESULTS.breakdown) == ik.RESULTS.breakdown

@@ -140,6 +140,8 @@ def test_fit_metrics_log_plots_no_retrace(tmp_path):
                 "seconds", "peak_memory_mb", "test_acc", "test_loss", "test_nfe"):
         assert all(np.isfinite(r[key]) for r in h), key
     assert h[-1]["loss"] < h[0]["loss"]  # it learns
+    # The phantom gradient has no implicit backward solve: its backward metrics are null.
+    assert all(r["bwd_steps"] is None and r["bwd_failure_rate"] is None for r in h)
     lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == h
     assert [p.name for p in ik.train.list_checkpoints(result.run_dir)] == [
@@ -151,6 +153,11 @@ def test_fit_metrics_log_plots_no_retrace(tmp_path):
     assert out["test_acc"] == pytest.approx(h[-1]["test_acc"], abs=1e-6)
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         fit(cfg)
+    # The exact implicit adjoint's backward solve is read through the probe.
+    implicit = fit(_cfg(tmp_path, name="implicit", model={"adjoint": "implicit"},
+                        train={"epochs": 1}))
+    row = implicit.history[-1]
+    assert row["bwd_steps"] > 0 and row["bwd_failure_rate"] == 0.0
 
 
 class _Stop(Exception):
@@ -336,7 +343,7 @@ def test_summary_table_and_comparison_figure(tmp_path):
     """The demo's report reads the stats contract: one row per run with the same columns
     for every model, printed to 3 decimals (seconds to 0.1), and one figure with a point
     per model in each panel."""
-    from implicit_kit.train._report import plot_comparison, summary_row, SUMMARY_FORMATS
+    from implicit_kit.train._report import plot_comparison, SUMMARY_FORMATS, summary_row
 
     def result(acc, nfe, steps, mb, seconds):
         hist = [{"epoch": e, "nfe": nfe + 1, "num_steps": steps + 1, "seconds": s,

@@ -13,7 +13,7 @@ from jaxtyping import Array, Float, Int, PyTree, Scalar
 from .._adjoint import AbstractAdjoint, ImplicitAdjoint
 from .._fixed_point import fixed_point
 from .._misc import dtype_of, gmres
-from .._solution import RESULTS, Solution
+from .._solution import as_results, RESULTS, Solution
 from ..solvers._base import AbstractFixedPointSolver, init_residual
 from ._homotopy import (
     AbstractHomotopy,
@@ -121,7 +121,7 @@ class HomotopySolver(AbstractFixedPointSolver):
 
     def result_code(self, result, state) -> RESULTS:
         return RESULTS.where(
-            state.lost, RESULTS.homotopy_path_lost, RESULTS.promote(result)
+            state.lost, RESULTS.homotopy_path_lost, as_results(result)
         )
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
@@ -149,6 +149,7 @@ def homotopy_solve(
     rtol: float = 1e-4,
     atol: float = 1e-6,
     throw: bool = True,
+    probe: Array | None = None,
 ) -> Solution:
     r"""Find $z = f(z)$ by following a homotopy path from `z0` (one path, no restart).
 
@@ -170,6 +171,8 @@ def homotopy_solve(
     - `rtol`, `atol`: the end point must satisfy `|f(z) - z| <= atol + rtol |z|`, or
         the result is `RESULTS.homotopy_residual`.
     - `throw`: raise on failure (else read `sol.result`).
+    - `probe`: an `ik.backward_probe()` reading the implicit backward solve (the
+        implicit_kit adjoints; unused with a diffrax adjoint).
 
     **Returns:** a `Solution` whose stats follow the contract: `num_steps` (ODE steps of
     the path, accepted and rejected), `max_steps`, `nfe` (path-field evaluations, each
@@ -188,7 +191,8 @@ def homotopy_solve(
     if adjoint is None or isinstance(adjoint, AbstractAdjoint):
         if adjoint is None:
             adjoint = ImplicitAdjoint(gmres(dtype_of(z0)))
-        sol = fixed_point(fn, z0, args, hs, adjoint=adjoint, max_steps=1, throw=False)
+        sol = fixed_point(fn, z0, args, hs, adjoint=adjoint, max_steps=1, throw=False,
+                          probe=probe)
         result = RESULTS.where(
             sol.result == RESULTS.nonlinear_max_steps_reached, RESULTS.homotopy_residual,
             sol.result,

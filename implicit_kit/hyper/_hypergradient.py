@@ -87,9 +87,10 @@ def hypergradient(
 
     **Failure:** the residual $\|Hu - \nabla_w L_V\|$ (Neumann: the norm of the series'
     last term) and the number of steps are reported (`return_stats=True`: `(grad, stats)`
-    with `residual`, `num_steps` and `result`, an `ik.RESULTS` member as in every solve). A `cg`/`gmres` solve that does
-    not reach its tolerance raises with `throw=True` (default); with `throw=False` the
-    stats flag it (`result == RESULTS.backward_max_steps_reached`) —
+    with `residual`, `num_steps` and `result`, an `ik.RESULTS` member as in every
+    solve). A `cg`/`gmres` solve that does not reach its tolerance raises with
+    `throw=True` (default); with `throw=False` the stats flag it
+    (`result == RESULTS.backward_max_steps_reached`) and the gradient is NaN —
     the hypergradient is never silently wrong. Neumann and unrolled are approximations
     by design and never raise.
     """

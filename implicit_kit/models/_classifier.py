@@ -93,9 +93,8 @@ class ImageClassifier(eqx.Module):
 
     def __call__(self, x: Array, *, key: PRNGKeyArray | None = None,
                  inference: bool = False, probe: Array | None = None):
-        """`probe`: an `ik.backward_probe()`, passed on to an equilibrium block (DEQ,
-        monDEQ) to read its backward-solve statistics."""
-        extra = {} if probe is None else {"probe": probe}
+        """`probe`: an `ik.backward_probe()`, passed on to the block (every model takes
+        one) to read its implicit backward solve's statistics."""
         z, stats = self.block(self.stem(x), key=key, inference=inference, return_stats=True,
-                              **extra)
+                              probe=probe)
         return self.head(z), stats.with_extras(z_end=jax.lax.stop_gradient(z))

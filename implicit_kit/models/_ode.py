@@ -11,7 +11,7 @@ import jax.random as jr
 import jax.tree_util as jtu
 from jaxtyping import Array, PRNGKeyArray
 
-from .._solution import RESULTS
+from .._solution import as_results
 from ..homotopy import count_nfe, FixedPointHomotopy, homotopy_solve
 from ..nn import prepare
 from ..regularizers import ErrorEstimatePenalty, local_error_penalty
@@ -102,7 +102,7 @@ class ODESolve(eqx.Module):
             )
         # diffrax's outcome promoted (max_steps_reached stays max_steps_reached).
         stats = ModelStats(num_steps, count_nfe(self.solver, num_steps), no_residual(z1),
-                           RESULTS.promote(sol.result), extras)
+                           as_results(sol.result), extras)
         return z1, stats
 
 
@@ -128,7 +128,11 @@ class NeuralODE(eqx.Module):
     t1: float = 1.0
 
     def __call__(self, z0: Array, *, key: PRNGKeyArray | None = None,
-                 inference: bool = False, return_stats: bool = False):
+                 inference: bool = False, return_stats: bool = False,
+                 probe: Array | None = None):
+        """`probe` is accepted as by every model and unused: a Neural ODE has no implicit
+        backward solve (its `ik.backward_stats` stay zero)."""
+        del probe
         kd, kp = (None, None) if key is None else jr.split(key)
         field = prepare(self.field, key=kd, inference=inference)
         z1, stats = self.ode(field, z0, None, self.t1, kp)
@@ -154,7 +158,10 @@ class AugmentedNeuralODE(eqx.Module):
     t1: float = 1.0
 
     def __call__(self, x: Array, *, key: PRNGKeyArray | None = None,
-                 inference: bool = False, return_stats: bool = False):
+                 inference: bool = False, return_stats: bool = False,
+                 probe: Array | None = None):
+        """As [`implicit_kit.models.NeuralODE`][] on the augmented input."""
+        del probe
         node = NeuralODE(self.field, self.ode, self.t1)
         return node(_augment(x, self.augment), key=key, inference=inference,
                     return_stats=return_stats)
@@ -252,7 +259,11 @@ class HomoODE(eqx.Module):
         return eqx.tree_at(lambda m: m.z0, spec, True, is_leaf=lambda x: x is None)
 
     def __call__(self, x: Array, *, key: PRNGKeyArray | None = None,
-                 inference: bool = False, return_stats: bool = False):
+                 inference: bool = False, return_stats: bool = False,
+                 probe: Array | None = None):
+        """The end point for input `x` (and its `ModelStats` with `return_stats=True`).
+        `probe` reads the implicit backward solve of `field="exact"` (the learned field
+        has none)."""
         kd, kp = (None, None) if key is None else jr.split(key)
         module = prepare(self.module, key=kd, inference=inference)
         z0 = self.initial_point(x.dtype)
@@ -267,7 +278,7 @@ class HomoODE(eqx.Module):
             sol = homotopy_solve(
                 lambda z, a: module(z, a), z0_solve, x, FixedPointHomotopy(),
                 ode_solver=ode.solver, stepsize_controller=controller, dt0=ode.dt0,
-                max_steps=ode.max_steps, rtol=jnp.inf, throw=False,
+                max_steps=ode.max_steps, rtol=jnp.inf, throw=False, probe=probe,
             )
             z1 = sol.value
             stats = ModelStats.from_solution(sol)

@@ -26,7 +26,7 @@ import optimistix as optx
 from equinox import AbstractClassVar, AbstractVar
 from jaxtyping import Array, Float, PyTree, Scalar
 
-from .._solution import RESULTS
+from .._solution import as_results, RESULTS
 
 
 class AbstractImplicitSolver(eqx.Module):
@@ -53,7 +53,7 @@ class AbstractImplicitSolver(eqx.Module):
         """`result` (from `terminate`) as an implicit_kit `RESULTS` member; solvers with
         codes of their own (a lost homotopy path, an exhausted fallback) refine it."""
         del state
-        return RESULTS.promote(result)
+        return as_results(result)
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
         """`(y, aux, stats)` returned by the solve; these solvers add no extra stats."""

@@ -9,7 +9,7 @@ import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
 from .._misc import tree_allfinite, tree_where, zeros_like_struct
-from .._solution import RESULTS
+from .._solution import as_results, RESULTS
 from ._base import (
     AbstractFixedPointSolver,
     AbstractImplicitSolver,
@@ -108,7 +108,7 @@ class Fallback(AbstractFixedPointSolver):
                 st = eqx.combine(dyn, init_static)
                 y1, st1, aux1, n = step_counted(s, sfn, y, args, options, st, tags)
                 done, result = s.terminate(sfn, y1, args, options, st1, tags)
-                ok = RESULTS.promote(result) == RESULTS.successful
+                ok = as_results(result) == RESULTS.successful
                 if isinstance(s, AbstractImplicitSolver):
                     res = st1.residual.astype(state.residual.dtype)
                 else:  # evaluate the residual (one more evaluation)
@@ -161,7 +161,7 @@ class Fallback(AbstractFixedPointSolver):
 
     def result_code(self, result, state) -> RESULTS:
         return RESULTS.where(
-            state.exhausted, RESULTS.fallback_exhausted, RESULTS.promote(result)
+            state.exhausted, RESULTS.fallback_exhausted, as_results(result)
         )
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):

@@ -92,8 +92,9 @@ def plot_history(history: list[dict], run_dir, name: str) -> list[pathlib.Path]:
     fig = Figure(figsize=(4.5, 3.5))
     ax = fig.subplots()
     ax.plot(epochs, [h["nfe"] for h in history], marker="o", label="train forward")
-    if any("bwd_steps" in h for h in history):
-        ax.plot(epochs, [h.get("bwd_steps", math.nan) for h in history], marker="s",
+    if any(h.get("bwd_steps") is not None for h in history):
+        bwd = [h.get("bwd_steps") for h in history]
+        ax.plot(epochs, [math.nan if b is None else b for b in bwd], marker="s",
                 label="train backward")
     if ev:
         ax.plot([h["epoch"] for h in ev], [h["test_nfe"] for h in ev], marker="^",

@@ -33,13 +33,8 @@ def make_optimiser(o: OptimConfig, total_steps: int) -> optax.GradientTransforma
     return optax.chain(*parts)
 
 
-def _uses_probe(cfg: Config) -> bool:
-    return cfg.model.kind == "mondeq" or (cfg.model.kind == "deq" and cfg.model.adjoint in (
-        None, "implicit"))
-
-
 def _learned_init(cfg: Config) -> bool:
-    return cfg.model.kind in ("deq", "homoode") and cfg.model.init in ("learned", "skip")
+    return cfg.model.init in ("learned", "skip")
 
 
 def _contract_metrics(st: ModelStats) -> dict:
@@ -66,10 +61,9 @@ class Steps:
         cfg = self.cfg
         model = eqx.combine(params, self.static)
         keys = jr.split(key, xb.shape[0] + 1)
-        extra = {"probe": probe} if probe is not None else {}
 
         def one(x, k):
-            return model(x, key=k, **extra)
+            return model(x, key=k, probe=probe)
 
         logits, st = jax.vmap(one)(xb, keys[1:])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
@@ -95,13 +89,16 @@ class Steps:
     def _train(self, params, opt_state, xb, yb, key, step):
         self.traces["train"] += 1  # runs only while tracing
         key = jr.fold_in(key, step)
-        probe = backward_probe(xb.dtype) if _uses_probe(self.cfg) else None
+        # Every model takes the probe; one without an implicit backward solve (a Neural
+        # ODE, an inexact adjoint) leaves it untouched: its backward metrics are NaN.
+        probe = backward_probe(xb.dtype)
         grad_fn = jax.value_and_grad(self._loss, argnums=(0, 1), has_aux=True)
         (_, metrics), (grads, probe_grad) = grad_fn(params, probe, xb, yb, key)
-        if probe is not None:
-            bwd = backward_stats(probe_grad)
-            metrics["bwd_steps"] = bwd.num_steps / xb.shape[0]
-            metrics["bwd_failure_rate"] = bwd.num_failed / xb.shape[0]
+        bwd = backward_stats(probe_grad)
+        none = jnp.all(probe_grad == 0)
+        metrics["bwd_steps"] = jnp.where(none, jnp.nan, bwd.num_steps / xb.shape[0])
+        metrics["bwd_failure_rate"] = jnp.where(none, jnp.nan,
+                                                bwd.num_failed / xb.shape[0])
         # A step whose gradient is not finite (e.g. a failed backward solve, which
         # `ImplicitAdjoint` reports as NaN rather than a silently wrong gradient) is
         # skipped, not applied, and counted in the metrics.
