@@ -95,10 +95,11 @@ class ImplicitAdjoint(AbstractVJPAdjoint):
         - `None` (default): for fixed points, fixed-point iteration on the adjoint
           (`Picard`, as cheap as a backward pass can be on a contraction), and, where it
           fails (it diverges or stalls when $J_T$ has eigenvalues on or outside the unit
-          circle although $I - J_T$ is invertible), GMRES on $I - J_T^\top$, so that the
-          gradient is exact wherever the implicit function theorem holds (GMRES runs only
-          when some sample needs it). For roots, GMRES (CG where the operator is tagged
-          symmetric positive definite, as in `ik.minimise`).
+          circle although $I - J_T$ is invertible), GMRES(10) on $I - J_T^\top$ (11
+          vectors of memory), so that the gradient is exact wherever the implicit
+          function theorem holds (it runs only when some sample needs it). For roots,
+          GMRES (CG where the operator is tagged symmetric positive definite, as in
+          `ik.minimise`).
         - an implicit_kit fixed-point solver (`Picard(...)`, `Anderson(...)`), run by the
           same driver as the forward solve, with its own `rtol`/`atol`;
         - or a lineax solver on the operator $I - J_T^\top$ (`lx.GMRES(...)`,
@@ -139,9 +140,14 @@ class ImplicitAdjoint(AbstractVJPAdjoint):
         rtol = rtol if self.rtol is None else self.rtol
         atol = atol if self.atol is None else self.atol
         spd = {lx.symmetric_tag, lx.positive_semidefinite_tag} <= set(tags)
-        krylov = lx.CG(rtol=rtol, atol=atol) if spd else gmres(rtol=rtol, atol=atol)
         if kind == "root":
+            krylov = lx.CG(rtol=rtol, atol=atol) if spd else gmres(rtol=rtol, atol=atol)
             return ImplicitAdjoint(krylov, rtol, atol, self.max_steps)
+        # The fallback's buffers are allocated in every compiled backward pass, used or
+        # not: GMRES restarted every 10 steps keeps 11 vectors per sample, not 41.
+        # (lineax's BiCGStab, with fewer, returns NaN when it converges in one step.)
+        krylov = lx.CG(rtol=rtol, atol=atol) if spd else gmres(rtol=rtol, atol=atol,
+                                                                restart=10)
         return ImplicitAdjoint(Picard(rtol=rtol, atol=atol), rtol, atol, self.max_steps,
                                krylov)
 
@@ -165,8 +171,8 @@ class ImplicitAdjoint(AbstractVJPAdjoint):
         out = (u, stats["num_steps"], stats["residual"], _backward_result(result))
         if self.krylov is None:
             return out
-        # Where fixed-point iteration on the adjoint failed, GMRES on I - J^T (run only
-        # if some sample needs it: the predicate is unbatched under vmap).
+        # Where fixed-point iteration on the adjoint failed, a Krylov solve on I - J^T
+        # (run only if some sample needs it: the predicate is unbatched under vmap).
         failed = out[3] != RESULTS.successful
 
         def krylov(out):
@@ -339,7 +345,7 @@ class ImplicitJVPAdjoint(AbstractAdjoint):
 
 
 def default_adjoint(kind: str) -> AbstractAdjoint:
-    """`ImplicitAdjoint()`: fixed-point iteration on the adjoint with a GMRES fallback
+    """`ImplicitAdjoint()`: fixed-point iteration on the adjoint with a GMRES(10) fallback
     for fixed points, GMRES (CG for symmetric positive definite operators) for roots."""
     del kind
     return ImplicitAdjoint()

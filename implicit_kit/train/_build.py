@@ -35,15 +35,18 @@ _ODE_ADJOINTS = dict(zip(ODE_ADJOINTS, (dfx.RecursiveCheckpointAdjoint,
 
 def _implicit_adjoint(m: ModelConfig, dtype) -> ImplicitAdjoint:
     """The `implicit` adjoint of the config: `backward_rtol` or else the forward
-    tolerance (`backward_tolerance`, the rule of `ImplicitAdjoint()` itself)."""
+    tolerance (`backward_tolerance`, the rule of `ImplicitAdjoint()` itself); the step
+    cap `max_steps` when the config sets one."""
+    steps = {} if m.max_steps is None else {"max_steps": m.max_steps}
     if m.backward == "auto":
-        return ImplicitAdjoint(rtol=m.backward_rtol, atol=m.backward_rtol)
+        return ImplicitAdjoint(rtol=m.backward_rtol, atol=m.backward_rtol, **steps)
     rtol, atol = backward_tolerance((m.rtol, m.atol), dtype)
     if m.backward_rtol is not None:
         rtol = atol = m.backward_rtol
     if m.backward == "picard":
-        return ImplicitAdjoint(solvers.Picard(rtol=rtol, atol=atol))
-    return ImplicitAdjoint(gmres(rtol=rtol, atol=atol, restart=20, max_steps=200))
+        return ImplicitAdjoint(solvers.Picard(rtol=rtol, atol=atol), **steps)
+    return ImplicitAdjoint(gmres(rtol=rtol, atol=atol, restart=20,
+                                 max_steps=m.max_steps or 256))
 
 
 def _deq_adjoint(m: ModelConfig, dtype):
