@@ -20,7 +20,7 @@ import optimistix.internal as optxi
 
 from ._ad import implicit_vjp, stop_gradient
 from ._iterate import run
-from ._misc import gmres, scalars_to_arrays, tree_sub, tree_where
+from ._misc import gmres, precision_floor, scalars_to_arrays, tree_sub, tree_where
 from ._solution import as_results, RESULTS
 from .solvers import Picard
 from .solvers._base import AbstractFixedPointSolver, native_fn
@@ -31,9 +31,9 @@ def backward_tolerance(forward: tuple[float, float] | None, dtype) -> tuple[floa
     tighter than `dtype` can reach (10 machine epsilons; float32 training never asks for
     the impossible). Without a forward tolerance (`custom_root`), 1e-10 / 1e-12, raised
     to 100 / 10 epsilons in lower precision."""
-    eps = float(jnp.finfo(dtype).eps)
     if forward is None:
-        return max(1e-10, 100 * eps), max(1e-12, 10 * eps)
+        return precision_floor(dtype)
+    eps = float(jnp.finfo(dtype).eps)
     rtol, atol = forward
     if all(isinstance(t, (int, float)) for t in (rtol, atol)):
         return max(float(rtol), 10 * eps), max(float(atol), eps)
@@ -95,8 +95,8 @@ class ImplicitAdjoint(AbstractVJPAdjoint):
         - `None` (default): for fixed points, fixed-point iteration on the adjoint
           (`Picard`, as cheap as a backward pass can be on a contraction), and, where it
           fails (it diverges or stalls when $J_T$ has eigenvalues on or outside the unit
-          circle although $I - J_T$ is invertible), GMRES(10) on $I - J_T^\top$ (11
-          vectors of memory), so that the gradient is exact wherever the implicit
+          circle although $I - J_T$ is invertible), GMRES(10) on $I - J_T^\top$ (a
+          small Krylov basis), so that the gradient is exact wherever the implicit
           function theorem holds (it runs only when some sample needs it). For roots,
           GMRES (CG where the operator is tagged symmetric positive definite, as in
           `ik.minimise`).
@@ -152,11 +152,8 @@ class ImplicitAdjoint(AbstractVJPAdjoint):
                                krylov)
 
     def solve_adjoint(self, JT_T, A, ybar, tags):
+        # (`linear_solver` is set here: `_solve.solve` resolves the defaults first.)
         linear_solver = self.linear_solver
-        if linear_solver is None:  # not resolved by an entry point: the float64 floor
-            return self.with_defaults(None, jnp.result_type(
-                *jtu.tree_leaves(ybar)), "fixed_point", tags).solve_adjoint(
-                    JT_T, A, ybar, tags)
         if isinstance(linear_solver, lx.AbstractLinearSolver):
             return _krylov_adjoint(linear_solver, A, ybar, tags)
         out = run(
@@ -342,10 +339,3 @@ class ImplicitJVPAdjoint(AbstractAdjoint):
             _jvp_primal, _jvp_rewrite, inputs, tags, self.linear_solver
         )
         return y, aux, stats, result
-
-
-def default_adjoint(kind: str) -> AbstractAdjoint:
-    """`ImplicitAdjoint()`: fixed-point iteration on the adjoint with a GMRES(10) fallback
-    for fixed points, GMRES (CG for symmetric positive definite operators) for roots."""
-    del kind
-    return ImplicitAdjoint()

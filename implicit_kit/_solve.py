@@ -11,9 +11,9 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array
 
-from ._adjoint import AbstractAdjoint, default_adjoint
+from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._iterate import check_structure, residual_fn, run
-from ._misc import inexact_asarray, scalars_to_arrays
+from ._misc import dtype_of, inexact_asarray, scalars_to_arrays
 from ._solution import RESULTS, Solution, STATS_KEYS
 
 
@@ -95,7 +95,7 @@ def solve(
     fn = _Prepared(fn, has_aux)
     check_structure(fn, y0, args, name)
     if adjoint is None:
-        adjoint = default_adjoint(kind)
+        adjoint = ImplicitAdjoint()
     if not isinstance(adjoint, AbstractAdjoint):
         raise TypeError(
             "`adjoint` must be an implicit_kit adjoint (ImplicitAdjoint, "
@@ -111,9 +111,7 @@ def solve(
             )
     forward = forward_factory(kind)
     # Unset tolerances of the backward solve follow the forward solve's and the dtype.
-    adjoint = adjoint.with_defaults(
-        forward.tolerance(), jnp.result_type(*jtu.tree_leaves(y0)), kind, tags
-    )
+    adjoint = adjoint.with_defaults(forward.tolerance(), dtype_of(y0), kind, tags)
     y, aux, stats, result = adjoint.apply(
         forward, fn, kind, y0, args, probe=probe, throw=throw, tags=tags
     )

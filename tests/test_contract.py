@@ -3,6 +3,7 @@ default backward solve."""
 
 import diffrax as dfx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
@@ -215,6 +216,14 @@ def test_default_adjoint_follows_a_tight_forward_solve():
         return jnp.vdot(w, jnp.concatenate([y["a"].ravel(), y["b"]]))
 
     g = jax.grad(loss)(theta)
+    # Against the dense IFT gradient at a tight equilibrium: as accurate as the forward
+    # solve (measured 1.6e-11 relative; 3.8e-7 with the solver at 1e-6).
+    ys = ik.fixed_point(fn, y0, theta, ik.NewtonKrylov(rtol=1e-14, atol=1e-15)).value
+    flat, unravel = jax.flatten_util.ravel_pytree(ys)
+    F = lambda f, t: jax.flatten_util.ravel_pytree(fn(unravel(f), t))[0]
+    J, Jt = jax.jacfwd(F, argnums=(0, 1))(flat, theta)
+    exact = w @ jnp.linalg.solve(jnp.eye(J.shape[0]) - J, Jt)
+    assert float(jnp.max(jnp.abs(g - exact)) / jnp.max(jnp.abs(exact))) < 1e-9
     eps = 1e-5
     fd = jnp.array([(loss(theta + eps * e) - loss(theta - eps * e)) / (2 * eps)
                     for e in jnp.eye(3)])
@@ -376,3 +385,17 @@ def test_a_solver_may_return_implicit_kit_or_dependency_codes():
     sol = ik.fixed_point(lambda y, a: 3 * y + 1, jnp.ones(2), None, Strict(), throw=False)
     assert sol.result == ik.RESULTS.nonfinite
     assert ik._solution.as_results(lx.RESULTS.breakdown) == ik.RESULTS.breakdown
+
+
+def test_minimise_with_optimistix_counts_its_evaluations():
+    calls = []
+
+    def loss(y, a):
+        jax.debug.callback(lambda: calls.append(1))
+        return jnp.sum((y - a) ** 2) + jnp.sum(y**4)
+
+    sol = ik.minimise(loss, jnp.zeros(5), jnp.linspace(-1.0, 1.0, 5))
+    jax.block_until_ready(sol.value)
+    # One optimistix step evaluates the loss once; plus the residual at the end; plus the
+    # implicit adjoint's re-attachment (not part of the solve).
+    assert len(calls) - 1 == int(sol.stats["nfe"]) == int(sol.stats["num_steps"]) + 1

@@ -18,7 +18,7 @@ import lineax as lx
 from jaxtyping import Array, PyTree
 
 from .._adjoint import ImplicitAdjoint, NeumannAdjoint
-from .._misc import gmres
+from .._misc import dtype_of, gmres
 from .._solution import backward_probe, backward_stats, RESULTS
 from .._solve import GivenForward, solve
 
@@ -156,8 +156,8 @@ def hypergradient(
             probe=probe, tags=tags, name="grad(inner_loss)")
         return lv(sol.value, h_)
 
-    dtype = jnp.result_type(*jtu.tree_leaves(w))
-    grad, probe_grad = jax.grad(outer, argnums=(0, 1))(hparams, backward_probe(dtype))
+    grad, probe_grad = jax.grad(outer, argnums=(0, 1))(hparams,
+                                                        backward_probe(dtype_of(w)))
     bs = backward_stats(probe_grad)
     result = RESULTS.where(bs.num_failed > 0, RESULTS.backward_max_steps_reached,
                            RESULTS.successful)

@@ -156,8 +156,10 @@ def format_table(rows: list[dict], formats: dict[str, str] | None = None) -> str
     cols = list(rows[0])
 
     def cell(c, v):
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and c in formats:
-            return format(v, formats[c]) if not (isinstance(v, float) and v != v) else "nan"
+        if isinstance(v, float) and v != v:
+            return "nan"
+        if c in formats and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return format(v, formats[c])
         return f"{v:.6g}" if isinstance(v, float) else str(v)
 
     fmt = [[cell(c, r[c]) for c in cols] for r in rows]

@@ -5,9 +5,9 @@ from typing import Any
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 from jaxtyping import Array
 
+from .._misc import dtype_of
 from .._solution import RESULTS, Solution
 
 
@@ -55,7 +55,7 @@ class ModelStats(eqx.Module):
 
 def no_residual(like) -> Array:
     """NaN in the floating dtype of `like`: the `residual` of a model that has none."""
-    dtype = jnp.result_type(*[x for x in jtu.tree_leaves(like)])
+    dtype = dtype_of(like)
     if not jnp.issubdtype(dtype, jnp.inexact):
         dtype = jnp.result_type(float)
     return lax.stop_gradient(jnp.array(jnp.nan, dtype))

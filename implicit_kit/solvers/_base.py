@@ -26,6 +26,7 @@ import optimistix as optx
 from equinox import AbstractClassVar, AbstractVar
 from jaxtyping import Array, Float, PyTree, Scalar
 
+from .._misc import dtype_of
 from .._solution import as_results, RESULTS
 
 
@@ -74,9 +75,7 @@ class AbstractRootSolver(AbstractImplicitSolver, optx.AbstractRootFinder):
 
 def init_residual(y: PyTree) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """Residual `inf` and scale `0` in the dtype of `y` (so the state never changes dtype)."""
-    leaves = jtu.tree_leaves(y)
-    dtype = jnp.result_type(*leaves) if leaves else jnp.result_type(float)
-    real = jnp.finfo(dtype).dtype
+    real = jnp.finfo(dtype_of(y)).dtype
     return jnp.array(jnp.inf, real), jnp.array(0.0, real)
 
 

@@ -70,7 +70,7 @@ class _Setup:
 
 
 def _setup(cfg: Config, devices) -> _Setup:
-    check_config(cfg)
+    """(`cfg` already checked by the caller.)"""
     t = cfg.train
     devices = list(jax.devices() if devices is None else devices)
     for key, value in (("train.batch", t.batch), ("train.eval_batch", t.eval_batch)):
@@ -116,7 +116,7 @@ def fit(cfg: Config, *, resume: bool = False, devices=None,
     - `callback(row)` after each epoch; `step_callback(epoch, step)` after each step
       (e.g. to stop a run).
     """
-    check_config(cfg)
+    check_config(cfg)  # before the checkpoint directory is looked at
     t = cfg.train
     run_dir = pathlib.Path(t.checkpoint_dir)
     existing = list_checkpoints(run_dir)
@@ -210,6 +210,7 @@ def evaluate_checkpoint(path, *, devices=None) -> dict:
     evaluate it on the test split."""
     header, _ = read_header(path)
     cfg = config_from_dict(header["config"], source=str(path))
+    check_config(cfg)
     st = _setup(cfg, devices)
     like = (st.params, st.optimiser.init(st.params), jr.key_data(jr.key(0)))
     header, (params, _, _) = load_checkpoint(path, like)
