@@ -13,7 +13,7 @@ from jaxtyping import Array
 
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._iterate import check_structure, residual_fn, run
-from ._misc import dtype_of, inexact_asarray, scalars_to_arrays
+from ._misc import dtype_of, inexact_asarray, scalars_to_arrays, tree_allfinite
 from ._solution import RESULTS, Solution, STATS_KEYS
 
 
@@ -118,6 +118,10 @@ def solve(
     # Result codes and stats carry no derivative (an integer array that reaches
     # `error_if` with a tangent attached fails to differentiate).
     result, stats = jtu.tree_map(lax.stop_gradient, (result, stats))
+    # A non-finite input is named, instead of the generic `nonfinite` of the first step
+    # that it poisons (checked per sample under vmap).
+    result = RESULTS.where(tree_allfinite(args), result, RESULTS.nonfinite_args)
+    result = RESULTS.where(tree_allfinite(y0), result, RESULTS.nonfinite_y0)
     max_steps = getattr(forward, "max_steps", None)
     stats = {**stats, "max_steps": jnp.array(-1 if max_steps is None else max_steps)}
     missing = [k for k in STATS_KEYS if k not in stats]

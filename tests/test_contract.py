@@ -288,7 +288,7 @@ OPTX_SOLVERS = {
     "newton_krylov": ik.NewtonKrylov(**TOL),
     "fallback": ik.Fallback(ik.Picard(**TOL), ik.NewtonKrylov(**TOL), max_steps=50),
 }
-FAST = ("cos", "nn", "midpoint_y_nonlinear")
+FAST = ("nn",)
 
 
 def _params():

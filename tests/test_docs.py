@@ -127,3 +127,13 @@ def test_results_md_is_rendered_from_the_stored_results():
 def test_no_placeholder_text(name):
     text = (ROOT / name).read_text()
     assert not re.search(r"\bTODO\b|\bTBD\b|XXX", text)
+
+
+def test_ci_runs_the_readme_test_command_and_the_fast_tier_is_documented():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    quick = readme[readme.index("## Quick start"):readme.index("## A first example")]
+    test_line = [line for line in quick.splitlines() if "pytest" in line]
+    assert len(test_line) == 1 and test_line[0].endswith(ci), (test_line, ci)
+    assert "-m \"not slow\"" not in ci  # CI runs both tiers
+    assert 'python -m pytest -m "not slow"' in readme  # the development command

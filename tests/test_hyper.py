@@ -126,6 +126,7 @@ def test_hyper_cleaning_closed_form_and_fd():
     np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_logistic_on_digits_matches_fd():
     """L2-regularised multinomial logistic regression on the digits (64 features, 10
     classes, 650 weights), inner problem by Newton in float64; the IFT hypergradient of
@@ -196,6 +197,7 @@ def _hg_at(lam, X, y, Xv, yv):
                                   outer_args=(Xv, yv))
 
 
+@pytest.mark.slow
 def test_vmap_over_lambdas_equals_separate_calls():
     X, y, Xv, yv = _ridge_data()
     lams = jnp.logspace(-3, 1, 16)
@@ -236,6 +238,7 @@ def test_vmap_over_solver_tolerance_and_damping():
     assert int(batched["steps"][3]) > int(batched["steps"][0])  # tighter tolerance
 
 
+@pytest.mark.slow
 def test_vmap_sharded_over_forced_host_devices(tmp_path):
     script = textwrap.dedent("""
         import jax

@@ -1,5 +1,7 @@
 """DEQ model: gradients under every adjoint, per-sample stats, learned and skip inits."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -47,15 +49,18 @@ def _flat(tree):
     return jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(tree)])
 
 
-def _fd(model, eps=1e-6):
+@functools.cache
+def _fd(eps=1e-6):
+    """Central differences of the loss in every parameter (the forward solve does not
+    depend on the adjoint, so this is computed once; the loss is compiled once)."""
+    model = _model(ik.UnrolledAdjoint())
     params, rest = _params(model), _nonparams(model)
     flat, unravel = jax.flatten_util.ravel_pytree(params)
+    loss = jax.jit(lambda f: _loss(eqx.combine(unravel(f), rest)))
     out = []
     for i in range(flat.size):
         e = jnp.zeros_like(flat).at[i].set(eps)
-        plus = _loss(eqx.combine(unravel(flat + e), rest))
-        minus = _loss(eqx.combine(unravel(flat - e), rest))
-        out.append((plus - minus) / (2 * eps))
+        out.append((loss(flat + e) - loss(flat - e)) / (2 * eps))
     return jnp.stack(out)
 
 
@@ -72,7 +77,7 @@ EXACT = {
 def test_exact_adjoints_match_finite_differences(name):
     model = _model(EXACT[name])
     g = _flat(_grad(model))
-    fd = _fd(model)
+    fd = _fd()
     np.testing.assert_allclose(g, fd, rtol=1e-7, atol=1e-9)
 
 
@@ -146,6 +151,7 @@ def test_vmap_per_sample_stats_and_jit():
     assert np.all(np.asarray(stats.residual) <= 1e-8 * 10)
 
 
+@pytest.mark.slow
 def test_learned_and_skip_inits_train_and_cut_forward_steps():
     """After training (task loss + init_loss), the learned start points need fewer
     Picard steps than starting from zeros with the same trained cell."""

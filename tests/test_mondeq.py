@@ -133,6 +133,7 @@ def test_gradient_matches_dense_implicit_gradient(splitting):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * float(jnp.max(jnp.abs(b))))
 
 
+@pytest.mark.slow
 def test_conv_mondeq_gradient_matches_dense():
     layer = ik.nn.MonotoneConv(2, 1, (4, 4), m=0.5, key=jr.key(3))
     layer = eqx.tree_at(lambda l: (l.a, l.b), layer, (2 * layer.a, 2 * layer.b))

@@ -1,5 +1,6 @@
-"""The notebooks in notebooks/ execute top to bottom without error (marker `notebooks`;
-included in the default `-m "not slow"` run), and the committed copies carry outputs."""
+"""The notebooks in notebooks/ execute top to bottom without error, their cells asserting
+what their text claims (markers `notebooks` and `slow`: the whole suite runs them, the
+fast tier does not), and the committed copies carry outputs."""
 
 import pathlib
 
@@ -11,7 +12,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 EXPECTED = ["01_equilibrium_and_implicit_gradients", "02_homotopy_and_homoode",
             "03_hyperparameters", "04_training_a_deq_from_a_config"]
 
-pytestmark = pytest.mark.notebooks
+pytestmark = [pytest.mark.notebooks, pytest.mark.slow]
 
 
 def test_the_four_notebooks_are_there():

@@ -11,6 +11,8 @@ import pytest
 
 import implicit_kit as ik
 
+from .helpers import tiered
+
 
 def _flat(tree):
     return jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(tree)])
@@ -36,16 +38,16 @@ def _grad(model, x):
     return _flat(eqx.filter_grad(lambda m: jnp.dot(c, m(x)))(model))
 
 
-@pytest.mark.parametrize("name", ["node", "homoode"])
-@pytest.mark.parametrize("adjoint", list(ADJOINTS))
-def test_every_adjoint_matches_direct_backprop(name, adjoint):
+@pytest.mark.parametrize("adjoint, name", tiered(
+    [(a, n) for a in ADJOINTS for n in ("node", "homoode")], ("backsolve-node", "direct-homoode")))
+def test_every_adjoint_matches_direct_backprop(adjoint, name):
     ref_model, x = _vector_models(ik.models.ODESolve(**TIGHT))[name]
     model, _ = _vector_models(ik.models.ODESolve(adjoint=ADJOINTS[adjoint], **TIGHT))[name]
     ref = _grad(ref_model, x)
     np.testing.assert_allclose(_grad(model, x), ref, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["node", "homoode"])
+@pytest.mark.parametrize("name", tiered(["node", "homoode"], ("node",)))
 def test_direct_backprop_matches_finite_differences_fixed_step(name):
     ode = ik.models.ODESolve(solver=dfx.Tsit5(), stepsize_controller=dfx.ConstantStepSize(),
                              dt0=0.05)
@@ -113,6 +115,7 @@ def _block(kind, c, key):
     return ik.models.HomoODE(field, (c, 4, 4), init="learned", ode=ode), c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["node", "anode", "homoode"])
 def test_models_train_on_digits(kind):
     x, y, xt, yt = _digits()
@@ -158,6 +161,7 @@ def test_models_train_on_digits(kind):
     assert 0 < float(jnp.mean(st.nfe)) < 200
 
 
+@pytest.mark.slow
 def test_learned_start_gets_gradient_only_from_its_objective():
     field = ik.nn.ConvCell(4, groups=2, residual=False, key=jr.key(0))
     model = ik.models.HomoODE(field, (4, 3, 3), init="learned")
@@ -177,6 +181,7 @@ def test_learned_start_gets_gradient_only_from_its_objective():
     assert [bool(s) for s in jax.tree_util.tree_leaves(spec)].count(True) == 1
 
 
+@pytest.mark.slow
 def test_exact_homoode_field_ends_at_the_deq_equilibrium():
     cell = ik.nn.MLPCell(5, 3, key=jr.key(0))
     cell = eqx.tree_at(lambda c: c.w1.weight, cell, 0.7 * cell.w1.weight)
@@ -191,6 +196,7 @@ def test_exact_homoode_field_ends_at_the_deq_equilibrium():
     np.testing.assert_allclose(g_homo, g_deq, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_error_penalties_gradients_match_finite_differences():
     """With a fixed step (so that FD does not see step-size changes, which diffrax does
     not differentiate) both penalties are smooth and their gradients match FD."""
@@ -221,6 +227,7 @@ def test_error_penalties_gradients_match_finite_differences():
         ik.models.ODESolve(error_penalty=True, adjoint=dfx.BacksolveAdjoint())
 
 
+@pytest.mark.slow
 def test_error_penalty_gradient_is_finite_when_an_error_estimate_is_zero():
     """A sample whose field is zero has local error estimates of exactly 0 (the same
     happens to the zero-size steps of samples that finish early under vmap). Its

@@ -122,6 +122,7 @@ def test_missing_dataset_fails_before_training(tmp_path):
 # -- the loop ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fit_metrics_log_plots_no_retrace(tmp_path):
     import matplotlib
 
@@ -164,6 +165,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_is_exact(tmp_path):
     """Killed in the middle of epoch 2, resumed: the same parameters as an uninterrupted
     run (dropout keys, data order and optimiser state all restored)."""
@@ -189,6 +191,7 @@ def test_resume_mid_epoch_is_exact(tmp_path):
         fit(_cfg(tmp_path, "deq", "cut", **extra, optim={"lr": 0.5}), resume=True)
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_detected_previous_kept(tmp_path):
     cfg = _cfg(tmp_path, train={"epochs": 2})
     fit(cfg)
@@ -222,6 +225,7 @@ def test_corrupt_checkpoint_detected_previous_kept(tmp_path):
         "file.bin"]
 
 
+@pytest.mark.slow
 def test_data_parallel_equals_single_device(tmp_path):
     """Four forced host devices: the batch axis sharded over them gives the single-device
     result to float tolerance. (SGD: Adam's normalisation would blow float32
@@ -257,6 +261,7 @@ def test_data_parallel_equals_single_device(tmp_path):
 # -- the CLI -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_train_eval_and_errors(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(f"name: tiny\nmodel:\n  kind: deq\n  adjoint: phantom\n  max_steps: 8\n"
@@ -296,6 +301,7 @@ def _tune_cfg(tmp_path, **tune):
     return path
 
 
+@pytest.mark.slow
 def test_tune_cli_tunes_per_parameter_decay(tmp_path, capsys):
     """`implicit-kit tune`: the grid table and its best (lowest validation loss) are
     consistent, the tuning loop lowers the validation loss, and the final metrics,

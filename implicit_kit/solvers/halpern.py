@@ -45,10 +45,15 @@ class Halpern(AbstractFixedPointSolver):
         fy, aux = fn(y, args)
         g = jtu.tree_map(lambda a, b: a - b, fy, y)
         beta = 1.0 / (state.count + 2.0)
-        new_y = jtu.tree_map(
-            lambda a, f: (beta * a + (1 - beta) * f).astype(f.dtype), state.anchor, fy
-        )
         new_state = _HalpernState(
             state.anchor, state.count + 1, self.norm(g), self.norm(y)
+        )
+        # When `y` passes the tolerance test (this step ends the solve), return T(y),
+        # whose residual is at most y's for a nonexpansive T, not the anchored point
+        # (pulled back towards y0, its residual can be several times the tolerance).
+        done, _ = self.terminate(fn, y, args, options, new_state, tags)
+        new_y = jtu.tree_map(
+            lambda a, f: jnp.where(done, f, beta * a + (1 - beta) * f).astype(f.dtype),
+            state.anchor, fy,
         )
         return new_y, new_state, aux

@@ -1,0 +1,204 @@
+# ruff: noqa: E501  (a table of test ids, one per line)
+"""Every public name (re-exported as `X as X` by a package `__init__`) has a test that
+checks it against an independent reference: a closed form, float64 finite differences,
+an independent solver or library, or its defining equation. A new public name without
+an entry here fails; a listed test that no longer exists fails."""
+
+import ast
+import pathlib
+
+import pytest
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# name -> "file::test" whose reference check covers it.
+REFERENCE = {
+    # solves and adjoints
+    "fixed_point": "test_adjoints.py::test_exact_gradient_closed_form_linear",
+    "root_find": "test_solvers.py::test_root_find_and_minimise_closed_forms",
+    "minimise": "test_adjoints.py::test_minimise_gradient_closed_form",
+    "custom_root": "test_adjoints.py::test_custom_root_with_non_jax_solver",
+    "homotopy_solve": "test_homotopy.py::test_gradient_matches_finite_differences",
+    "Picard": "test_solvers.py::test_solution",
+    "Anderson": "test_solvers.py::test_solution",
+    "Broyden": "test_solvers.py::test_solution",
+    "NewtonKrylov": "test_solvers.py::test_solution",
+    "Halpern": "test_references.py::test_halpern_value_is_the_fixed_point",
+    "Fallback": "test_solvers.py::test_fallback_per_sample",
+    "spd_solve": "test_solvers.py::test_spd_solve_matches_lapack_under_vmap",
+    "HomotopySolver": "test_homotopy.py::test_homotopy_solver_in_fallback_and_fixed_point",
+    "ImplicitAdjoint": "test_adjoints.py::test_exact_gradients",
+    "ImplicitJVPAdjoint": "test_adjoints.py::test_forward_mode",
+    "NeumannAdjoint": "test_models_deq.py::test_neumann_and_jfb_match_their_series",
+    "PhantomAdjoint": "test_adjoints.py::test_phantom_equals_damped_neumann_at_exact_fixed_point",
+    "JFBAdjoint": "test_adjoints.py::test_jfb_is_the_one_step_gradient_a_descent_direction_but_inexact",
+    "UnrolledAdjoint": "test_adjoints.py::test_exact_gradients",
+    "check_grad": "test_adjoints.py::test_check_grad_reports",
+    "spectral_radius": "test_references.py::test_spectral_radius_on_a_rotation_and_a_plus_minus_pair",
+    "RESULTS": "test_contract.py::test_results_promote_diffrax_outcomes_without_collapsing",
+    "backward_probe": "test_driver.py::test_backward_stats_of_a_converged_solve",
+    "backward_stats": "test_driver.py::test_backward_stats_of_a_converged_solve",
+    "BackwardStats": "test_contract.py::test_backward_stats_are_named",
+    # homotopy
+    "FixedPointHomotopy": "test_homotopy.py::test_saved_path_lies_on_the_homotopy",
+    "NewtonHomotopy": "test_homotopy.py::test_gradient_matches_finite_differences",
+    "NewtonCorrector": "test_references.py::test_newton_corrector_converges_quadratically_to_the_fixed_point",
+    "count_nfe": "test_references.py::test_count_nfe_is_the_number_of_field_calls_of_diffrax",
+    # models
+    "DEQ": "test_models_deq.py::test_exact_adjoints_match_finite_differences",
+    "MonotoneDEQ": "test_mondeq.py::test_gradient_matches_dense_implicit_gradient",
+    "ForwardBackward": "test_mondeq.py::test_gradient_matches_dense_implicit_gradient",
+    "PeacemanRachford": "test_mondeq.py::test_gradient_matches_dense_implicit_gradient",
+    "NeuralODE": "test_references.py::test_neural_ode_is_the_matrix_exponential_on_a_linear_field",
+    "AugmentedNeuralODE": "test_references.py::test_augmented_neural_ode_is_a_neural_ode_on_the_zero_padded_state",
+    "HomoODE": "test_ode_models.py::test_exact_homoode_field_ends_at_the_deq_equilibrium",
+    "ODESolve": "test_ode_models.py::test_every_adjoint_matches_direct_backprop",
+    "HopfieldLayer": "test_nn.py::test_hopfield_update_is_attention_and_layer_retrieves",
+    "ModelStats": "test_contract.py::test_every_model_returns_the_same_stats_structure",
+    "init_loss": "test_references.py::test_init_loss_is_the_huber_formula_and_trains_only_the_start",
+    "alternating_start": "test_references.py::test_alternating_start_group_count_and_count_params",
+    "group_count": "test_references.py::test_alternating_start_group_count_and_count_params",
+    # nn
+    "MLPCell": "test_models_deq.py::test_exact_adjoints_match_finite_differences",
+    "ConvCell": "test_nn.py::test_conv_cell_deq_runs_under_vmap_with_dropout",
+    "MLPField": "test_ode_models.py::test_error_penalties_gradients_match_finite_differences",
+    "MonotoneLinear": "test_mondeq.py::test_margin_holds_for_random_weights",
+    "MonotoneConv": "test_mondeq.py::test_conv_operator_is_the_circular_parametrisation",
+    "SpectralNorm": "test_nn.py::test_normalised_weights",
+    "WeightNorm": "test_nn.py::test_normalised_weights",
+    "VariationalDropout": "test_references.py::test_variational_dropout_mask_is_inverted_bernoulli",
+    "FixedMask": "test_references.py::test_variational_dropout_mask_is_inverted_bernoulli",
+    "prepare": "test_nn.py::test_variational_dropout_one_mask_per_solve",
+    "SubhomogeneousCell": "test_nn.py::test_subhomogeneous_unique_fixed_point_for_a_large_signed_w",
+    "subhomogeneity_degree": "test_nn.py::test_subhomogeneity_degrees",
+    "ConvergentGraphLayer": "test_references.py::test_graph_layer_output_is_the_fixed_point_of_its_map",
+    "graph_fixed_point": "test_nn.py::test_graph_solver_linear_solve_unroll_ift_and_fd_agree",
+    "contracting_graph_map": "test_nn.py::test_graph_solver_linear_solve_unroll_ift_and_fd_agree",
+    "hopfield_update": "test_nn.py::test_hopfield_update_is_attention_and_layer_retrieves",
+    "hopfield_energy": "test_nn.py::test_hopfield_energy_never_increases",
+    # regularizers
+    "jacobian_frobenius": "test_regularizers.py::test_hutchinson_is_differentiable_and_exact_for_fixed_probes",
+    "fixed_point_correction": "test_regularizers.py::test_fixed_point_correction_value_and_gradient",
+    "ErrorEstimatePenalty": "test_references.py::test_error_penalty_is_the_sum_of_scaled_error_times_step",
+    "local_error_penalty": "test_references.py::test_local_error_penalty_is_one_scaled_step",
+    "kinetic_jacobian_field": "test_ode_models.py::test_kinetic_and_jacobian_channels",
+    # hyper
+    "hypergradient": "test_hyper.py::test_ridge_cg_matches_closed_form",
+    "vmap_hparams": "test_hyper.py::test_vmap_over_lambdas_equals_separate_calls",
+    "tune": "test_hyper.py::test_tune_lowers_validation_loss_per_feature_decay",
+    "metrics_table": "test_hyper.py::test_vmap_over_lambdas_equals_separate_calls",
+    "format_table": "test_train.py::test_summary_table_and_comparison_figure",
+    # data
+    "load_digits": "test_data.py::test_digits_split",
+    "load_mnist": "test_data.py::test_idx_roundtrip",
+    "load_fashion_mnist": "test_data.py::test_idx_roundtrip",
+    "load_cifar10": "test_data.py::test_cifar10_roundtrip",
+    "load_svhn": "test_data.py::test_svhn_roundtrip",
+    "read_idx": "test_data.py::test_idx_roundtrip",
+    "load": "test_data.py::test_digits_split",
+    "batches": "test_data.py::test_batches",
+    "num_batches": "test_data.py::test_batches",
+    "normalisation": "test_data.py::test_normalisation",
+    "normalise": "test_data.py::test_normalisation",
+    "DatasetNotFoundError": "test_data.py::test_idx_errors",
+    # train
+    "fit": "test_train.py::test_resume_mid_epoch_is_exact",
+    "evaluate_checkpoint": "test_train.py::test_fit_metrics_log_plots_no_retrace",
+    "save_checkpoint": "test_references.py::test_checkpoint_roundtrip_is_bit_exact",
+    "load_checkpoint": "test_references.py::test_checkpoint_roundtrip_is_bit_exact",
+    "list_checkpoints": "test_references.py::test_checkpoint_roundtrip_is_bit_exact",
+    "read_header": "test_train.py::test_corrupt_checkpoint_detected_previous_kept",
+    "CheckpointError": "test_train.py::test_corrupt_checkpoint_detected_previous_kept",
+    "count_params": "test_references.py::test_alternating_start_group_count_and_count_params",
+    "load_config": "test_train.py::test_config_overrides_and_yaml_floats",
+    "config_from_dict": "test_train.py::test_config_errors_name_the_key_and_file",
+    "check_config": "test_bad_inputs.py::test_config_yaml_syntax_error_and_nonpositive_values",
+    "check_tune_config": "test_train.py::test_tune_config_errors_name_the_key",
+    "ConfigError": "test_train.py::test_config_errors_name_the_key_and_file",
+}
+
+# Names with no value of their own to compare, and why.
+EXCEPTIONS = {
+    "AbstractAdjoint": "abstract base class; every concrete adjoint has its reference test",
+    "AbstractImplicitSolver": "abstract base class of the solvers (each tested)",
+    "AbstractFixedPointSolver": "abstract base class of the solvers (each tested)",
+    "AbstractRootSolver": "abstract base class of the solvers (each tested)",
+    "AbstractHomotopy": "abstract base class of the two homotopies (each tested)",
+    "AbstractPerSolve": "abstract base class of VariationalDropout (tested)",
+    "MonotoneOperator": "abstract interface of MonotoneLinear and MonotoneConv (tested)",
+    "Solution": "the return type of every solve; its fields are what the tests compare",
+    "TuneResult": "the return type of hyper.tune; its fields are what the tune tests compare",
+    "FitResult": "the return type of fit; its fields are what the train tests compare",
+    "integrate_path": "the path integrator inside homotopy_solve, tested through it "
+                      "(finite differences, the path lies on the homotopy)",
+    "Stem": "a convolutional stem without a closed form; trained end to end in "
+            "test_models_train_on_digits and the train tests",
+    "Head": "a linear head without a closed form; as Stem",
+    "ImageClassifier": "stem + implicit block + head; as Stem (the blocks are tested alone)",
+    "build_model": "builds the classifier of a config; exercised by every train test",
+    "load_data": "a config's data section through ik.data (whose loaders are tested)",
+    "plot_history": "draws figures: the train tests check the files are written",
+    "config_dir": "the path of the shipped configs (test_shipped_configs_are_valid reads all)",
+    "Config": "typed config dataclasses: validated by the config tests",
+    "ModelConfig": "as Config", "MLPConfig": "as Config", "TrainConfig": "as Config",
+    "OptimConfig": "as Config", "DataConfig": "as Config", "RegularizerConfig": "as Config",
+    "HyperConfig": "as Config", "TuneConfig": "as Config",
+    "DEQ_INITS": "a tuple of choices, checked by the bad-input tests",
+    "HOMOODE_INITS": "a tuple of choices, checked by the bad-input tests",
+    "METHODS": "a tuple of choices of hypergradient, each method tested against the "
+               "closed form",
+    "newton_step": "the one Newton step of NewtonKrylov and NewtonCorrector, tested "
+                   "through both (closed forms, quadratic convergence)",
+    "run_tune": "the body of `implicit-kit tune`: test_tune_cli_tunes_per_parameter_decay "
+                "runs it through the CLI against a vmapped grid",
+    "DATASETS": "a tuple of dataset names, each loader tested",
+}
+SUBPACKAGES = {"data", "homotopy", "hyper", "models", "nn", "regularizers", "solvers",
+               "train"}
+
+
+def _public_names():
+    """The names of the package's public modules (`implicit_kit`, its subpackages and
+    its public modules such as `regularizers`): `__all__` where a module defines it,
+    else the `X as X` re-exports, the public functions and classes and the upper-case
+    constants it defines."""
+    names = set()
+    files = [f for f in (ROOT / "implicit_kit").rglob("*.py")
+             if f.name == "__init__.py" or not f.name.startswith("_")]
+    files = [f for f in files if not any(p.startswith("_") for p in
+                                         f.relative_to(ROOT / "implicit_kit").parts[:-1])]
+    for f in files:
+        body = ast.parse(f.read_text()).body
+        declared = [n for n in body if isinstance(n, ast.Assign)
+                    and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)]
+        if declared:
+            names |= set(ast.literal_eval(declared[0].value))
+            continue
+        for node in body:
+            if isinstance(node, ast.ImportFrom):
+                names |= {a.name for a in node.names if a.asname == a.name}
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign):
+                names |= {t.id for t in node.targets
+                          if isinstance(t, ast.Name) and t.id.isupper()}
+    return {n for n in names if not n.startswith("_")} - SUBPACKAGES
+
+
+def test_every_public_name_has_a_reference_test_or_a_reason():
+    public = _public_names()
+    missing = sorted(public - set(REFERENCE) - set(EXCEPTIONS))
+    assert not missing, f"public names without a reference test: {missing}"
+    stale = sorted((set(REFERENCE) | set(EXCEPTIONS)) - public)
+    assert not stale, f"listed but not public: {stale}"
+    assert not set(REFERENCE) & set(EXCEPTIONS)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_the_reference_test_exists_and_uses_the_name(name):
+    file, func = REFERENCE[name].split("::")
+    src = (ROOT / "tests" / file).read_text()
+    tests = {n.name for n in ast.parse(src).body if isinstance(n, ast.FunctionDef)}
+    assert func in tests, f"{REFERENCE[name]} does not exist"
+    assert name in src, f"{file} never mentions {name}"
