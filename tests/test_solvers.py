@@ -143,7 +143,7 @@ def test_halpern_bound_on_rotation():
     fn = lambda y, a: R @ (y - ystar) + ystar
     y0 = jnp.ones(n) * 2.0
     k = 400
-    sol = ik.fixed_point(fn, y0, None, ik.Halpern(rtol=0, atol=0), max_steps=k,
+    sol = ik.fixed_point(fn, y0, None, ik.Halpern(rtol=0, atol=0, restart=None), max_steps=k,
                          throw=False, trace=True)
     trace = np.asarray(sol.stats["residual_trace"])
     bound = 2 * float(jnp.linalg.norm(y0 - ystar)) / (np.arange(k) + 1)
@@ -153,6 +153,86 @@ def test_halpern_bound_on_rotation():
                             throw=False, trace=True)
     assert float(picard.stats["residual_trace"][-1]) > 0.5 * float(
         picard.stats["residual_trace"][0])
+
+
+def _restarted_halpern_by_hand(T, y0, tol, restart, max_steps):
+    """The restarted Halpern iteration written out in numpy: the residual of every step,
+    the steps since the anchor was set, and the anchor's distance to use in the bound."""
+    a, y, k, anchor_res = y0, y0, 0, None
+    residuals, since, anchors = [], [], []
+    for _ in range(max_steps):
+        ty = T(y)
+        r = float(np.linalg.norm(ty - y))
+        anchor_res = r if k == 0 else anchor_res
+        residuals.append(r), since.append(k), anchors.append(a)
+        if r <= tol:
+            break
+        if k > 0 and r <= restart * anchor_res:
+            a, y, k = ty, ty, 0
+        else:
+            y, k = (a + (k + 1) * ty) / (k + 2), k + 1
+    return np.array(residuals), np.array(since), anchors
+
+
+def _contraction(n=15, rho=0.95, seed=0):
+    q = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, n)))[0]
+    a = q @ np.diag(np.linspace(-rho, rho, n)) @ q.T
+    return a, np.random.default_rng(seed + 1).normal(size=n)
+
+
+def test_restarted_halpern_keeps_the_bound_and_is_linear_on_contractions():
+    # A 90-degree rotation in R^100 (nonexpansive, Picard cycles) and a contraction.
+    n = 100
+    rot = np.kron(np.eye(n // 2), np.array([[0.0, -1.0], [1.0, 0.0]]))
+    ystar = np.linspace(-1, 1, n)
+    a, b = _contraction()
+    cases = [(lambda y: rot @ (y - ystar) + ystar, np.full(n, 2.0), ystar),
+             (lambda y: a @ y + b, np.zeros(15), np.linalg.solve(np.eye(15) - a, b))]
+    for T, y0, fixed in cases:
+        sol = ik.fixed_point(lambda y, _: T(y), jnp.asarray(y0), None,
+                             ik.Halpern(rtol=0, atol=1e-8), max_steps=2000, trace=True)
+        res, since, anchors = _restarted_halpern_by_hand(T, y0, 1e-8, 0.9, 2000)
+        trace = np.asarray(sol.stats["residual_trace"])[:len(res)]
+        np.testing.assert_allclose(trace, res, rtol=1e-9, atol=1e-13)
+        assert int(sol.stats["num_steps"]) == len(res) and res[-1] <= 1e-8
+        assert np.count_nonzero(since == 0) > 2  # it restarted
+        # Within every run: ||y_k - T y_k|| <= 2 ||a - y*|| / (k + 1), k = steps since
+        # the anchor a was set, and no anchor is farther from y* than y0 is.
+        dist = np.array([np.linalg.norm(anc - fixed) for anc in anchors])
+        assert np.all(res <= 2 * dist / (since + 1) + 1e-12)  # tight on the rotation
+        assert np.all(dist <= np.linalg.norm(y0 - fixed) * (1 + 1e-12))
+        np.testing.assert_allclose(sol.value, fixed, atol=1e-7)
+
+
+@pytest.mark.parametrize("rho", [0.5, 0.8, 0.95, 0.99])
+def test_restarted_halpern_within_twice_picards_steps_on_contractions(rho):
+    a, b = _contraction(rho=rho, seed=3)
+    fn = lambda y, args: args[0] @ y + args[1]
+    args = (jnp.asarray(a), jnp.asarray(b))
+    steps = {}
+    for name, solver in (("picard", ik.Picard(rtol=0, atol=1e-8)),
+                         ("halpern", ik.Halpern(rtol=0, atol=1e-8)),
+                         ("fixed", ik.Halpern(rtol=0, atol=1e-8, restart=None))):
+        sol = ik.fixed_point(fn, jnp.zeros(15), args, solver, max_steps=20_000, throw=False)
+        steps[name] = (int(sol.stats["num_steps"]), sol.result == ik.RESULTS.successful)
+    assert steps["picard"][1] and steps["halpern"][1]
+    assert steps["halpern"][0] <= 2 * steps["picard"][0], steps
+    assert not steps["fixed"][1]  # the fixed anchor's O(1/k) does not get there
+
+
+def test_restarted_halpern_stops_per_sample_under_vmap():
+    a, b = _contraction(rho=0.9, seed=5)
+    fn = lambda y, args: args[0] @ y + args[1]
+    scales = jnp.array([0.3, 1.0])  # contraction factors 0.27 and 0.9
+    solver = ik.Halpern(rtol=0, atol=1e-9)
+    batch = jax.vmap(lambda s: ik.fixed_point(fn, jnp.zeros(15), (s * a, jnp.asarray(b)),
+                                              solver, max_steps=5000))(scales)
+    for i, s in enumerate(scales):
+        one = ik.fixed_point(fn, jnp.zeros(15), (s * a, jnp.asarray(b)), solver,
+                             max_steps=5000)
+        assert int(batch.stats["num_steps"][i]) == int(one.stats["num_steps"])
+        np.testing.assert_allclose(batch.value[i], one.value, rtol=1e-12)
+    assert int(batch.stats["num_steps"][0]) < int(batch.stats["num_steps"][1])
 
 
 def test_fallback_per_sample():
