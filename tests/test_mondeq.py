@@ -9,6 +9,8 @@ import pytest
 
 import implicit_kit as ik
 
+from .helpers import tiered
+
 
 def _sym_min_eig(w):
     i_w = jnp.eye(w.shape[0]) - w
@@ -147,3 +149,37 @@ def test_conv_mondeq_gradient_matches_dense():
     ref = _dense_reference_grad(layer, x, z.ravel(), c.ravel())
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.parametrize("splitting", tiered(["forward_backward", "peaceman_rachford"],
+                                             ("forward_backward",)))
+def test_halpern_solves_the_splitting_maps(splitting):
+    """Halpern (restarted, and with a fixed anchor) iterating the forward-backward map at
+    alpha = m/L^2 (averaged) or the Peaceman-Rachford map (nonexpansive) reaches the
+    equilibrium that plain Peaceman-Rachford finds, with the same implicit gradient."""
+    layer = ik.nn.MonotoneLinear(12, 4, 0.5, key=jr.key(3))
+    x = jnp.array([0.7, -1.2, 0.4, 1.5])
+    ref = ik.models.MonotoneDEQ(layer, ik.models.PeacemanRachford(1.0, 1e-13, 1e-14),
+                                max_steps=5000, throw=True)
+    z_ref = ref(x)
+    lip = float(jnp.linalg.norm(jnp.eye(12) - layer.operator().dense(), 2))
+
+    def make(solver):
+        split = (ik.models.ForwardBackward(0.5 / lip**2, solver=solver)
+                 if splitting == "forward_backward"
+                 else ik.models.PeacemanRachford(1.0, solver=solver))
+        return ik.models.MonotoneDEQ(layer, split, max_steps=100_000, throw=True)
+
+    c = jnp.cos(jnp.arange(12.0))
+    g_ref = jax.grad(lambda xx: c @ ref(xx))(x)
+    for solver, tol in ((ik.Halpern(rtol=0, atol=1e-11), 1e-8),
+                        (ik.Halpern(rtol=0, atol=1e-4, restart=None), 5e-3)):  # O(1/k)
+        model = make(solver)
+        z, st = model(x, return_stats=True)
+        np.testing.assert_allclose(z, z_ref, atol=tol)
+        assert bool(st.result == ik.RESULTS.successful)
+        if solver.restart is not None:
+            np.testing.assert_allclose(jax.grad(lambda xx: c @ model(xx))(x), g_ref,
+                                       rtol=1e-6, atol=1e-9)
+        else:  # the fixed anchor's O(1/k) steps: the given solver ran, not Picard (< 100)
+            assert int(st.num_steps) > 1000

@@ -41,8 +41,9 @@ class _Splitting(eqx.Module):
             adjoint = ImplicitAdjoint(max_steps=max_steps)
         alpha = jnp.asarray(self.alpha, c.dtype)
         y0 = jnp.zeros_like(c) if y0 is None else y0
+        solver = Picard(rtol=self.rtol, atol=self.atol) if self.solver is None else self.solver
         return fixed_point(
-            fn, y0, (op, c, alpha), Picard(rtol=self.rtol, atol=self.atol),
+            fn, y0, (op, c, alpha), solver,
             adjoint=adjoint, max_steps=max_steps, throw=throw, probe=probe,
         )
 
@@ -57,11 +58,16 @@ class ForwardBackward(_Splitting):
 
     - `alpha`: the step size.
     - `rtol`, `atol`: stopping rule on $\|z^+ - z\|$ relative to $\|z\|$.
+    - `solver`: the fixed-point solver that iterates the splitting map (default
+        `ik.Picard(rtol, atol)`, the plain splitting); e.g. `ik.Halpern()` for its
+        certified residual (the map is averaged for $\alpha \le 2m/L^2$), or
+        `ik.Anderson()`. Its own tolerances apply.
     """
 
     alpha: float = 0.1
     rtol: float = 1e-6
     atol: float = 1e-8
+    solver: Any = None
 
     def solve(self, layer, x, *, y0=None, adjoint=None, max_steps=256, throw=True,
               probe=None) -> Solution:
@@ -84,11 +90,14 @@ class PeacemanRachford(_Splitting):
 
     - `alpha`: the step size (the paper tunes it over {1, 1/2, 1/4, ...}).
     - `rtol`, `atol`: stopping rule on the change of $u$.
+    - `solver`: the fixed-point solver that iterates the map on $u$ (default
+        `ik.Picard(rtol, atol)`; the map is nonexpansive, so `ik.Halpern()` applies).
     """
 
     alpha: float = 1.0
     rtol: float = 1e-6
     atol: float = 1e-8
+    solver: Any = None
 
     def solve(self, layer, x, *, y0=None, adjoint=None, max_steps=256, throw=True,
               probe=None) -> Solution:
