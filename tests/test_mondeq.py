@@ -183,3 +183,35 @@ def test_halpern_solves_the_splitting_maps(splitting):
                                        rtol=1e-6, atol=1e-9)
         else:  # the fixed anchor's O(1/k) steps: the given solver ran, not Picard (< 100)
             assert int(st.num_steps) > 1000
+
+
+def test_halpern_bound_on_the_forward_backward_operator():
+    """Reference note C8, check 2: the monDEQ forward-backward map at alpha = 2m/L^2 is
+    nonexpansive, and fixed-anchor Halpern's residual stays below 2||z0 - z*||/(k+1) at
+    every step k (z* from plain Peaceman-Rachford at 1e-13)."""
+    m = 0.5
+    layer = ik.nn.MonotoneLinear(12, 4, m, key=jr.key(4))
+    x = jnp.array([0.2, 1.1, -0.8, 0.5])
+    w = layer.operator().dense()
+    c = layer.bias(x)
+    lip = float(jnp.linalg.norm(jnp.eye(12) - w, 2))
+    alpha = 2 * m / lip**2
+    fb = lambda z, _: jax.nn.relu((1 - alpha) * z + alpha * (w @ z + c))  # written out
+    z_star = ik.models.MonotoneDEQ(layer, ik.models.PeacemanRachford(1.0, 1e-13, 1e-14),
+                                   max_steps=5000, throw=True)(x)
+    np.testing.assert_allclose(fb(z_star, None), z_star, atol=1e-11)
+    z0 = jnp.full(12, 3.0)
+    k = 2000
+    sol = ik.fixed_point(fb, z0, None, ik.Halpern(rtol=0, atol=0, restart=None),
+                         max_steps=k, throw=False, trace=True)
+    trace = np.asarray(sol.stats["residual_trace"])
+    bound = 2 * float(jnp.linalg.norm(z0 - z_star)) / (np.arange(k) + 1)
+    assert np.all(trace <= bound * (1 + 1e-9) + 1e-13)
+    assert trace[-1] < 1e-2 * trace[0]
+    # The iteration is Halpern's: its first residuals against the loop written out.
+    z, hand = np.asarray(z0), []
+    for i in range(50):
+        tz = np.asarray(fb(z, None))
+        hand.append(np.linalg.norm(tz - z))
+        z = (np.asarray(z0) + (i + 1) * tz) / (i + 2)
+    np.testing.assert_allclose(trace[:50], hand, rtol=1e-10)
