@@ -33,14 +33,14 @@ class RESULTS(dfx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
         "(spectral radius of the Jacobian >= 1): check `ik.spectral_radius`."
     )
     nonfinite_y0 = (
-        "The start point `y0` contains a non-finite value (nan or inf), so the solve "
-        "cannot start. Check where `y0` comes from (a previous solve that failed, the "
-        "data, an initialiser)."
+        "The solve produced non-finite values and its start point `y0` contains a "
+        "non-finite value (nan or inf). Check where `y0` comes from (a previous solve "
+        "that failed, the data, an initialiser)."
     )
     nonfinite_args = (
-        "The arguments `args` contain a non-finite value (nan or inf), so the map "
-        "cannot be evaluated. Check the inputs (the data, or parameters after a "
-        "diverged optimiser step)."
+        "The solve produced non-finite values and its arguments `args` contain a "
+        "non-finite value (nan or inf). Check the inputs (the data, or parameters after "
+        "a diverged optimiser step)."
     )
     fallback_exhausted = (
         "Every solver of `Fallback(...)` failed on this problem. Increase `max_steps`, "

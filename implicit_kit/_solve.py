@@ -118,10 +118,14 @@ def solve(
     # Result codes and stats carry no derivative (an integer array that reaches
     # `error_if` with a tangent attached fails to differentiate).
     result, stats = jtu.tree_map(lax.stop_gradient, (result, stats))
-    # A non-finite input is named, instead of the generic `nonfinite` of the first step
-    # that it poisons (checked per sample under vmap).
-    result = RESULTS.where(tree_allfinite(args), result, RESULTS.nonfinite_args)
-    result = RESULTS.where(tree_allfinite(y0), result, RESULTS.nonfinite_y0)
+    # A solve that failed on non-finite values names the non-finite input that caused
+    # it, instead of the generic `nonfinite` (per sample under vmap). A successful solve
+    # keeps its code: an unused non-finite value (an -inf mask) is not an error.
+    poisoned = result == RESULTS.nonfinite
+    result = RESULTS.where(poisoned & jnp.invert(tree_allfinite(args)),
+                           RESULTS.nonfinite_args, result)
+    result = RESULTS.where(poisoned & jnp.invert(tree_allfinite(y0)),
+                           RESULTS.nonfinite_y0, result)
     max_steps = getattr(forward, "max_steps", None)
     stats = {**stats, "max_steps": jnp.array(-1 if max_steps is None else max_steps)}
     missing = [k for k in STATS_KEYS if k not in stats]

@@ -57,7 +57,7 @@ def test_homoode_bad_field_and_init():
 def test_nonfinite_input_is_named(where):
     y0 = P.y0.at[0].set(jnp.nan) if where == "y0" else P.y0
     W, U, b, x = P.args
-    args = (W, U, b, x.at[1].set(jnp.inf)) if where == "args" else P.args
+    args = (W, U, b, x.at[1].set(jnp.nan)) if where == "args" else P.args
     sol = ik.fixed_point(P.fn, y0, args, PICARD, throw=False)
     assert sol.result == getattr(ik.RESULTS, f"nonfinite_{where}")
     with pytest.raises(Exception, match=f"`{where}` contain"):
@@ -69,6 +69,17 @@ def test_nonfinite_input_is_named(where):
     assert (sols.result == ik.RESULTS.successful).tolist() == [True, False]
     assert (sols.result == ik.RESULTS.nonfinite_args).tolist() == [False, True]
     np.testing.assert_allclose(sols.value[0], P.exact(P.args), rtol=1e-7)
+
+
+
+def test_an_unused_non_finite_argument_is_not_an_error():
+    # A -inf attention-style mask: the map never computes with the -inf itself.
+    W, U, b, x = P.args
+    fn = lambda z, a: jnp.where(a[1] > -1, P.fn(z, a[0]), 0.0)
+    masks = [jnp.where(jnp.arange(8) < 6, 0.0, v) for v in (-jnp.inf, -2.0)]
+    sol, ref = (ik.fixed_point(fn, P.y0, (P.args, m), PICARD) for m in masks)
+    assert sol.result == ik.RESULTS.successful
+    np.testing.assert_array_equal(sol.value, ref.value)
 
 
 def test_config_yaml_syntax_error_and_nonpositive_values(tmp_path):

@@ -63,24 +63,10 @@ class Halpern(AbstractFixedPointSolver):
         residual = self.norm(g)
         first = state.count == 0  # y is the anchor
         anchor_residual = jnp.where(first, residual, state.anchor_residual)
-        new_state = _HalpernState(
-            state.anchor, state.count + 1, anchor_residual, residual, self.norm(y)
-        )
-        # When `y` passes the tolerance test (this step ends the solve), return T(y),
-        # whose residual is at most y's for a nonexpansive T, not the anchored point
-        # (pulled back towards the anchor, its residual can be several times the
-        # tolerance).
-        done, _ = self.terminate(fn, y, args, options, new_state, tags)
         if self.restart is None:
             restart = jnp.array(False)
         else:
             restart = jnp.invert(first) & (residual <= self.restart * anchor_residual)
-        beta = 1.0 / (state.count + 2.0)
-        new_y = jtu.tree_map(
-            lambda a, f: jnp.where(done | restart, f, beta * a + (1 - beta) * f).astype(
-                f.dtype),
-            state.anchor, fy,
-        )
         new_state = _HalpernState(
             jtu.tree_map(lambda a, f: jnp.where(restart, f, a).astype(a.dtype),
                          state.anchor, fy),
@@ -88,5 +74,16 @@ class Halpern(AbstractFixedPointSolver):
             anchor_residual,
             residual,
             self.norm(y),
+        )
+        # When `y` passes the tolerance test (this step ends the solve), return T(y),
+        # whose residual is at most y's for a nonexpansive T, not the anchored point
+        # (pulled back towards the anchor, its residual can be several times the
+        # tolerance).
+        done, _ = self.terminate(fn, y, args, options, new_state, tags)
+        beta = 1.0 / (state.count + 2.0)
+        new_y = jtu.tree_map(
+            lambda a, f: jnp.where(done | restart, f, beta * a + (1 - beta) * f).astype(
+                f.dtype),
+            state.anchor, fy,
         )
         return new_y, new_state, aux
