@@ -66,6 +66,9 @@ JOBS = {
     "hyper_vmap_full": Job(["benchmarks/hyper_vmap.py", "--ks", "4,16,64", "--steps",
                             "100", "--batch", "0", "--repeats", "3", "--json", "{json}"]),
     "halpern": Job(["benchmarks/halpern_steps.py", "--json", "{json}"]),
+    "vr_halpern": Job(["benchmarks/vr_halpern.py", "--json", "{json}"]),
+    "mondbm": Job(["benchmarks/mondbm_digits.py", "--seeds", "0,1,2", "--out",
+                   "{tmp}/mondbm", "--json", "{json}"]),
     "tune_param": Job(TUNE + ["tune.per=parameter"], produces="tune/results.json"),
     "tune_tensor": Job(TUNE + ["tune.per=tensor"], produces="tune/results.json"),
     "tune_shared": Job(TUNE + ["tune.per=shared"], produces="tune/results.json"),
@@ -216,6 +219,57 @@ def render_halpern(res):
         ["problem", "solver", "steps", "converged", "residual", "error vs y*"], rows)])
 
 
+def render_vr_halpern(res):
+    d = res["data"]
+    rows = []
+    for r in d["rows"]:
+        ev = sorted(r["evals"])
+        med = ev[len(ev) // 2]
+        spread = f" ({ev[0]:,}–{ev[-1]:,}, {len(ev)} seeds)" if len(ev) > 1 else ""
+        conv = sum(r["converged"])
+        rows.append([r["method"], f"η = {r['step']}", f"**{med:,}**{spread}",
+                     f"{med / d['n']:.0f}", f"{conv} / {len(r['converged'])}",
+                     f"{max(r['residual']):.2g}"])
+    return "\n".join([provenance(res), "", f"n = {d['n']:,}, L = {d['L']:.3g}, "
+                      f"L_avg = {d['L_avg']:.3g}, tolerance ‖F(w)‖ ≤ {d['tol']:g}.", "",
+                      table(["method", "step", "component evaluations", "full-pass "
+                             "equivalents", "converged", "final ‖F‖"], rows)])
+
+
+def render_mondbm(res):
+    d = res["data"]
+    b = d["baselines"]
+    rows = []
+    by_arm = {}
+    for r in d["dbm"]:
+        by_arm.setdefault(r["arm"], []).append(r)
+
+    def ms(v):
+        v = np.asarray(v, float)
+        return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v[0]:.4f}"
+
+    for arm, rs in by_arm.items():
+        rows.append([f"{arm}, {len(rs)} seeds", ms([r["imputation_mse"] for r in rs]),
+                     ms([r["test_acc"] for r in rs]),
+                     f"{np.mean([r['mean_steps'] for r in rs]):.1f}",
+                     f"{sum(r['any_start_failures'] for r in rs)} / {360 * len(rs)}",
+                     f"{sum(r['start_dependent'] for r in rs)} / {360 * len(rs)} "
+                     f"(max {max(r['max_start_spread'] for r in rs):.2g})",
+                     f"{sum(r['skipped_steps'] for r in rs):.0f}",
+                     f"{np.mean([r['s_per_epoch'] for r in rs]):.1f}"])
+    dash = "—"
+    rows.append(["per-pixel mean of the training images", f"{b['pixel_mean_mse']:.4f}",
+                 dash, dash, dash, dash, dash, dash])
+    for k in (1, 5, 10):
+        rows.append([f"{k}-nearest-neighbour imputation", f"{b[f'knn{k}_mse']:.4f}", dash,
+                     dash, dash, dash, dash, dash])
+    rows.append(["MLP classifier on the observed pixels", dash,
+                 f"{b['mlp_observed_acc']:.4f}", dash, dash, dash, dash, dash])
+    return "\n".join([provenance(res), "", table(
+        ["arm", "imputation MSE", "test accuracy", "solver steps", "failed solves",
+         "start-dependent fixed points", "skipped train steps", "s / epoch"], rows)])
+
+
 def render_tune(results):
     """`results`: the tune jobs' results, in order (param, tensor, shared, cg)."""
     first = results[0]["data"]
@@ -303,6 +357,29 @@ def summary(res: dict) -> list[list[str]]:
                      "validation loss", f"{d['tuned']['val_loss']:.4f} vs "
                      f"{d['grid_best']['val_loss']:.4f}",
                      f"{d['grid_best']['val_loss'] / d['tuned']['val_loss']:.1f}× lower"])
+    if "vr_halpern" in res:
+        by = {(r["method"].split(",")[0].split(" (")[0], r["step"]): r
+              for r in res["vr_halpern"]["data"]["rows"]}
+        vr = sorted(by[("VR-Halpern", "1/L_avg")]["evals"])[2]
+        gd = by[("Picard", "1/L")]["evals"][0]
+        aa = by[("Anderson", "1/L")]["evals"][0]
+        rows.append(["finite sum (n = 1,437): component evaluations, VR-Halpern vs full-batch "
+                     "gradient steps / Anderson", f"{vr:,} vs {gd:,} / {aa:,}",
+                     f"{gd / vr:.1f}× fewer than gradient steps (Anderson: {vr / aa:.1f}× "
+                     "fewer still)"])
+    if "mondbm" in res:
+        d = res["mondbm"]["data"]
+        mono = [r for r in d["dbm"] if r["arm"].startswith("monotone")]
+        plain = [r for r in d["dbm"] if r["arm"].startswith("plain")]
+        mse = sum(r["imputation_mse"] for r in mono) / len(mono)
+        acc = sum(r["test_acc"] for r in mono) / len(mono)
+        dep = sum(r["start_dependent"] for r in plain)
+        rows.append(["monotone DBM on digits (40 % of pixels seen): imputation MSE, accuracy",
+                     f"{mse:.4f} (per-pixel mean {d['baselines']['pixel_mean_mse']:.4f}, "
+                     f"5-NN {d['baselines']['knn5_mse']:.4f}); {acc:.3f} (MLP "
+                     f"{d['baselines']['mlp_observed_acc']:.3f})",
+                     f"unique fixed points; the plain DBM: {dep} start-dependent of "
+                     f"{360 * len(plain)}"])
     return rows
 
 
@@ -417,6 +494,50 @@ within every run (tested at every step against a hand-written loop); with a fixe
 anchor (`restart=None`) the O(1/k) rate leaves it far from 1e-8 on the contraction.
 The fixed anchor's three steps on the rotation are special to 90° (R² = −I makes the
 anchored average of the first iterates exactly y*).
+"""),
+    ("vr_halpern", "Variance-reduced Halpern: component evaluations on a finite sum",
+     render_vr_halpern, """\
+`benchmarks/vr_halpern.py`: the gradient operator F(w) = (1/n) Σ F_i(w) of
+ℓ2-regularised (λ = 1e-2) multinomial logistic regression on the 1,437 training digits
+(float64), a 1/L-cocoercive finite sum; every method stops at ‖F(w)‖ ≤ 1e-6 computed on
+the full operator. A full-batch step costs n component evaluations; `ik.VRHalpern`
+costs 2b (b = ⌈√n⌉ = 38) per recursive step and n per refresh (probability b/(n+b), and
+always before it stops, so that its stopping residual is exact). Each method runs at
+the step its analysis allows: the full-batch methods at 1/L (L the smoothness of the
+full F), VR-Halpern at 1/L_avg (mean-square smoothness of the components), plus a row
+at 1/L that its analysis does not cover.
+
+Measured: VR-Halpern needs about 4× fewer component evaluations than gradient descent and
+8× fewer than full-batch (restarted) Halpern, as its Õ(n + √n L/ε) bound predicts against
+O(nL/ε). Anderson acceleration, a nonlinear method outside that comparison, needs about
+6× fewer than VR-Halpern on this smooth, well-conditioned problem: reach for VR-Halpern
+when a full pass per step is the cost and acceleration is not available (stochastic
+operators, monotone inclusions with a resolvent).
+"""),
+    ("mondbm", "Monotone deep Boltzmann machine: imputation and classification",
+     render_mondbm, """\
+`benchmarks/mondbm_digits.py` trains `configs/digits_mondbm.yaml` (pixels in 8 levels,
+a 32-channel hidden tier of 4-way variables at 4 × 4 and the label; edges
+pixels→hidden, hidden→label, pixels→label; margin m = 0.01; damped splitting
+α = 0.125 with Anderson; 20 epochs) for seeds 0, 1, 2, and the same with
+`model.monotone=false` (the plain symmetric hollow DBM: no margin). Every arm sees the
+same test images with the same observed 40 % of pixels. Imputation MSE: pixel levels in
+[0, 1] on the unobserved pixels (the DBM's mean of its marginal over the bin centres;
+8 bins alone cost 0.003). "Failed solves" and "start-dependent": each test image is
+solved to a relative tolerance of 1e-7 (Anderson, at most 300 steps) from the uniform
+start and from 4 random starts; a solve that does not get there fails, and an image
+whose marginals differ by more than 1e-3 between starts has a start-dependent fixed
+point. "Solver steps": the mean steps of those tight solves.
+
+Measured: the margin does what it promises — no failed solve and no start-dependent fixed
+point in 1,080 test solves from 5 starts, at a fifth of the plain DBM's time per epoch —
+and it costs expressiveness: I − W ⪰ mI bounds the positive (agreeing) part of the
+coupling by 1 − m, so the conditionals stay soft, and the monotone DBM's imputation is
+worse than the per-pixel mean. The plain DBM imputes better (still far behind
+nearest-neighbour imputation) but 29 of its 1,080 test images have start-dependent
+marginals (up to 0.87 apart), 25 solves fail, and its training skips steps whose
+backward solve failed. Classification from 40 % of the pixels is similar for both and
+below the MLP's.
 """),
     ("tune", "Per-parameter weight decay by hypergradients vs a vmapped grid", None, """\
 `implicit-kit tune configs/digits_tune_wd.yaml`: a 64-32-10 ReLU MLP; 1,077 training and

@@ -42,6 +42,7 @@ from .solvers import (
     Halpern as Halpern,
     NewtonKrylov as NewtonKrylov,
     Picard as Picard,
+    VRHalpern as VRHalpern,
 )
 
 

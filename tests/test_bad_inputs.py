@@ -94,6 +94,21 @@ def test_config_yaml_syntax_error_and_nonpositive_values(tmp_path):
                               ("optim.lr=-1e-3", r"'optim\.lr' must be positive")):
         with pytest.raises(ConfigError, match=message):
             ik.train.check_config(config_from_dict(good, [override]))
+    dbm = {"name": "x", "model": {"kind": "mondbm", "monotone_m": 0.01},
+           "data": {"normalise": False}}
+    for raw, overrides, message in (
+        (dbm, ["data.normalise=true"], r"'data\.normalise' must be false for model\.kind "
+                                       "'mondbm'"),
+        (good, ["data.normalise=false"], r"'data\.normalise' must be false for model\.kind "
+                                         "'mondbm' .* true for the other kinds"),
+        (dbm, ["model.monotone_m=1.0"], r"'model\.monotone_m' must be in \(0, 1\)"),
+        (dbm, ["model.group=3"], r"'model\.group' \(3\) must divide 'model\.hidden'"),
+        (dbm, ["model.alpha=0.0"], r"'model\.alpha' must be in \(0, 1\]"),
+        (dbm, ["model.observed=1.0"], r"'model\.observed' must be in \[0, 1\)"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            ik.train.check_config(config_from_dict(raw, overrides))
+    ik.train.check_config(config_from_dict(dbm))  # the valid one passes
 
 
 def test_pad_eval_masks_the_padding():
@@ -125,7 +140,8 @@ def test_evaluate_pads_without_counting_the_padding(tmp_path):
     padded = evaluate(s.steps, s.params, test, 64, shard)
     # Reference: one unpadded batch of exactly the n samples.
     ones = np.ones(n, bool)
-    sums = s.steps.eval(s.params, jnp.asarray(test[0]), jnp.asarray(test[1]), ones)
+    sums = s.steps.eval(s.params, jnp.asarray(test[0]), jnp.asarray(test[1]), ones,
+                        jnp.arange(len(ones)))
     for k in ("loss", "acc", "num_steps", "nfe"):
         np.testing.assert_allclose(padded[f"test_{k}"], float(sums[k]) / n, rtol=1e-5)
     # A wrong mask would count the padding (repeats of the first sample) in the mean.

@@ -9,6 +9,7 @@ from ._classifier import (
 from ._deq import DEQ as DEQ, DEQ_INITS as DEQ_INITS
 from ._hopfield import HopfieldLayer as HopfieldLayer
 from ._init import init_loss as init_loss
+from ._mondbm import focal_loss as focal_loss, MonotoneDBM as MonotoneDBM
 from ._mondeq import (
     ForwardBackward as ForwardBackward,
     MonotoneDEQ as MonotoneDEQ,

@@ -2,6 +2,12 @@
 parametrisations and the well-posed layers of the seed papers."""
 
 from ._cells import ConvCell as ConvCell, MLPCell as MLPCell, MLPField as MLPField
+from ._dbm import (
+    HollowCoupling as HollowCoupling,
+    HollowOperator as HollowOperator,
+    prox_softmax as prox_softmax,
+    Tier as Tier,
+)
 from ._dropout import FixedMask as FixedMask, VariationalDropout as VariationalDropout
 from ._layers import (
     contracting_graph_map as contracting_graph_map,

@@ -11,3 +11,4 @@ from .fallback import Fallback as Fallback
 from .halpern import Halpern as Halpern
 from .newton_krylov import NewtonKrylov as NewtonKrylov
 from .picard import Picard as Picard
+from .vr_halpern import finite_sum as finite_sum, VRHalpern as VRHalpern

@@ -63,13 +63,22 @@ def _deq_adjoint(m: ModelConfig, dtype):
 def build_model(m: ModelConfig, *, in_channels: int, classes: int, spatial: int, key,
                 error_penalty: bool = False, dtype="float32"):
     """The classifier for config `m` on `(in_channels, spatial, spatial)` images (the
-    stem halves the spatial size), for training in `dtype`."""
+    stem halves the spatial size), for training in `dtype`; for kind `mondbm`, the
+    `ik.models.MonotoneDBM` of the images."""
     check_model_config(m)
     steps = {} if m.max_steps is None else {"max_steps": m.max_steps}
     kb, kc = jr.split(key)
     s = (spatial + 1) // 2
     h = m.hidden
     g = models.group_count(h, m.groups)
+    if m.kind == "mondbm":
+        solver = _DEQ_SOLVERS[m.solver or "anderson"](rtol=m.rtol, atol=m.atol)
+        return models.MonotoneDBM.image(
+            (spatial, spatial), bins=m.bins, hidden=m.hidden, group=m.group,
+            classes=classes, m=m.monotone_m, monotone=m.monotone, key=key,
+            alpha=m.alpha, solver=solver, adjoint=_implicit_adjoint(m, dtype),
+            observed=m.observed, recon_weight=m.recon_weight, gamma=m.focal_gamma,
+            **steps)
     if m.kind == "deq":
         cell = nn.ConvCell(h, groups=g, dropout=m.dropout, residual=m.residual, key=kb)
         solver = _DEQ_SOLVERS[m.solver or "anderson"](rtol=m.rtol, atol=m.atol)

@@ -46,7 +46,7 @@ class ConfigError(ValueError):
     """An invalid config: the message names the file and the key."""
 
 
-MODEL_KINDS = ("node", "anode", "deq", "mondeq", "homoode")
+MODEL_KINDS = ("node", "anode", "deq", "mondeq", "homoode", "mondbm")
 # The choices of the config, by name (`_build` maps each name to its class).
 ODE_KINDS = ("node", "anode", "homoode")
 DEQ_SOLVERS = ("anderson", "picard", "broyden")
@@ -62,7 +62,10 @@ class ModelConfig:
     """The implicit block between the shared stem and head
     (`ik.models.ImageClassifier`).
 
-    - `kind`: one of `node`, `anode`, `deq`, `mondeq`, `homoode`.
+    - `kind`: one of `node`, `anode`, `deq`, `mondeq`, `homoode` (image classifiers
+      between the shared stem and head), or `mondbm`: the monotone deep Boltzmann
+      machine `ik.models.MonotoneDBM.image` (pixels, a hidden tier and the label as
+      categorical variables; joint imputation and classification, no stem or head).
     - `hidden`, `final`, `groups`: stem/block channels, head width, GroupNorm groups.
     - `solver`: DEQ forward solver (`anderson`, `picard`, `broyden`); ODE models:
       a diffrax solver name (`dopri5`, `tsit5`, `bosh3`, `heun`, `euler`).
@@ -80,6 +83,11 @@ class ModelConfig:
     - `init`: DEQ `zeros|learned|skip`; HomoODE start `alternating|zeros|learned`.
     - `augment`: extra channels of an ANODE; `dropout`: variational dropout in the cell.
     - `monotone_m`: the monDEQ strong-monotonicity margin.
+    - `mondbm` only: `bins` (pixel levels), `group` (categories of each hidden
+      variable; `hidden` is the hidden tier's channels), `alpha` (the damping of the
+      mean-field splitting), `observed` (fraction of pixels observed),
+      `recon_weight` and `focal_gamma` (the reconstruction loss); `monotone_m` is the
+      margin in (0, 1), `monotone` False drops it (the plain DBM, for comparison).
     - `residual`: DEQ cell form, MDEQ's residual block `GN(ReLU(z + h))` (True) or the
       plain `h` (False; the HomoODE field's form, closer to a contraction at
       initialisation).
@@ -102,6 +110,13 @@ class ModelConfig:
     dropout: float = 0.0
     monotone_m: float = 1.0
     residual: bool = True
+    bins: int = 8
+    group: int = 4
+    alpha: float = 0.125
+    observed: float = 0.4
+    recon_weight: float = 1.0
+    focal_gamma: float = 2.0
+    monotone: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +124,15 @@ class DataConfig:
     """- `name`: `digits` (embedded), `mnist`, `fashion_mnist`, `cifar10`, `svhn`.
     - `dir`: the directory of the files (not for digits).
     - `upsample`: nearest-neighbour upsampling factor; `test_size`, `split_seed`: the
-      digits split."""
+      digits split; `normalise`: standardise the images with the training split's
+      statistics (False keeps pixel levels in [0, 1], as `mondbm` needs)."""
 
     name: str = "digits"
     dir: str | None = None
     upsample: int = 1
     test_size: int = 360
     split_seed: int = 0
+    normalise: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,6 +404,23 @@ def check_model_config(m: ModelConfig) -> None:
         _choice(m.solver, DEQ_SOLVERS, "anderson", "solver", m.kind)
         _choice(m.adjoint, DEQ_ADJOINTS, "implicit", "adjoint", m.kind)
         _choice(m.backward, BACKWARDS, "auto", "backward", m.kind)
+    elif m.kind == "mondbm":
+        _choice(m.solver, DEQ_SOLVERS, "anderson", "solver", m.kind)
+        _choice(m.adjoint, ("implicit",), "implicit", "adjoint", m.kind)
+        _choice(m.backward, BACKWARDS, "auto", "backward", m.kind)
+        if not 0.0 < m.monotone_m < 1.0:
+            raise ConfigError(f"key 'model.monotone_m' must be in (0, 1) for kind 'mondbm', "
+                              f"got {m.monotone_m}.")
+        if not 0.0 < m.alpha <= 1.0:
+            raise ConfigError(f"key 'model.alpha' must be in (0, 1], got {m.alpha}.")
+        if not 0.0 <= m.observed < 1.0:
+            raise ConfigError(f"key 'model.observed' must be in [0, 1), got {m.observed}.")
+        for key in ("bins", "group"):
+            if getattr(m, key) < 2:
+                raise ConfigError(f"key 'model.{key}' must be >= 2, got {getattr(m, key)}.")
+        if m.hidden % m.group:
+            raise ConfigError(f"key 'model.group' ({m.group}) must divide 'model.hidden' "
+                              f"({m.hidden}).")
     elif ode:
         _choice(m.solver, ODE_SOLVERS, "dopri5", "solver", m.kind)
         _choice(m.adjoint, ODE_ADJOINTS, "checkpoint", "adjoint", m.kind)
@@ -429,6 +463,10 @@ def check_config(cfg: Config) -> None:
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"key 'train.{key}' must be positive, got "
                               f"{getattr(cfg.train, key)}.")
+    if (kind == "mondbm") == cfg.data.normalise:
+        raise ConfigError(
+            "key 'data.normalise' must be false for model.kind 'mondbm' (it bins pixel "
+            "levels in [0, 1]) and true for the other kinds.")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"key 'optim.lr' must be positive, got {cfg.optim.lr}.")
     if cfg.data.upsample < 1:

@@ -8,15 +8,18 @@ from ._config import DataConfig
 
 def load_data(d: DataConfig, dtype: str = "float32"):
     """`(train, test)` of the config's `data` section as normalised numpy arrays of
-    `dtype` (statistics of the training split)."""
+    `dtype` (statistics of the training split; levels in [0, 1] with
+    `normalise: false`)."""
     kw = {"root": d.dir, "seed": d.split_seed, "test_size": d.test_size}
     x, y = ik_data.load(d.name, "train", **kw)
     xt, yt = ik_data.load(d.name, "test", **kw)
     if d.upsample > 1:
         x = x.repeat(d.upsample, 2).repeat(d.upsample, 3)
         xt = xt.repeat(d.upsample, 2).repeat(d.upsample, 3)
-    mean, std = ik_data.normalisation(x)
     dtype = np.dtype(dtype)
+    if not d.normalise:
+        return (x.astype(dtype), y), (xt.astype(dtype), yt)
+    mean, std = ik_data.normalisation(x)
     return ((ik_data.normalise(x, mean, std).astype(dtype), y),
             (ik_data.normalise(xt, mean, std).astype(dtype), yt))
 

@@ -94,7 +94,8 @@ def evaluate(steps: Steps, params, test, eval_batch: int, shard) -> dict:
     sums = None
     for i in range(0, x.shape[0], eval_batch):
         part = steps.eval(params, shard(x[i:i + eval_batch]), shard(y[i:i + eval_batch]),
-                          shard(mask[i:i + eval_batch]))
+                          shard(mask[i:i + eval_batch]),
+                          shard(np.arange(i, i + eval_batch, dtype=np.int32)))
         sums = part if sums is None else jax.tree_util.tree_map(jnp.add, sums, part)
     n = int(mask.sum())
     return {f"test_{k}": (None if v is None else v / n) for k, v in to_host(sums).items()}

@@ -68,6 +68,8 @@ class Steps:
         logits, st = jax.vmap(one)(xb, keys[1:])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
         total = loss
+        if "aux_loss" in st.extras:  # a model's own loss term (MonotoneDBM: imputation)
+            total = total + jnp.mean(st.extras["aux_loss"])
         reg = cfg.regularizers
         if _learned_init(cfg) and reg.init_loss > 0:
             total = total + reg.init_loss * init_loss(st.extras["z0"], st.extras["z_end"])
@@ -83,6 +85,7 @@ class Steps:
             "loss": loss,
             "acc": jnp.mean(jnp.argmax(logits, -1) == yb),
             **{k: jnp.mean(v) for k, v in _contract_metrics(st).items()},
+            **{k: jnp.mean(v) for k, v in st.extras.get("metrics", {}).items()},
         }
         return total, metrics
 
@@ -111,15 +114,21 @@ class Steps:
                                         (params, opt_state))
         return new_params, new_state, metrics
 
-    def _eval(self, params, xb, yb, mask):
+    def _eval(self, params, xb, yb, mask, index):
+        """Masked sums of the metrics of one eval batch; `index`: the samples' positions
+        in the test split, from which each sample's key is derived (a model that draws
+        at evaluation, as MonotoneDBM's observed pixels, sees the same draw in every
+        evaluation, whatever the batching)."""
         self.traces["eval"] += 1
         model = eqx.combine(params, self.static)
-        logits, st = jax.vmap(lambda x: model(x, inference=True))(xb)
+        keys = jax.vmap(lambda i: jr.fold_in(jr.key(0), i))(index)
+        logits, st = jax.vmap(lambda x, k: model(x, key=k, inference=True))(xb, keys)
         w = mask.astype(logits.dtype)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
         sums = {
             "loss": jnp.sum(w * ce),
             "acc": jnp.sum(w * (jnp.argmax(logits, -1) == yb)),
             **{k: jnp.sum(w * v) for k, v in _contract_metrics(st).items()},
+            **{k: jnp.sum(w * v) for k, v in st.extras.get("metrics", {}).items()},
         }
         return sums
