@@ -24,6 +24,7 @@ def fixed_point(
     save_iterates: tuple[int, ...] = (),
     options: dict[str, Any] | None = None,
     probe: Array | None = None,
+    check_every: int = 1,
 ) -> Solution:
     r"""Find a fixed point `y = fn(y, args)`.
 
@@ -55,6 +56,11 @@ def fixed_point(
         earlier reports its final iterate there. For trajectory supervision
         ([`implicit_kit.regularizers.fixed_point_correction`][]).
     - `options`: passed to the solver (optimistix convention).
+    - `check_every`: run this many solver steps between convergence tests (on an
+        accelerator each test of a data-dependent loop is a device-to-host round trip).
+        A sample that converges or reaches `max_steps` in between is frozen, so the
+        result, `num_steps` and every stat equal those of `check_every=1`; only wasted
+        work (at most `check_every - 1` frozen steps) differs.
     - `probe`: a `(3,)` float array (`ik.backward_probe()`); its gradient reports the
         implicit backward solve's total steps, residual and number of failures (read it
         with `ik.backward_stats`, which returns a [`implicit_kit.BackwardStats`][]).
@@ -67,7 +73,8 @@ def fixed_point(
         solver = Anderson()
 
     def factory(kind):
-        return Forward(kind, solver, options, max_steps, trace, tuple(save_iterates))
+        return Forward(kind, solver, options, max_steps, trace, tuple(save_iterates),
+                       check_every)
 
     return solve(
         fn, y0, args, "fixed_point", factory, has_aux=has_aux, adjoint=adjoint,

@@ -35,7 +35,7 @@ def residual_fn(fn, kind: str):
 
 def _iterate(
     fn, kind, solver, y0, args, options, max_steps, trace, while_kind, checkpoints,
-    save_at,
+    save_at, check_every=1,
 ):
     native = solver_native_kind(solver)
     nfn = native_fn(fn, kind, native)
@@ -46,6 +46,12 @@ def _iterate(
     norm = solver.norm if hasattr(solver, "norm") else optx.two_norm
     real = jnp.finfo(jnp.result_type(*jtu.tree_leaves(y0))).dtype
     dynamic_init, static_state = eqx.partition(init_state, eqx.is_array)
+    # A solver whose `postprocess` reports stats read off its state (Fallback's index,
+    # NewtonKrylov's linear steps, the homotopy's ODE steps) has its state frozen once a
+    # sample stops (under vmap the loop runs on for the others). Other solvers' states
+    # are left unmasked: their histories are large and unused after the stop.
+    freeze_state = ours and (type(solver).postprocess
+                             is not AbstractImplicitSolver.postprocess)
     n_trace = max_steps if trace else 0
     init_carry = (
         y0,
@@ -114,19 +120,42 @@ def _iterate(
         num_steps = jnp.where(done, num_steps, num_steps + 1)
         nfe = jnp.where(done, nfe, nfe + step_nfe)
         new_dynamic, _ = eqx.partition(new_state, eqx.is_array)
+        if freeze_state:  # its stats come from the state: a stopped sample's must not move
+            new_dynamic = tree_where(done, dynamic_state, new_dynamic)
         return (
             y, new_dynamic, aux, num_steps, nfe, done | stop, result, residual, residuals,
             saved,
         )
 
+    loop_body, loop_steps = body_fun, max_steps
+    if check_every > 1:
+        # k solver steps per loop iteration, one loop test (one device-to-host round trip
+        # on an accelerator) per k steps. A sample that has converged or reached
+        # `max_steps` is frozen for the remaining sub-steps (its solver state too where
+        # stats are read off it), so values, step counts and stats equal those of
+        # `check_every=1`.
+        def loop_body(carry):
+            def sub(_, c):
+                frozen = c[5]
+                if max_steps is not None:
+                    frozen = frozen | (c[3] >= max_steps)
+                new = body_fun(c)
+                # (the solver state, index 1, only where its stats come from it)
+                return tuple(n if i == 1 and not freeze_state else tree_where(frozen, o, n)
+                             for i, (o, n) in enumerate(zip(c, new)))
+
+            return lax.fori_loop(0, check_every, sub, carry)
+
+        if max_steps is not None:
+            loop_steps = -(-max_steps // check_every)
     if while_kind == "lax":
-        carry = lax.while_loop(cond_fun, body_fun, init_carry)
+        carry = lax.while_loop(cond_fun, loop_body, init_carry)
     else:
         carry = eqxi.while_loop(
             cond_fun,
-            body_fun,
+            loop_body,
             init_carry,
-            max_steps=max_steps,
+            max_steps=loop_steps,
             kind=while_kind,
             checkpoints=checkpoints,
         )
@@ -170,6 +199,7 @@ def run(
     while_kind: str = "lax",
     checkpoints: int | None = None,
     save_at: tuple[int, ...] = (),
+    check_every: int = 1,
 ):
     """Solve without any autodiff rewrite: returns `(y, aux, stats, result)`.
 
@@ -184,10 +214,12 @@ def run(
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
     if trace and max_steps is None:
         raise ValueError("`trace=True` needs an integer `max_steps`.")
+    if not (isinstance(check_every, int) and check_every >= 1):
+        raise ValueError(f"`check_every` must be a positive integer, got {check_every!r}.")
     options = {} if options is None else options
     return _iterate(
         fn, kind, solver, y0, args, options, max_steps, trace, while_kind, checkpoints,
-        save_at,
+        save_at, check_every,
     )
 
 

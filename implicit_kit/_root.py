@@ -30,6 +30,7 @@ def root_find(
     trace: bool = False,
     options: dict[str, Any] | None = None,
     probe: Array | None = None,
+    check_every: int = 1,
 ) -> Solution:
     r"""Find a root `fn(y, args) = 0`.
 
@@ -48,7 +49,7 @@ def root_find(
         solver = NewtonKrylov()
 
     def factory(kind):
-        return Forward(kind, solver, options, max_steps, trace)
+        return Forward(kind, solver, options, max_steps, trace, (), check_every)
 
     return solve(
         fn, y0, args, "root", factory, has_aux=has_aux, adjoint=adjoint, throw=throw,

@@ -49,6 +49,7 @@ class Forward(eqx.Module):
     max_steps: int | None = eqx.field(static=True)
     trace: bool = eqx.field(static=True)
     save_at: tuple[int, ...] = eqx.field(static=True, default=())
+    check_every: int = eqx.field(static=True, default=1)
 
     def tolerance(self):
         """`(rtol, atol)` of the forward solver, or `None` where it has none."""
@@ -60,7 +61,7 @@ class Forward(eqx.Module):
         return run(
             fn, self.kind, self.solver, y0, args, self.options,
             max_steps=self.max_steps, trace=self.trace, while_kind=while_kind,
-            checkpoints=checkpoints, save_at=self.save_at,
+            checkpoints=checkpoints, save_at=self.save_at, check_every=self.check_every,
         )
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import implicit_kit as ik
 
-from .helpers import MLPDEQ, rel_err
+from .helpers import MLPDEQ, rel_err, tiered
 
 
 PROBLEM = MLPDEQ()
@@ -191,3 +191,51 @@ def test_structure_mismatch_names_both_shapes():
         ik.fixed_point(lambda y, a: y, jnp.zeros(2), None, adjoint="implicit")
     with pytest.raises(ValueError, match="m"):
         ik.Anderson(m=0)
+
+
+@pytest.mark.parametrize("k", tiered([2, 4, 8], fast={"4"}))
+def test_check_every_k_gives_the_results_and_stats_of_k_1(k):
+    """k solver steps per loop test: values, step counts, nfe, residuals, traces, results
+    and solver stats equal those of k = 1 (alone and per sample under vmap), also where
+    max_steps is not a multiple of k and some samples run out of steps; gradients too."""
+    q = np.linalg.qr(np.random.default_rng(0).normal(size=(6, 6)))[0]  # orthogonal
+    a, b = jnp.asarray(0.9 * q), jnp.arange(6.0)
+    fn = lambda y, args: args[0] @ jnp.tanh(y) + args[1]  # noqa: E731
+    scales = jnp.array([0.2, 0.6, 1.0, 1.3])  # Anderson: 12, 14, 16, 17 steps to converge
+    for solver in (ik.Anderson(rtol=1e-10, atol=1e-10), ik.Picard(rtol=1e-10, atol=1e-10),
+                   ik.NewtonKrylov(rtol=1e-10, atol=1e-10), ik.Halpern(rtol=1e-8, atol=1e-8)):
+        def solve(s, every, solver=solver):
+            return ik.fixed_point(fn, jnp.zeros(6), (s * a, b), solver, max_steps=15,
+                                  throw=False, trace=True, check_every=every)
+
+        ref = jax.vmap(lambda s: solve(s, 1))(scales)
+        got = jax.vmap(lambda s: solve(s, k))(scales)
+        assert jax.tree_util.tree_structure(ref) == jax.tree_util.tree_structure(got)
+        for x, y in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
+            if jnp.issubdtype(x.dtype, jnp.inexact):  # the same steps, fused differently
+                np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+            else:  # step counts, nfe, result codes, solver stats: exact
+                np.testing.assert_array_equal(x, y)
+        assert len(set(ref.stats["num_steps"].tolist())) > 1  # the samples differ
+        if isinstance(solver, ik.Anderson):  # some run out of steps (15, not a multiple)
+            assert bool(jnp.any(ref.result != ik.RESULTS.successful))
+            assert int(ref.stats["num_steps"].max()) == 15
+        for i, s in enumerate(scales):  # unbatched: the loop itself stops every k steps
+            one = solve(s, k)
+            for key, v in one.stats.items():  # incl. solver stats: NewtonKrylov's
+                if not jnp.issubdtype(v.dtype, jnp.inexact):  # linear_steps
+                    assert int(v) == int(ref.stats[key][i]), key
+            assert int(one.result._value) == int(ref.result._value[i])
+            np.testing.assert_allclose(one.value, ref.value[i], rtol=1e-12)
+    # the implicit gradient and the unrolled one (checkpointed loop of k-step bodies)
+    for adjoint in (ik.ImplicitAdjoint(), ik.UnrolledAdjoint()):
+        def loss(s, every, adjoint=adjoint):
+            return jnp.sum(ik.fixed_point(fn, jnp.zeros(6), (s * a, b),
+                                          ik.Anderson(rtol=1e-10, atol=1e-10),
+                                          adjoint=adjoint, max_steps=40,
+                                          check_every=every).value ** 2)
+
+        np.testing.assert_allclose(jax.grad(loss)(0.5, k), jax.grad(loss)(0.5, 1),
+                                   rtol=1e-12)
+    with pytest.raises(ValueError, match="check_every"):
+        ik.fixed_point(fn, jnp.zeros(6), (a, b), check_every=0)
