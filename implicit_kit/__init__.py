@@ -8,6 +8,7 @@ from . import (
     hyper as hyper,
     models as models,
     nn as nn,
+    optimality as optimality,
     regularizers as regularizers,
     solvers as solvers,
 )
@@ -39,6 +40,7 @@ from .solvers import (
     Anderson as Anderson,
     Broyden as Broyden,
     Fallback as Fallback,
+    FISTA as FISTA,
     Halpern as Halpern,
     NewtonKrylov as NewtonKrylov,
     Picard as Picard,

@@ -96,6 +96,14 @@ def test_readme_examples_run_and_hold():
     assert steps.shape == (8,) and steps[0] < steps[-1]
     stats = ns["ik"].backward_stats(ns["probe_grad"])
     assert int(stats.num_failed) == 0 and int(stats.num_steps) > 0
+    # the lasso: two non-zero weights, and on them dw/dλ = −n (X_SᵀX_S)⁻¹ sign(w_S)
+    w, dw, X = (np.asarray(ns[k]) for k in ("w", "dw_dlam", "X"))
+    support = np.abs(w) > 1e-6
+    assert support.tolist() == [True, True] + [False] * 6
+    xs = X[:, support]
+    want = -X.shape[0] * np.linalg.solve(xs.T @ xs, np.sign(w[support]))
+    np.testing.assert_allclose(dw[support], want, rtol=1e-3)
+    np.testing.assert_allclose(dw[~support], 0.0, atol=1e-6)
 
 
 def _summary(text):

@@ -92,6 +92,18 @@ REFERENCE = {
     "ErrorEstimatePenalty": "test_references.py::test_error_penalty_is_the_sum_of_scaled_error_times_step",
     "local_error_penalty": "test_references.py::test_local_error_penalty_is_one_scaled_step",
     "kinetic_jacobian_field": "test_ode_models.py::test_kinetic_and_jacobian_channels",
+    # optimality conditions and proximal operators
+    "stationarity": "test_optimality.py::test_ridge_stationarity_gradient_matches_the_closed_form",
+    "prox_gradient": "test_optimality.py::test_lasso_gradient_on_its_support_matches_the_closed_form",
+    "projected_gradient": "test_optimality.py::test_projection_onto_the_simplex_jacobian_is_sparsemax",
+    "mirror_descent": "test_optimality.py::test_mirror_descent_on_the_simplex_gives_the_softmax_jacobian",
+    "kkt": "test_optimality.py::test_kkt_equality_qp_gradient_matches_the_closed_form_and_inequalities",
+    "prox_gradient_map": "test_optimality.py::test_fista_solves_the_lasso_faster_than_ista_and_differentiates_implicitly",
+    "FISTA": "test_optimality.py::test_box_qp_by_projected_gradient_matches_scipy_and_its_gradient",
+    "prox_lasso": "test_optimality.py::test_proximal_operators_are_the_argmin_of_their_definition",
+    "prox_elastic_net": "test_optimality.py::test_proximal_operators_are_the_argmin_of_their_definition",
+    "prox_group_lasso": "test_optimality.py::test_proximal_operators_are_the_argmin_of_their_definition",
+    "prox_non_negative": "test_optimality.py::test_proximal_operators_are_the_argmin_of_their_definition",
     # hyper
     "hypergradient": "test_hyper.py::test_ridge_cg_matches_closed_form",
     "vmap_hparams": "test_hyper.py::test_vmap_over_lambdas_equals_separate_calls",
@@ -137,6 +149,7 @@ EXCEPTIONS = {
     "AbstractPerSolve": "abstract base class of VariationalDropout (tested)",
     "MonotoneOperator": "abstract interface of MonotoneLinear and MonotoneConv (tested)",
     "Solution": "the return type of every solve; its fields are what the tests compare",
+    "optimality": "a module; each of its functions has its reference test",
     "TuneResult": "the return type of hyper.tune; its fields are what the tune tests compare",
     "FitResult": "the return type of fit; its fields are what the train tests compare",
     "integrate_path": "the path integrator inside homotopy_solve, tested through it "

@@ -8,6 +8,7 @@ from ._base import (
 from .anderson import Anderson as Anderson
 from .broyden import Broyden as Broyden
 from .fallback import Fallback as Fallback
+from .fista import FISTA as FISTA
 from .halpern import Halpern as Halpern
 from .newton_krylov import NewtonKrylov as NewtonKrylov
 from .picard import Picard as Picard

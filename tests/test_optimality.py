@@ -1,0 +1,320 @@
+"""ik.optimality: optimality conditions differentiated by ik.custom_root, against closed
+forms (reference note bilevel.md §7) and float64 central differences; the proximal
+operators against their definitions (brute-force minimisation)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import implicit_kit as ik
+from implicit_kit import optimality as opt
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+    with jax.enable_x64(True):
+        yield
+
+
+# -- proximal operators by their definition ------------------------------------------------
+
+
+def _brute_prox_1d(g, x, step):
+    """argmin_z ½(z − x)² + step·g(z) on a fine grid, coordinate by coordinate."""
+    grid = np.linspace(-6, 6, 240001)
+    return np.array([grid[np.argmin(0.5 * (grid - xi) ** 2 + step * g(grid))] for xi in x])
+
+
+def test_proximal_operators_are_the_argmin_of_their_definition():
+    x = np.array([-3.0, -0.4, 0.0, 0.25, 1.1, 4.0])
+    for step in (1.0, 0.5):
+        got = opt.prox_lasso(jnp.asarray(x), 0.7, step)
+        want = _brute_prox_1d(lambda z: 0.7 * np.abs(z), x, step)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        got = opt.prox_elastic_net(jnp.asarray(x), (0.7, 0.3), step)
+        want = _brute_prox_1d(lambda z: 0.7 * np.abs(z) + 0.15 * z ** 2, x, step)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        got = opt.prox_non_negative(jnp.asarray(x), None, step)
+        want = _brute_prox_1d(lambda z: np.where(z >= 0, 0.0, np.inf), x, step)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    # group lasso on 2-D groups: a brute-force 2-D grid
+    g1, g2 = np.meshgrid(np.linspace(-3, 3, 1201), np.linspace(-3, 3, 1201))
+    for v in (np.array([1.2, -0.8]), np.array([0.3, 0.2])):
+        obj = 0.5 * ((g1 - v[0]) ** 2 + (g2 - v[1]) ** 2) + 0.5 * 0.9 * np.hypot(g1, g2)
+        i = np.unravel_index(np.argmin(obj), obj.shape)
+        got = opt.prox_group_lasso(jnp.asarray(v), 0.9, 0.5)
+        np.testing.assert_allclose(got, [g1[i], g2[i]], atol=6e-3)
+    assert float(jnp.abs(opt.prox_group_lasso(jnp.array([0.3, 0.2]), 0.9)).max()) == 0.0
+
+
+# -- implicit gradients of the conditions against closed forms ------------------------------
+
+
+def _data(n=40, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    y = x @ np.array([1.5, -2.0, 0.0, 0.0, 0.7, 0.0]) + 0.1 * rng.normal(size=n)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+def _ls(w, data):
+    x, y = data
+    return 0.5 * jnp.mean((x @ w - y) ** 2)
+
+
+def test_lasso_gradient_on_its_support_matches_the_closed_form():
+    """(1/2n)‖Xw − y‖² + λ‖w‖₁: on the support S, dw_S/dλ = −n (X_SᵀX_S)⁻¹ sign(w_S) and 0
+    off it, whatever the prox step (bilevel.md §7.6)."""
+    data = _data()
+    n = data[0].shape[0]
+    lip = float(jnp.linalg.eigvalsh(data[0].T @ data[0] / n)[-1])
+
+    def ista(w0, data, lam):  # the forward solver: a plain loop, not differentiated
+        def body(_, w):
+            return opt.prox_lasso(w - jax.grad(_ls)(w, data) / lip, lam, 1 / lip)
+        return jax.lax.fori_loop(0, 5000, body, w0)
+
+    lam = 0.2
+    for step in (1.0, 1 / lip):
+        lasso = ik.custom_root(opt.prox_gradient(_ls, opt.prox_lasso, step))(ista)
+        w = lasso(jnp.zeros(6), data, lam)
+        s = np.abs(np.asarray(w)) > 1e-8
+        assert 0 < s.sum() < 6  # a proper support
+        dw = jax.jacobian(lambda lam: lasso(jnp.zeros(6), data, lam))(lam)
+        xs = np.asarray(data[0])[:, s]
+        want = -n * np.linalg.solve(xs.T @ xs, np.sign(np.asarray(w)[s]))
+        np.testing.assert_allclose(np.asarray(dw)[s], want, rtol=1e-7)
+        np.testing.assert_allclose(np.asarray(dw)[~s], 0.0, atol=1e-10)
+
+
+def test_ridge_stationarity_gradient_matches_the_closed_form():
+    data = _data(seed=1)
+    n = data[0].shape[0]
+
+    def ridge_obj(w, theta):
+        data, lam = theta
+        return _ls(w, data) + 0.5 * lam * jnp.sum(w ** 2)
+
+    def exact(w0, theta):
+        (x, y), lam = theta
+        return jnp.linalg.solve(x.T @ x / n + lam * jnp.eye(6), x.T @ y / n)
+
+    ridge = ik.custom_root(opt.stationarity(ridge_obj))(exact)
+    lam = 0.3
+    w = ridge(jnp.zeros(6), (data, lam))
+    a = np.asarray(data[0].T @ data[0] / n + lam * jnp.eye(6))
+    dw = jax.jacobian(lambda lam: ridge(jnp.zeros(6), (data, lam)))(lam)
+    np.testing.assert_allclose(dw, -np.linalg.solve(a, np.asarray(w)), rtol=1e-9)
+
+
+def test_projection_onto_the_simplex_jacobian_is_sparsemax():
+    """argmin_{p∈Δ} ½‖p − θ‖²: the Jacobian is diag(s) − ssᵀ/|S| on the support
+    (bilevel.md §7.7), through the projected-gradient condition (optax's projection)."""
+    theta = jnp.array([1.2, 0.9, -0.5, 0.1, 1.0])
+    f = lambda p, th: 0.5 * jnp.sum((p - th) ** 2)  # noqa: E731
+    proj = lambda y, _: optax.projections.projection_simplex(y)  # noqa: E731
+    solve = ik.custom_root(opt.projected_gradient(f, proj, step=0.5))(
+        lambda p0, th, _: optax.projections.projection_simplex(th))
+    jac = jax.jacobian(lambda th: solve(jnp.full(5, 0.2), th, None))(theta)
+    p = optax.projections.projection_simplex(theta)
+    s = (np.asarray(p) > 0).astype(float)
+    np.testing.assert_allclose(jac, np.diag(s) - np.outer(s, s) / s.sum(), atol=1e-9)
+
+
+def test_mirror_descent_on_the_simplex_gives_the_softmax_jacobian():
+    """argmin_{p∈Δ} −⟨θ, p⟩ + τ Σ p log p = softmax(θ/τ), J = (diag p − ppᵀ)/τ, through the
+    mirror-descent condition with the entropy geometry (log map, KL projection)."""
+    tau = 0.7
+    theta = jnp.array([0.3, -1.0, 2.0, 0.5])
+    f = lambda p, th: -jnp.dot(th, p) + tau * jnp.sum(p * jnp.log(p))  # noqa: E731
+    cond = opt.mirror_descent(f, lambda y, _: jax.nn.softmax(y), jnp.log, step=0.5)
+
+    def md(p0, th, _):  # entropic mirror descent, the forward solver
+        def body(_, p):
+            return jax.nn.softmax(jnp.log(p) - 0.5 * jax.grad(f)(p, th))
+        return jax.lax.fori_loop(0, 400, body, p0)
+
+    solve = ik.custom_root(cond)(md)
+    p = solve(jnp.full(4, 0.25), theta, None)
+    np.testing.assert_allclose(p, jax.nn.softmax(theta / tau), atol=1e-12)
+    jac = jax.jacobian(lambda th: solve(jnp.full(4, 0.25), th, None))(theta)
+    pe = np.asarray(jax.nn.softmax(theta / tau))
+    np.testing.assert_allclose(jac, (np.diag(pe) - np.outer(pe, pe)) / tau, atol=1e-9)
+
+
+def test_kkt_equality_qp_gradient_matches_the_closed_form_and_inequalities():
+    """min ½xᵀQx + cᵀx s.t. Ax = b: the KKT system's solution and its derivatives in b and c
+    against the dense KKT matrix; an active inequality as a second check (finite
+    differences)."""
+    rng = np.random.default_rng(2)
+    m = rng.normal(size=(5, 5))
+    q = jnp.asarray(m @ m.T + np.eye(5))
+    a = jnp.asarray(rng.normal(size=(2, 5)))
+    b, c = jnp.array([1.0, -0.5]), jnp.asarray(rng.normal(size=5))
+    objective = lambda x, c: 0.5 * x @ q @ x + c @ x  # noqa: E731
+    eq = lambda x, b: a @ x - b  # noqa: E731
+    kkt_matrix = jnp.block([[q, a.T], [a, jnp.zeros((2, 2))]])
+
+    def direct(init, c, b, _):
+        z = jnp.linalg.solve(kkt_matrix, jnp.concatenate([-c, b]))
+        return z[:5], z[5:], None
+
+    qp = ik.custom_root(opt.kkt(objective, eq))(direct)
+    x_of = lambda c, b: qp((jnp.zeros(5), jnp.zeros(2), None), c, b, None)[0]  # noqa: E731
+    inv = np.linalg.inv(np.asarray(kkt_matrix))
+    np.testing.assert_allclose(jax.jacobian(x_of, 1)(c, b), inv[:5, 5:], rtol=1e-9)
+    np.testing.assert_allclose(jax.jacobian(x_of, 0)(c, b), -inv[:5, :5], rtol=1e-9,
+                               atol=1e-12)
+    # one active inequality x_0 <= t (t below the unconstrained x_0): an equality in
+    # disguise; compare with central differences of a direct solve of that system
+    x_free = np.asarray(x_of(c, b))
+    t = float(x_free[0]) - 0.5
+    ineq = lambda x, t: x[:1] - t  # noqa: E731
+    big = jnp.block([[q, a.T, jnp.eye(5)[:, :1]], [a, jnp.zeros((2, 3))],
+                     [jnp.eye(5)[:1], jnp.zeros((1, 3))]])
+
+    def active(init, c, b, t):
+        z = jnp.linalg.solve(big, jnp.concatenate([-c, b, jnp.atleast_1d(t)]))
+        return z[:5], z[5:7], z[7:]
+
+    qp2 = ik.custom_root(opt.kkt(objective, eq, ineq))(active)
+    sol = qp2((jnp.zeros(5), jnp.zeros(2), jnp.zeros(1)), c, b, t)
+    assert float(sol[2][0]) > 0  # a positive multiplier: strictly active
+    g = jax.grad(lambda t: jnp.sum(qp2((jnp.zeros(5), jnp.zeros(2), jnp.zeros(1)), c, b,
+                                       t)[0] ** 2))(t)
+    eps = 1e-6
+    fd = (jnp.sum(active(None, c, b, t + eps)[0] ** 2)
+          - jnp.sum(active(None, c, b, t - eps)[0] ** 2)) / (2 * eps)
+    assert float(g) == pytest.approx(float(fd), rel=1e-6)
+
+
+def test_a_failing_backward_solve_is_loud_not_a_silent_zero():
+    """jaxopt #466: CG silently returned its zero start. Here the optimality Jacobian in w
+    is singular at the solution (F(w, θ) = (θ − 1) w at θ = 1, w = 1, while ∂F/∂θ = w is
+    not zero): the backward solve cannot converge; it raises with throw=True and gives
+    NaN with throw=False, never a zero gradient."""
+    cond = lambda w, th: (th - 1.0) * w  # noqa: E731
+
+    def solver(w0, th):
+        return jnp.ones_like(th)
+
+    def loss(th, throw):
+        return jnp.sum(ik.custom_root(cond, throw=throw)(solver)(jnp.zeros(3), th))
+
+    grad = jax.grad(loss)(jnp.ones(3), False)
+    assert bool(jnp.all(jnp.isnan(grad)))
+    with pytest.raises(Exception, match="backward .adjoint. solve"):
+        jax.block_until_ready(jax.grad(loss)(jnp.ones(3), True))
+
+
+def test_conditions_vmap_over_hyperparameters():
+    """The lasso's path over λ in one vmapped call equals the separate calls."""
+    data = _data(seed=3)
+    n = data[0].shape[0]
+    lip = float(jnp.linalg.eigvalsh(data[0].T @ data[0] / n)[-1])
+
+    def ista(w0, data, lam):
+        def body(_, w):
+            return opt.prox_lasso(w - jax.grad(_ls)(w, data) / lip, lam, 1 / lip)
+        return jax.lax.fori_loop(0, 3000, body, w0)
+
+    lasso = ik.custom_root(opt.prox_gradient(_ls, opt.prox_lasso))(ista)
+    lams = jnp.array([0.05, 0.2, 0.6])
+    grad = lambda lam: jax.grad(lambda l: jnp.sum(lasso(jnp.zeros(6), data, l) ** 2))(lam)  # noqa: E731,E741
+    batched = jax.vmap(grad)(lams)
+    for i, lam in enumerate(lams):
+        np.testing.assert_allclose(batched[i], grad(lam), rtol=1e-10)
+    assert len(set(np.round(np.asarray(batched), 6).tolist())) == 3
+
+
+def test_fixed_point_condition_gradient_matches_the_linear_closed_form():
+    """z* = θ A z* + b: dz*/db = (I − θA)⁻¹ and dz*/dθ = (I − θA)⁻¹ A z* (bilevel.md §7.8)."""
+    rng = np.random.default_rng(4)
+    a = jnp.asarray(rng.normal(size=(4, 4)) / 4)
+    b = jnp.asarray(rng.normal(size=4))
+    t = lambda z, th: th[0] * a @ z + th[1]  # noqa: E731
+    solve = ik.custom_root(opt.fixed_point(t))(
+        lambda z0, th: jnp.linalg.solve(jnp.eye(4) - th[0] * a, th[1]))
+    theta = 0.8
+    z = solve(jnp.zeros(4), (theta, b))
+    inv = np.linalg.inv(np.eye(4) - theta * np.asarray(a))
+    np.testing.assert_allclose(jax.jacobian(lambda b: solve(jnp.zeros(4), (theta, b)))(b),
+                               inv, rtol=1e-9)
+    np.testing.assert_allclose(jax.jacobian(lambda th: solve(jnp.zeros(4), (th, b)))(theta),
+                               inv @ np.asarray(a) @ np.asarray(z), rtol=1e-9)
+
+
+def _lasso_cd(x, y, lam, sweeps=3000):
+    """Coordinate descent for (1/2n)‖Xw − y‖² + λ‖w‖₁ in numpy: an independent reference."""
+    x, y = np.asarray(x), np.asarray(y)
+    n, d = x.shape
+    w = np.zeros(d)
+    col = (x ** 2).sum(0) / n
+    for _ in range(sweeps):
+        for j in range(d):
+            r = y - x @ w + x[:, j] * w[j]
+            rho = x[:, j] @ r / n
+            w[j] = np.sign(rho) * max(abs(rho) - lam, 0.0) / col[j]
+    return w
+
+
+def test_fista_solves_the_lasso_faster_than_ista_and_differentiates_implicitly():
+    rng = np.random.default_rng(5)
+    n, d = 60, 12
+    x = jnp.asarray(rng.normal(size=(n, d)) + 1.5 * rng.normal(size=(1, d)))
+    y = jnp.asarray(x[:, :3] @ np.array([1.0, -2.0, 0.5]) + 0.3 * rng.normal(size=n))
+    lip = float(jnp.linalg.eigvalsh(x.T @ x / n)[-1])
+    t = opt.prox_gradient_map(_ls, opt.prox_lasso, 1 / lip)
+    lam = 0.05
+
+    def solve(lam, solver):
+        return ik.fixed_point(t, jnp.zeros(d), ((x, y), lam), solver, max_steps=50000)
+
+    fista = solve(lam, ik.FISTA(rtol=0.0, atol=1e-12))
+    ista = solve(lam, ik.Picard(rtol=0.0, atol=1e-12))
+    np.testing.assert_allclose(fista.value, _lasso_cd(x, y, lam), atol=1e-9)
+    # measured: 156 against 760 steps
+    assert int(fista.stats["num_steps"]) < 0.3 * int(ista.stats["num_steps"])
+    assert float(jnp.linalg.norm(t(fista.value, ((x, y), lam)) - fista.value)) <= float(
+        fista.stats["residual"])
+    # the implicit gradient in λ: the closed form on the support
+    dw = jax.jacobian(lambda lam: solve(lam, ik.FISTA(rtol=0.0, atol=1e-12)).value)(lam)
+    w = np.asarray(fista.value)
+    s = np.abs(w) > 1e-9
+    xs = np.asarray(x)[:, s]
+    np.testing.assert_allclose(np.asarray(dw)[s], -n * np.linalg.solve(xs.T @ xs, np.sign(
+        w[s])), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(dw)[~s], 0.0, atol=1e-9)
+
+
+def test_box_qp_by_projected_gradient_matches_scipy_and_its_gradient():
+    """min ½xᵀQx + cᵀx on [0, 1]^d by FISTA on the projected-gradient map (optax's box
+    projection), against scipy's L-BFGS-B; dx_F/dc_F = −Q_FF⁻¹ on the free set, 0 on the
+    bound coordinates."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(6)
+    d = 8
+    m = rng.normal(size=(d, d))
+    q = m @ m.T / d + 0.5 * np.eye(d)
+    c = rng.normal(size=d) * 1.5
+    f = lambda x, c: 0.5 * x @ jnp.asarray(q) @ x + c @ x  # noqa: E731
+    box = lambda y, th, step: optax.projections.projection_box(y, 0.0, 1.0)  # noqa: E731
+    t = opt.prox_gradient_map(f, box, 1 / float(np.linalg.eigvalsh(q)[-1]))
+
+    def solve(c):
+        return ik.fixed_point(t, jnp.full(d, 0.5), (c, None), ik.FISTA(rtol=0.0, atol=1e-13),
+                              max_steps=20000).value
+
+    x = np.asarray(solve(jnp.asarray(c)))
+    ref = minimize(lambda v: 0.5 * v @ q @ v + c @ v, np.full(d, 0.5), jac=lambda v: q @ v + c,
+                   bounds=[(0, 1)] * d, method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-12})
+    np.testing.assert_allclose(x, ref.x, atol=1e-6)
+    free = (x > 1e-9) & (x < 1 - 1e-9)
+    assert 0 < free.sum() < d  # some coordinates at the bounds
+    jac = np.asarray(jax.jacobian(solve)(jnp.asarray(c)))
+    np.testing.assert_allclose(jac[np.ix_(free, free)], -np.linalg.inv(q[np.ix_(free, free)]),
+                               rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(jac[~free], 0.0, atol=1e-10)
