@@ -29,7 +29,9 @@ class FISTA(AbstractFixedPointSolver):
 
     $x_k = T(y_k)$, $t_{k+1} = (1 + \sqrt{1 + 4t_k^2})/2$,
     $y_{k+1} = x_k + \frac{t_k - 1}{t_{k+1}}(x_k - x_{k-1})$, with $t$ reset to 1 when
-    $\langle y_k - x_k, x_k - x_{k-1}\rangle > 0$ (the momentum points uphill).
+    $\langle y_k - x_k, x_k - x_{k-1}\rangle > 0$ (the momentum points uphill) or the
+    residual grew (a safeguard that also makes it converge on contractions that are not
+    averaged, tested on the library's test problems).
 
     Run by `ik.fixed_point(T, ...)`, so the implicit backward pass differentiates the
     proximal-gradient fixed point, the problem's optimality condition. The residual is
@@ -60,7 +62,9 @@ class FISTA(AbstractFixedPointSolver):
         if self.restart:
             uphill = _vdot(jtu.tree_map(lambda a, b: a - b, y, x),
                            jtu.tree_map(lambda a, b: a - b, x, state.previous)) > 0
-            t = jnp.where(uphill, jnp.ones_like(t), t)
+            # also when the residual grew: a safeguard for maps that are contractions
+            # without being averaged, where momentum alone can diverge
+            t = jnp.where(uphill | (residual > state.residual), jnp.ones_like(t), t)
         t_next = (1 + jnp.sqrt(1 + 4 * t * t)) / 2
         beta = (t - 1) / t_next
         new_state = _FISTAState(x, t_next, residual, self.norm(y))
