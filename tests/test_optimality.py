@@ -275,7 +275,7 @@ def test_fista_solves_the_lasso_faster_than_ista_and_differentiates_implicitly()
     fista = solve(lam, ik.FISTA(rtol=0.0, atol=1e-12))
     ista = solve(lam, ik.Picard(rtol=0.0, atol=1e-12))
     np.testing.assert_allclose(fista.value, _lasso_cd(x, y, lam), atol=1e-9)
-    # measured: 156 against 760 steps
+    # measured: 164 against 760 steps
     assert int(fista.stats["num_steps"]) < 0.3 * int(ista.stats["num_steps"])
     assert float(jnp.linalg.norm(t(fista.value, ((x, y), lam)) - fista.value)) <= float(
         fista.stats["residual"])
