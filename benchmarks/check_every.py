@@ -26,28 +26,15 @@ import implicit_kit as ik
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from deq_train_step import (  # noqa: E402
-    cell,
-    injection,
+    ik_solve,
     jax_train_step,
     make_problem,
-    MAX_STEPS,
     RTOL,
 )
 
 
 def solve_with(k):
-    solver = ik.Anderson(rtol=RTOL, atol=1e-5)
-
-    def solve(params, probe, x):
-        def one(inj):
-            z0 = jnp.zeros(params["W"].shape[0], inj.dtype)
-            sol = ik.fixed_point(cell, z0, (params["W"], inj), solver, max_steps=MAX_STEPS,
-                                 throw=False, probe=probe, check_every=k)
-            return sol.value, sol.stats["num_steps"]
-
-        return jax.vmap(one)(injection(params, x))
-
-    return solve
+    return ik_solve(ik.Anderson(rtol=RTOL, atol=1e-5), None, check_every=k)
 
 
 def run(ks=(1, 2, 4, 8), rounds=7, calls=20, json_path=None):

@@ -107,12 +107,13 @@ def jax_train_step(solve):
     return step
 
 
-def ik_solve(solver, adjoint, max_steps=MAX_STEPS):
+def ik_solve(solver, adjoint, max_steps=MAX_STEPS, check_every=1):
     def solve(params, probe, x):
         def one(inj):
             z0 = jnp.zeros(params["W"].shape[0], inj.dtype)
             sol = ik.fixed_point(cell, z0, (params["W"], inj), solver, adjoint=adjoint,
-                                 max_steps=max_steps, throw=False, probe=probe)
+                                 max_steps=max_steps, throw=False, probe=probe,
+                                 check_every=check_every)
             return sol.value, sol.stats["num_steps"]
 
         return jax.vmap(one)(injection(params, x))

@@ -352,8 +352,10 @@ def test_vr_halpern_implicit_gradient_and_vmap():
         assert int(batch.stats["nfe"][i]) == int(one.stats["nfe"])
         np.testing.assert_allclose(batch.value[i], one.value, rtol=1e-12)
     with pytest.raises(ValueError, match="`n`"):
-        ik.VRHalpern(component, 0)
+        ik.VRHalpern(component, 0, step_size=1.0)
     with pytest.raises(ValueError, match="`prob`"):
-        ik.VRHalpern(component, n, prob=1.5)
+        ik.VRHalpern(component, n, step_size=1.0, prob=1.5)
     with pytest.raises(ValueError, match="`n`"):
         ik.solvers.finite_sum(component, 0)
+    with pytest.raises(TypeError, match="step_size"):  # no default can know L
+        ik.VRHalpern(component, n)

@@ -77,7 +77,8 @@ class VRHalpern(AbstractRootSolver):
 
     - `component`: `component(y, args, i) -> F_i(y)` for one integer index `i`.
     - `n`: the number of components.
-    - `step_size`: $\eta$ ($1/L$ for a $1/L$-cocoercive $F$).
+    - `step_size`: $\eta$ ($1/L$ for a $1/L$-cocoercive $F$; required: no default can
+        know $L$).
     - `batch`: $b$ (default $\lceil\sqrt n\rceil$); `prob`: $p$ (default $b/(n+b)$).
     - `rtol`, `atol`: stop when `norm(F(y)) <= atol + rtol * norm(y)`, `F` exact.
     - `restart`: as `ik.Halpern` (default 0.9; `None`: a fixed anchor).
@@ -86,7 +87,7 @@ class VRHalpern(AbstractRootSolver):
 
     component: Callable
     n: int = eqx.field(static=True)
-    step_size: float = 1.0
+    step_size: float
     batch: int | None = eqx.field(static=True, default=None)
     prob: float | None = None
     rtol: float = 1e-5
