@@ -5,8 +5,14 @@ Workload (issue "Core"): x in R^64, z in R^256, f(z, x) = tanh(W z + U x + b) wi
 (m=5) to relative residual 1e-4 (max 50), implicit backward to 1e-4 (max 50), one SGD step.
 
 Sections (all in one run, written to benchmarks/RESULTS.md with the command):
-- `main`: median ms per train step, forward/backward steps, memory, ratio to the floor
-  (a jit-compiled chain of the same number of bare matmul+tanh ops at the same shapes).
+- `main`: ms per train step (with `--rounds R`, the median over R separate processes),
+  forward/backward steps, memory, ratio to the floor (a jit-compiled chain of the same
+  number of bare matmul+tanh ops at the same shapes). Each peer appears out of the box
+  (its defaults, vmapped per sample and on the batch as one problem) and configured as
+  its users would for this problem (a fixed-point backward solve: `PicardLinearSolver`
+  for optimistix, `jaxopt_picard_backward` for jaxopt; Picard and Anderson forward for
+  TorchDEQ), with the configuration named in each row; the like-for-like targets compare
+  implicit_kit with each peer's fastest exact-gradient row.
 - `hard`: ||W||_2 = 0.99 with a spectral radius equal to the norm and small inputs, so
   that tanh stays near linear: Picard vs Anderson vs Broyden forward steps.
 - `scaling`: hidden sizes 128-1024 (implicit_kit, TorchDEQ, floor).
@@ -16,11 +22,10 @@ Sections (all in one run, written to benchmarks/RESULTS.md with the command):
 Optional peers are skipped with a message when not installed
 (`pip install ".[bench]"`).
 
-Run: python benchmarks/deq_train_step.py [--quick] [--out benchmarks/RESULTS.md]
+Run: python benchmarks/deq_train_step.py [--quick] [--rounds R] [--out benchmarks/RESULTS.md]
 """
 
 import argparse
-import functools as ft
 import json
 import os
 import platform
@@ -121,57 +126,187 @@ def ik_solve(solver, adjoint, max_steps=MAX_STEPS, check_every=1):
     return solve
 
 
-def optx_solve(adjoint):
-    solver = optx.FixedPointIteration(rtol=RTOL, atol=1e-5)
+def ik_batch_solve(solver, adjoint, max_steps=MAX_STEPS):
+    """implicit_kit on the batch as one problem: one state (batch x hidden), one
+    relative-residual test on the whole batch, one backward solve."""
 
     def solve(params, probe, x):
-        def one(inj):
-            z0 = jnp.zeros(params["W"].shape[0], inj.dtype)
-            sol = optx.fixed_point(cell, solver, z0, (params["W"], inj),
-                                   max_steps=MAX_STEPS, adjoint=adjoint, throw=False)
-            return sol.value, sol.stats["num_steps"]
-
-        return jax.vmap(one)(injection(params, x))
+        z0 = jnp.zeros((x.shape[0], params["W"].shape[0]), x.dtype)
+        sol = ik.fixed_point(cell_batch, z0, (params["W"], injection(params, x)), solver,
+                             adjoint=adjoint, max_steps=max_steps, throw=False,
+                             probe=probe)
+        return sol.value, jnp.full(x.shape[0], sol.stats["num_steps"])
 
     return solve
 
 
-def jaxopt_solve(tol):
+def picard_linear_solve(matvec, b, rtol=RTOL, max_steps=MAX_STEPS):
+    """Solve `A u = b` for `A = J - I` with J a contraction (the linear system of a
+    fixed point's implicit derivative, in either direction) by the fixed-point
+    iteration `u <- u + (A u - b) = J u - b`, to `|A u - b| <= rtol |u|` (the relative
+    residual implicit_kit's backward Picard stops on). This is what a user of optimistix
+    or jaxopt writes to give either library a fixed-point backward solve."""
+
+    def cond(c):
+        u, res, i = c
+        return (i == 0) | ((res > rtol * jnp.linalg.norm(u)) & (i < max_steps))
+
+    def body(c):
+        u, _, i = c
+        r = matvec(u) - b
+        return u + r, jnp.linalg.norm(r), i + 1
+
+    u, _, i = jax.lax.while_loop(cond, body, (jnp.zeros_like(b), jnp.inf, 0))
+    return u, i
+
+
+class PicardLinearSolver(lx.AbstractLinearSolver):
+    """`picard_linear_solve` as a lineax solver, for optimistix's
+    `ImplicitAdjoint(linear_solver=...)`: its fixed points' implicit derivative solves
+    with `A = J_f - I` and, in reverse mode, with its transpose (lineax's `GMRES` is the
+    model: `lineax/_solver/gmres.py`)."""
+
+    def init(self, operator, options):
+        return lx.linearise(operator)
+
+    def compute(self, state, vector, options):
+        u, steps = picard_linear_solve(state.mv, vector)
+        return u, lx.RESULTS.successful, {"num_steps": steps}
+
+    def transpose(self, state, options):
+        return state.transpose(), {}
+
+    def conj(self, state, options):
+        return lx.conj(state), {}
+
+    def assume_full_rank(self):
+        return True
+
+
+def optx_solve(adjoint, batch=False):
+    """optimistix's fixed-point iteration: per sample under vmap, or (`batch=True`) on
+    the batch as one problem (elementwise stopping test over the whole batch)."""
+    solver = optx.FixedPointIteration(rtol=RTOL, atol=1e-5)
+
+    def run(fn, z0, args):
+        sol = optx.fixed_point(fn, solver, z0, args, max_steps=MAX_STEPS,
+                               adjoint=adjoint, throw=False)
+        return sol.value, sol.stats["num_steps"]
+
+    def solve(params, probe, x):
+        inj = injection(params, x)
+        z0 = jnp.zeros((x.shape[0], params["W"].shape[0]), x.dtype)
+        if batch:
+            z, n = run(cell_batch, z0, (params["W"], inj))
+            return z, jnp.full(x.shape[0], n)
+        return jax.vmap(lambda z0, inj: run(cell, z0, (params["W"], inj)))(z0, inj)
+
+    return solve
+
+
+def jaxopt_solve(tol, backward=None, batch=False, anderson=True):
+    """jaxopt's Anderson acceleration (m = 5; or its fixed-point iteration when
+    `anderson=False`), with its default implicit backward
+    (`backward=None`: normal-equation CG) or the given `implicit_diff_solve`; per
+    sample under vmap or on the batch as one problem. jaxopt's tolerance is absolute on
+    the l2 norm of f(z) - z over its whole state."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import jaxopt
 
-    fp = lambda z, W, inj: jnp.tanh(W @ z + inj)
-    solver = jaxopt.AndersonAcceleration(
-        fp, history_size=5, ridge=1e-5, maxiter=MAX_STEPS, tol=tol, implicit_diff=True,
-        implicit_diff_solve=ft.partial(jaxopt.linear_solve.solve_gmres, tol=RTOL,
-                                       maxiter=MAX_STEPS),
-    )
+    fp = (lambda z, W, inj: jnp.tanh(z @ W.T + inj)) if batch else \
+        (lambda z, W, inj: jnp.tanh(W @ z + inj))
+    kw = {} if backward is None else {"implicit_diff_solve": backward}
+    if anderson:
+        solver = jaxopt.AndersonAcceleration(fp, history_size=5, ridge=1e-5,
+                                             maxiter=MAX_STEPS, tol=tol, implicit_diff=True,
+                                             **kw)
+    else:
+        solver = jaxopt.FixedPointIteration(fp, maxiter=MAX_STEPS, tol=tol,
+                                            implicit_diff=True, **kw)
+
+    def run(z0, W, inj):
+        out = solver.run(z0, W, inj)
+        return out.params, out.state.iter_num
 
     def solve(params, probe, x):
-        def one(inj):
-            z0 = jnp.zeros(params["W"].shape[0], inj.dtype)
-            out = solver.run(z0, params["W"], inj)
-            return out.params, out.state.iter_num
-
-        return jax.vmap(one)(injection(params, x))
+        inj = injection(params, x)
+        z0 = jnp.zeros((x.shape[0], params["W"].shape[0]), x.dtype)
+        if batch:
+            z, n = run(z0, params["W"], inj)
+            return z, jnp.full(x.shape[0], n)
+        return jax.vmap(run, in_axes=(0, None, 0))(z0, params["W"], inj)
 
     return solve
 
 
-def prepare_jax_row(name, solve, params, x, y, stop_rule):
-    """`(row, call)`: the row's statistics from one compiled step, and the timed call."""
+def jaxopt_picard_backward(matvec, b, **kwargs):
+    """A fixed-point backward for jaxopt's `implicit_diff_solve(matvec, b)`, which
+    solves `A^T u = b` with `A = J_f - I` given as `matvec`."""
+    return picard_linear_solve(matvec, b)[0]
+
+
+def hand_picard_solve():
+    """Hand-written JAX: Picard on the batch as one problem and a `custom_vjp` whose
+    backward is the fixed-point iteration `u <- J^T u + ybar` (stopping on the same
+    relative residual): what a JAX user writes without a library."""
+
+    def forward(args):
+        W, inj = args
+
+        def cond(c):
+            z, res, i = c
+            return (i == 0) | ((res > RTOL * jnp.linalg.norm(z)) & (i < MAX_STEPS))
+
+        def body(c):
+            z, _, i = c
+            fz = cell_batch(z, args)
+            return fz, jnp.linalg.norm(fz - z), i + 1
+
+        z0 = jnp.zeros((inj.shape[0], W.shape[0]), inj.dtype)
+        z, _, i = jax.lax.while_loop(cond, body, (z0, jnp.inf, 0))
+        return z, i
+
+    @jax.custom_vjp
+    def fixed_point(args):
+        return forward(args)
+
+    def fwd(args):
+        z, i = forward(args)
+        return (z, i), (z, args)
+
+    def bwd(res, cot):
+        z, args = res
+        _, vjp_z = jax.vjp(lambda z: cell_batch(z, args), z)
+        u, _ = picard_linear_solve(lambda u: vjp_z(u)[0] - u, -cot[0])
+        _, vjp_a = jax.vjp(lambda a: cell_batch(z, a), args)
+        return vjp_a(u)
+
+    fixed_point.defvjp(fwd, bwd)
+
+    def solve(params, probe, x):
+        z, n = fixed_point((params["W"], injection(params, x)))
+        return z, jnp.full(x.shape[0], n)
+
+    return solve
+
+
+def prepare_jax_row(name, solve, params, x, y, stop_rule, solves=BATCH):
+    """`(row, call)`: the row's statistics from one compiled step, and the timed call.
+    `solves`: how many solves the backward probe's count is over (the batch, or one for
+    the batch as one problem)."""
     step = jax_train_step(solve)
     probe = ik.backward_probe(jnp.float32)
     compiled = step.lower(params, probe, x, y).compile()
     mem, mem_kind = jax_peak_bytes(compiled)
-    _, loss, fwd, probe_g = step(params, probe, x, y)
-    bwd = float(probe_g[0]) / BATCH if float(probe_g[0]) > 0 else None
+    new, loss, fwd, probe_g = step(params, probe, x, y)
+    bwd = float(probe_g[0]) / solves if float(probe_g[0]) > 0 else None
     fwd = np.asarray(fwd)
     row = dict(name=name, fwd_mean=float(fwd.mean()), fwd_max=int(fwd.max()),
-               bwd_mean=bwd, mem=mem, mem_kind=mem_kind, loss=float(loss), stop=stop_rule)
+               bwd_mean=bwd, mem=mem, mem_kind=mem_kind, loss=float(loss), stop=stop_rule,
+               grad_W=np.asarray((params["W"] - new["W"]) / LR))
     return row, lambda: jax.block_until_ready(step(params, probe, x, y))
 
 
@@ -271,8 +406,20 @@ def cell_batch(z, args):
 
 
 # --------------------------------------------------------------------------- TorchDEQ
-def torchdeq_row(params, x, y):
-    """`(row, call)` for TorchDEQ, or None when it is not installed."""
+TORCHDEQ_CONFIGS = {
+    "anderson": ("TorchDEQ 0.1.0: anderson m=5, IFT fixed-point backward",
+                 dict(ift=True, f_solver="anderson")),
+    "picard": ("TorchDEQ 0.1.0: fixed_point_iter, IFT fixed-point backward",
+               dict(ift=True, f_solver="fixed_point_iter")),
+    "defaults": ("TorchDEQ 0.1.0 out of the box: fixed_point_iter, 1-step phantom gradient "
+                 "(an inexact gradient)", dict()),
+}
+
+
+def torchdeq_row(params, x, y, config="anderson"):
+    """`(row, call)` for TorchDEQ in one of `TORCHDEQ_CONFIGS`, or None when it is not
+    installed. Every configuration runs at the workload's tolerances (relative, 1e-4,
+    max 50 steps); "defaults" keeps `get_deq()`'s solver and its inexact gradient."""
     try:
         import torch
         from torchdeq import get_deq
@@ -285,9 +432,10 @@ def torchdeq_row(params, x, y):
          for k, v in params.items()}
     X = torch.tensor(np.asarray(x), device=dev)
     Y = torch.tensor(np.asarray(y), device=dev, dtype=torch.long)
-    deq = get_deq(ift=True, f_solver="anderson", f_max_iter=MAX_STEPS, f_tol=RTOL,
-                  f_stop_mode="rel", b_solver="fixed_point_iter", b_max_iter=MAX_STEPS,
-                  b_tol=RTOL, b_stop_mode="rel")
+    name, kw = TORCHDEQ_CONFIGS[config]
+    deq = get_deq(f_max_iter=MAX_STEPS, f_tol=RTOL, f_stop_mode="rel",
+                  b_solver="fixed_point_iter", b_max_iter=MAX_STEPS, b_tol=RTOL,
+                  b_stop_mode="rel", **kw)
     opt = torch.optim.SGD(list(P.values()), lr=LR)
     bwd_steps = []
 
@@ -301,7 +449,8 @@ def torchdeq_row(params, x, y):
         inj = X @ P["U"].T + P["b"]
         f = lambda z: torch.tanh(z @ P["W"].T + inj)
         z0 = torch.zeros(BATCH, P["W"].shape[0], device=dev)
-        z_out, info = deq(f, z0, solver_kwargs={"m": 5}, backward_writer=writer)
+        z_out, info = deq(f, z0, solver_kwargs={"m": 5} if config == "anderson" else {},
+                          backward_writer=writer)
         logits = z_out[-1] @ P["Wo"].T + P["bo"]
         loss = torch.nn.functional.cross_entropy(logits, Y)
         loss.backward()
@@ -313,60 +462,95 @@ def torchdeq_row(params, x, y):
 
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    W0 = P["W"].detach().clone()
     loss = step()
+    grad_W = ((W0 - P["W"].detach()) / LR).cpu().numpy()
+    with torch.no_grad():
+        P["W"].copy_(W0)  # the timed calls keep stepping; the gradient is from the start
     mem = torch.cuda.max_memory_allocated() if dev == "cuda" else None
     nstep = info_box["info"]["nstep"].float()
-    return dict(name="TorchDEQ 0.1.0 (anderson m=5, IFT fixed-point backward)",
-                fwd_mean=float(nstep.mean()), fwd_max=int(nstep.max()),
+    return dict(name=name, fwd_mean=float(nstep.mean()), fwd_max=int(nstep.max()),
                 bwd_mean=bwd_steps[-1] if bwd_steps else None, mem=mem,
                 mem_kind="cuda max allocated" if mem else "n/a on CPU",
-                loss=float(loss), stop="whole batch (max residual)"), step
+                loss=loss.item(), stop="whole batch (max residual)", grad_W=grad_W), step
 
 
 # --------------------------------------------------------------------------- sections
 def main_section(hidden, repeats, include_peers=True):
     """Every row is compiled and run once for its statistics, then the JAX rows are timed
     interleaved (one call of each per round; the minimum over `repeats` rounds), so that
-    the shared machine's slow spells hit every row alike and the ratios hold."""
+    the shared machine's slow spells hit every row alike and the ratios hold.
+
+    Each peer appears out of the box (its defaults, both vmapped per sample and on the
+    batch as one problem, the natural use of those libraries) and at its best for this
+    problem (a fixed-point backward solve, the batch as one problem)."""
     params, x, y = make_problem(hidden)
     rows = []  # (row, call)
-    torch_row = None
-    adj = ik.ImplicitAdjoint(ik.Picard(rtol=RTOL, atol=0.0), max_steps=MAX_STEPS)
+    torch_rows = []
+    picard = ik.Picard(rtol=RTOL, atol=0.0)
     anderson = ik.Anderson(m=5, rtol=RTOL, atol=0.0)
-    rows.append(prepare_jax_row(
-        "implicit_kit Anderson(m=5) + ImplicitAdjoint(Picard)", ik_solve(anderson, adj),
-        params, x, y, "per sample"))
-    rows.append(prepare_jax_row(
-        "implicit_kit Picard + ImplicitAdjoint(Picard)",
-        ik_solve(ik.Picard(rtol=RTOL, atol=0.0), adj), params, x, y, "per sample"))
-    rows.append(prepare_jax_row(
-        "implicit_kit Anderson(m=5) + ImplicitAdjoint(Anderson)",
-        ik_solve(anderson, ik.ImplicitAdjoint(anderson, max_steps=MAX_STEPS)),
-        params, x, y, "per sample"))
+    adj = ik.ImplicitAdjoint(picard, max_steps=MAX_STEPS)
+    vmap_stop = "per sample"
+    batch_stop = "whole batch (one residual norm)"
+    for name, solve, stop, solves in [
+        (IK_DEFAULT, ik_solve(anderson, adj), vmap_stop, BATCH),
+        (IK_PICARD, ik_solve(picard, adj), vmap_stop, BATCH),
+        ("implicit_kit Anderson(m=5) + ImplicitAdjoint(Picard), batch as one problem",
+         ik_batch_solve(anderson, adj), batch_stop, 1),
+        ("implicit_kit Picard + ImplicitAdjoint(Picard), batch as one problem",
+         ik_batch_solve(picard, adj), batch_stop, 1),
+    ]:
+        rows.append(prepare_jax_row(name, solve, params, x, y, stop, solves))
     if include_peers:
-        per_sample = "per sample (vmap; converged samples keep iterating)"
+        keep = "per sample (vmap; converged samples keep iterating)"
         rows.append(prepare_jax_row(
-            "optimistix FixedPointIteration + ImplicitAdjoint(GMRES)",
-            optx_solve(optx.ImplicitAdjoint(lx.GMRES(rtol=RTOL, atol=1e-5,
-                                                     max_steps=MAX_STEPS))),
-            params, x, y, per_sample))
+            "hand-written JAX Picard + custom_vjp (fixed-point backward), batch as one "
+            "problem", hand_picard_solve(), params, x, y, batch_stop))
         rows.append(prepare_jax_row(
-            "optimistix FixedPointIteration + ImplicitAdjoint() (default: dense LU)",
-            optx_solve(optx.ImplicitAdjoint()), params, x, y, per_sample))
+            "optimistix 0.1.0 out of the box: FixedPointIteration + ImplicitAdjoint() "
+            "(dense LU), vmap", optx_solve(optx.ImplicitAdjoint()), params, x, y, keep))
+        n = BATCH * hidden
+        rows.append((dict(
+            name="optimistix 0.1.0 out of the box, batch as one problem: not run (its "
+                 f"dense LU would materialise the {n:,} × {n:,} Jacobian, "
+                 f"{4 * n * n / 2**30:.0f} GiB in float32)", stop="—", ms=None,
+            **EMPTY), None))
+        fp_adj = optx.ImplicitAdjoint(linear_solver=PicardLinearSolver())
+        rows.append(prepare_jax_row(
+            "optimistix 0.1.0 FixedPointIteration + ImplicitAdjoint(fixed-point lineax "
+            "solver), vmap", optx_solve(fp_adj), params, x, y, keep))
+        rows.append(prepare_jax_row(
+            "optimistix 0.1.0 FixedPointIteration + ImplicitAdjoint(fixed-point lineax "
+            "solver), batch as one problem", optx_solve(fp_adj, batch=True), params, x, y,
+            "whole batch (elementwise test)"))
         try:
-            z_norm = float(np.mean(np.linalg.norm(np.tanh(x @ params["U"].T), axis=1)))
-            rows.append(prepare_jax_row(
-                "jaxopt 0.8 AndersonAcceleration(m=5) + implicit GMRES",
-                jaxopt_solve(RTOL * z_norm), params, x, y, per_sample))
+            h = np.tanh(x @ params["U"].T)
+            tol_one = RTOL * float(np.mean(np.linalg.norm(h, axis=1)))
+            tol_batch = RTOL * float(np.linalg.norm(h))
+            for name, solve, stop in [
+                ("jaxopt 0.8 out of the box: AndersonAcceleration(m=5) (normal-CG "
+                 "backward), vmap", jaxopt_solve(tol_one), keep),
+                ("jaxopt 0.8 out of the box: AndersonAcceleration(m=5) (normal-CG "
+                 "backward), batch as one problem", jaxopt_solve(tol_batch, batch=True),
+                 batch_stop),
+                ("jaxopt 0.8 AndersonAcceleration(m=5) + fixed-point backward, vmap",
+                 jaxopt_solve(tol_one, jaxopt_picard_backward), keep),
+                ("jaxopt 0.8 AndersonAcceleration(m=5) + fixed-point backward, batch as one "
+                 "problem", jaxopt_solve(tol_batch, jaxopt_picard_backward, batch=True),
+                 batch_stop),
+                ("jaxopt 0.8 FixedPointIteration + fixed-point backward, batch as one "
+                 "problem", jaxopt_solve(tol_batch, jaxopt_picard_backward, batch=True,
+                                         anderson=False), batch_stop),
+            ]:
+                rows.append(prepare_jax_row(name, solve, params, x, y, stop))
         except ImportError as e:
-            print(f"[skip] jaxopt row: {e} (pip install '.[bench]')", file=sys.stderr)
-        torch_row = torchdeq_row(params, x, y)
+            print(f"[skip] jaxopt rows: {e} (pip install '.[bench]')", file=sys.stderr)
+        torch_rows = [r for r in (torchdeq_row(params, x, y, c) for c in TORCHDEQ_CONFIGS)
+                      if r]
     ref = rows[0][0]
     n_ops = int(round(ref["fwd_mean"] + (ref["bwd_mean"] or 0)))
-    empty = dict(fwd_mean=None, fwd_max=None, bwd_mean=None, mem=None, mem_kind="",
-                 loss=None)
     rows.append((dict(name=f"floor: {n_ops} bare matmul+tanh ops (jit, fori_loop)",
-                      stop="", **empty), floor_call(hidden, n_ops)))
+                      stop="", **EMPTY), floor_call(hidden, n_ops)))
     # The floor counts only the solver loops' map applications. A train step must also
     # apply the map once at the solution (to attach and linearise), form the parameter
     # cotangents and run the injection and readout; and a vmapped loop with per-sample
@@ -377,17 +561,94 @@ def main_section(hidden, repeats, include_peers=True):
     n_bwd = n_ops - int(round(ref["fwd_mean"]))
     rows.append((dict(
         name=f"fixed-count train step: {n_fwd} fwd + {n_bwd} bwd map applications and the "
-             "work outside the loops, no stopping tests (jit)", stop="fixed", **empty),
+             "work outside the loops, no stopping tests (jit)", stop="fixed", **EMPTY),
         fixed_count_step(params, x, y, n_fwd, n_bwd)))
-    times = interleaved([call for _, call in rows], repeats)
-    if torch_row:
+    # Every exact-gradient row must compute the same gradient (to the tolerances): its
+    # relative difference from the default row's gradient of W.
+    g0 = rows[0][0]["grad_W"]
+    for row, _ in rows:
+        g = row.pop("grad_W", None)
+        row["grad_rel_diff"] = None if g is None else \
+            float(np.linalg.norm(g - g0) / np.linalg.norm(g0))
+    timed = [i for i, (_, call) in enumerate(rows) if call is not None]
+    times = dict(zip(timed, interleaved([rows[i][1] for i in timed], repeats)))
+    out = [{**row, "ms": times.get(i)} for i, (row, _) in enumerate(rows)]
+    for row, call in torch_rows:
+        g = row.pop("grad_W")
+        row["grad_rel_diff"] = float(np.linalg.norm(g - g0) / np.linalg.norm(g0))
         # Timed on its own: torch's worker threads keep spinning after a call and would
         # slow whichever row ran next in an interleaved round.
-        row, call = torch_row
-        rows.insert(-2, (row, call))
-        times.insert(-2, timeit(call, repeats))
-    fl = times[-2]
-    return [{**row, "ms": ms, "vs_floor": ms / fl} for (row, _), ms in zip(rows, times)]
+        out.insert(-2, {**row, "ms": timeit(call, repeats)})
+    return out
+
+
+def main_rounds(rounds, repeats, include_peers):
+    """`main_section` in `rounds` separate processes; each row's time is the median of
+    the processes' minima (single runs on the shared machines vary by +-15 %), and its
+    ratio to the floor the median of the per-process ratios."""
+    import subprocess
+    import tempfile
+
+    per = []
+    for r in range(rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "main.json")
+            argv = [sys.executable, __file__, "--section", "main", "--repeats",
+                    str(repeats), "--json", path] + ([] if include_peers else ["--quick"])
+            subprocess.run(argv, check=True)
+            with open(path) as f:
+                per.append(json.load(f)["main"])
+            print(f"[round {r + 1}/{rounds} done]", file=sys.stderr, flush=True)
+    out = []
+    for i, row in enumerate(per[0]):
+        ms = [p[i]["ms"] for p in per]
+        floor = [next(x["ms"] for x in p if x["name"].startswith("floor")) for p in per]
+        if row["ms"] is None:
+            out.append({**row, "ms_rounds": None, "vs_floor": None})
+            continue
+        out.append({**row, "ms": float(np.median(ms)), "ms_rounds": ms,
+                    "vs_floor": float(np.median([m / f for m, f in zip(ms, floor)]))})
+    return out
+
+
+IK_DEFAULT = "implicit_kit Anderson(m=5) + ImplicitAdjoint(Picard), vmap (default)"
+IK_PICARD = "implicit_kit Picard + ImplicitAdjoint(Picard), vmap"
+EMPTY = dict(fwd_mean=None, fwd_max=None, bwd_mean=None, mem=None, mem_kind="", loss=None)
+PEERS = ("hand-written JAX", "optimistix", "jaxopt", "TorchDEQ")
+
+
+def best_row(rows, peer, contains=""):
+    """The fastest row of `peer` whose name contains `contains`, among its configurations
+    that compute the exact implicit gradient (not TorchDEQ's phantom-gradient default)."""
+    cands = [r for r in rows if r["name"].startswith(peer) and contains in r["name"]
+             and r["ms"] is not None and "inexact" not in r["name"]]
+    return min(cands, key=lambda r: r["ms"]) if cands else None
+
+
+def targets(rows):
+    """Issue 18 §1's like-for-like targets, each a dict: `what` (the comparison),
+    `ours`/`peer_ms` (ms), `peer` (the peer's fastest row), `ratio` (as the goal states
+    it), `faster` (the peer's time over ours), `goal`, `met`."""
+    by = {r["name"]: r for r in rows}
+    out = []
+    for ours, peer, contains, goal, what in [
+        (IK_DEFAULT, "jaxopt", "AndersonAcceleration", "≤ 1.0×",
+         "default (Anderson, vmap) / jaxopt's best Anderson"),
+        (IK_PICARD, "optimistix", "", "≤ 1.0×",
+         "Picard (vmap) / optimistix's best fixed-point iteration"),
+        (IK_DEFAULT, "TorchDEQ", "", "≥ 3×",
+         "TorchDEQ's best / default (Anderson, vmap)"),
+    ]:
+        b = best_row(rows, peer, contains)
+        if b is None or ours not in by:
+            continue
+        o = by[ours]
+        faster = b["ms"] / o["ms"]
+        ratio = faster if goal.startswith("≥") else 1 / faster
+        met = ratio >= 3.0 if goal.startswith("≥") else ratio <= 1.0
+        out.append(dict(what=what, ours=o["ms"], peer=b["name"], peer_ms=b["ms"],
+                        ratio=ratio, faster=faster, goal=goal, met=met))
+    return out
 
 
 def hard_section(hidden, repeats):
@@ -414,10 +675,13 @@ def scaling_section(sizes, repeats):
             params, x, y, "")
         n_ops = int(round(r["fwd_mean"] + (r["bwd_mean"] or 0)))
         times = interleaved([call, floor_call(h, n_ops)], repeats)
-        t = torchdeq_row(params, x, y)  # timed on its own (see main_section)
+        torch_ms = {}
+        for c in ("anderson", "picard"):  # timed on their own (see main_section)
+            t = torchdeq_row(params, x, y, c)
+            torch_ms[c] = timeit(t[1], repeats) if t else None
         rows.append(dict(hidden=h, ik_ms=times[0], floor_ms=times[1],
-                         torchdeq_ms=timeit(t[1], repeats) if t else None,
-                         fwd=r["fwd_mean"],
+                         torchdeq_ms=torch_ms["anderson"],
+                         torchdeq_picard_ms=torch_ms["picard"], fwd=r["fwd_mean"],
                          bwd=r["bwd_mean"]))
     return rows
 
@@ -455,6 +719,10 @@ def fmt_bytes(b):
     return "—" if b is None else f"{b / 2**20:.1f} MiB"
 
 
+def fmt_rel(v):
+    return "—" if v is None else f"{v:.1e}"
+
+
 def fmt(v, p=1):
     return "—" if v is None else f"{v:.{p}f}"
 
@@ -474,19 +742,36 @@ def report(results, command):
         "readout to 10 classes, cross-entropy, batch 256, forward to relative residual "
         "1e-4 (max 50), implicit backward to 1e-4 (max 50), one SGD step. Time: minimum "
         "over repeats after warm-up, the JAX rows timed interleaved (float32; full-precision "
-        "matmuls on GPU, no TF32); "
-        "steps are per-sample means (max in brackets). Memory: "
+        "matmuls on GPU, no TF32)"
+        + (f"; the median over {results['rounds']} separate processes, their range in "
+           "brackets" if results.get("rounds") else "") + "; "
+        "steps are per-sample means (max in brackets); the gradient column is the relative "
+        "difference of the row's gradient of W from the default row's. Memory: "
         "XLA's compile-time temp+argument+output bytes for JAX rows; TorchDEQ: "
         "torch.cuda.max_memory_allocated on GPU, not measured on CPU.",
         "",
-        "| implementation | ms / step | × floor | fwd steps | bwd steps | memory | stops |",
-        "|---|---|---|---|---|---|---|",
+        "| implementation | ms / step | × floor | fwd steps | bwd steps | memory | stops | "
+        "gradient vs default |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["main"]:
         fwd = "—" if r["fwd_mean"] is None else f"{r['fwd_mean']:.1f} ({r['fwd_max']})"
+        spread = "" if not r.get("ms_rounds") else \
+            f" ({min(r['ms_rounds']):.2f}–{max(r['ms_rounds']):.2f})"
         lines.append(
-            f"| {r['name']} | {r['ms']:.2f} | {r['vs_floor']:.2f} | {fwd} | "
-            f"{fmt(r['bwd_mean'])} | {fmt_bytes(r['mem'])} | {r['stop']} |")
+            f"| {r['name']} | {fmt(r['ms'], 2)}{spread} | {fmt(r['vs_floor'], 2)} | {fwd} | "
+            f"{fmt(r['bwd_mean'])} | {fmt_bytes(r['mem'])} | {r['stop']} | "
+            f"{fmt_rel(r.get('grad_rel_diff'))} |")
+    t = targets(results["main"])
+    if t:
+        lines += ["", "Like-for-like targets against each peer at its best (the fastest of its "
+                  "exact-gradient rows above):", "",
+                  "| target | implicit_kit ms | peer at its best | peer ms | ratio | goal |",
+                  "|---|---|---|---|---|---|"]
+        for r in t:
+            lines.append(f"| {r['what']} | {r['ours']:.2f} | {r['peer']} | "
+                         f"{r['peer_ms']:.2f} | {r['ratio']:.2f}× | {r['goal']} "
+                         f"({'met' if r['met'] else 'not met'}) |")
     if "stop_cost" in results:
         c = results["stop_cost"]
         lines += ["", f"Per-sample stopping by itself: the forward chain of {c['steps']} "
@@ -505,16 +790,17 @@ def report(results, command):
         a = results["hard"][1]["fwd_mean"]
         lines += ["", f"Picard / Anderson forward steps: {p / a:.1f}×."]
     if "scaling" in results:
-        lines += ["", "### Scaling over hidden size", "",
-                  "| hidden | implicit_kit ms | floor ms | × floor | TorchDEQ ms | "
-                  "TorchDEQ / implicit_kit | fwd | bwd |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "### Scaling over hidden size (implicit_kit's default: Anderson, vmap)",
+                  "", "| hidden | implicit_kit ms | floor ms | × floor | TorchDEQ anderson "
+                  "ms | TorchDEQ fixed_point_iter ms | TorchDEQ's best / implicit_kit | fwd | "
+                  "bwd |", "|---|---|---|---|---|---|---|---|---|"]
         for r in results["scaling"]:
-            t = r["torchdeq_ms"]
-            ratio = "—" if t is None else f"{t / r['ik_ms']:.1f}×"
+            ts = [t for t in (r["torchdeq_ms"], r.get("torchdeq_picard_ms")) if t]
+            ratio = f"{min(ts) / r['ik_ms']:.1f}×" if ts else "—"
             lines.append(
                 f"| {r['hidden']} | {r['ik_ms']:.2f} | {r['floor_ms']:.2f} | "
-                f"{r['ik_ms'] / r['floor_ms']:.2f} | {fmt(t, 2)} | "
-                f"{ratio} | {r['fwd']:.1f} | "
+                f"{r['ik_ms'] / r['floor_ms']:.2f} | {fmt(r['torchdeq_ms'], 2)} | "
+                f"{fmt(r.get('torchdeq_picard_ms'), 2)} | {ratio} | {r['fwd']:.1f} | "
                 f"{fmt(r['bwd'])} |")
     if "memory" in results:
         lines += ["", "### Backward memory vs forward steps (grad of a vmapped solve, "
@@ -528,16 +814,33 @@ def report(results, command):
     return "\n".join(lines) + "\n"
 
 
+def with_floor_ratio(rows):
+    floor = next(r["ms"] for r in rows if r["name"].startswith("floor"))
+    return [{**r, "vs_floor": None if r["ms"] is None else r["ms"] / floor} for r in rows]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="main table only, few repeats")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the main table in this many separate processes and report "
+                        "each row's median")
+    p.add_argument("--section", choices=["main"], default=None,
+                   help="run one section only (used by --rounds)")
     p.add_argument("--out", default=None, help="write the markdown report here")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     repeats = a.repeats or (5 if a.quick else 20)
+    if a.section == "main":
+        with open(a.json, "w") as f:
+            json.dump({"main": main_section(256, repeats, not a.quick)}, f, default=str)
+        return
     command = "python benchmarks/deq_train_step.py " + " ".join(sys.argv[1:])
-    results = {"main": main_section(256, repeats, include_peers=not a.quick)}
+    if a.rounds > 1:
+        results = {"main": main_rounds(a.rounds, repeats, not a.quick), "rounds": a.rounds}
+    else:
+        results = {"main": with_floor_ratio(main_section(256, repeats, not a.quick))}
     results["stop_cost"] = stop_cost(256, repeats)
     if not a.quick:
         results["hard"] = hard_section(256, max(3, repeats // 4))
