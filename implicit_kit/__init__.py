@@ -23,6 +23,7 @@ from ._adjoint import (
 )
 from ._diagnostics import check_grad as check_grad, spectral_radius as spectral_radius
 from ._fixed_point import fixed_point as fixed_point
+from ._parallel import shard_batch as shard_batch
 from ._root import (
     custom_root as custom_root,
     minimise as minimise,

@@ -14,7 +14,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "implicit_kit"
 
 # The layers, bottom up: a module may import only from its own layer or below.
 LAYERS = {
-    "_solution": 0, "_misc": 0, "data": 0,
+    "_solution": 0, "_misc": 0, "data": 0, "_parallel": 0,
     "solvers": 1, "nn": 1, "optimality": 1,
     "_iterate": 2,
     "_ad": 3, "_adjoint": 3,

@@ -17,6 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 REFERENCE = {
     # solves and adjoints
     "fixed_point": "test_adjoints.py::test_exact_gradient_closed_form_linear",
+    "shard_batch": "test_parallel.py::test_shard_batch_equals_one_device",
     "root_find": "test_solvers.py::test_root_find_and_minimise_closed_forms",
     "minimise": "test_adjoints.py::test_minimise_gradient_closed_form",
     "custom_root": "test_adjoints.py::test_custom_root_with_non_jax_solver",

@@ -7,6 +7,8 @@ import pathlib
 import sys
 import time
 
+import jax
+
 from ..hyper import format_table
 from ._checkpoint import atomic_write, CheckpointError
 from ._config import check_config, Config, ConfigError, load_config, TuneConfig
@@ -43,11 +45,36 @@ def _fit_many(configs: list[tuple[str, Config]], resume: bool) -> list[dict]:
     return rows
 
 
+def _init_distributed(a) -> None:
+    """Join a multi-process run (`jax.distributed`) before JAX touches a device:
+    `--coordinator HOST:PORT --num-processes N --process-id I`, or `--distributed` to
+    let `jax.distributed.initialize()` read a cluster's environment (Slurm, Open MPI,
+    TPU pods)."""
+    given = [a.coordinator, a.num_processes, a.process_id]
+    if any(v is not None for v in given) and not all(v is not None for v in given):
+        raise ConfigError("--coordinator, --num-processes and --process-id go together "
+                          "(or pass --distributed on a cluster that JAX auto-detects).")
+    if a.coordinator is None and not a.distributed:
+        return
+    # Collectives between CPU processes (a no-op for accelerators' own collectives).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if a.coordinator is None:
+        jax.distributed.initialize()
+    else:
+        if not 0 <= a.process_id < a.num_processes:
+            raise ConfigError(f"--process-id must be in [0, {a.num_processes}), got "
+                              f"{a.process_id}.")
+        jax.distributed.initialize(coordinator_address=a.coordinator,
+                                   num_processes=a.num_processes, process_id=a.process_id)
+
+
 def _cmd_train(a) -> int:
+    _init_distributed(a)
     cfg = load_config(a.config, a.overrides)
     result = fit(cfg, resume=a.resume)
-    print(format_table([summary_row(cfg.name, result)], SUMMARY_FORMATS))
-    print(f"log, checkpoints and plots: {result.run_dir}")
+    if jax.process_index() == 0:
+        print(format_table([summary_row(cfg.name, result)], SUMMARY_FORMATS))
+        print(f"log, checkpoints and plots: {result.run_dir}")
     return 0
 
 
@@ -119,6 +146,13 @@ def main(argv=None) -> int:
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="key.sub=value")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    t.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-process training: process 0's address (jax.distributed)")
+    t.add_argument("--num-processes", type=int, default=None, metavar="N")
+    t.add_argument("--process-id", type=int, default=None, metavar="I")
+    t.add_argument("--distributed", action="store_true",
+                   help="multi-process training on a cluster that "
+                        "jax.distributed.initialize() detects (Slurm, Open MPI, TPU)")
     t.set_defaults(fn=_cmd_train)
     e = sub.add_parser("eval", help="evaluate a checkpoint on its test split")
     e.add_argument("checkpoint")

@@ -157,7 +157,11 @@ class TrainConfig:
     """- `epochs`, `batch`, `eval_batch`, `seed` (initialisation, data order, dropout);
     - `eval_every` (epochs); `checkpoint_dir` (log, checkpoints and plots go there);
       `keep_checkpoints`; `progress` (a progress bar on stderr); `dtype` of the
-      parameters and data (`float32` or `float64`)."""
+      parameters and data (`float32` or `float64`);
+    - `parallel`: how a batch sharded over several devices is solved: `jit` (one program
+      over the whole batch; every solver loop runs until the slowest sample of the whole
+      batch stops, with a cross-device reduction per iteration) or `shard_map` (each
+      device loops over its own samples, `ik.shard_batch`; the same results)."""
 
     epochs: int = 10
     batch: int = 64
@@ -168,6 +172,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     dtype: str = "float32"
+    parallel: str = "jit"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,6 +289,7 @@ _ENUMS = {
     "optim.schedule": ("constant", "cosine", "warmup_cosine"),
     "model.backward": BACKWARDS,
     "train.dtype": ("float32", "float64"),
+    "train.parallel": ("jit", "shard_map"),
 }
 
 

@@ -28,7 +28,7 @@ from ._checkpoint import (
 )
 from ._config import check_config, Config, config_from_dict, ConfigError
 from ._data import load_data, pad_eval
-from ._report import peak_memory_mb, plot_history, Progress, to_host
+from ._report import host_tree, peak_memory_mb, plot_history, Progress, to_host
 from ._step import make_optimiser, Steps
 
 
@@ -62,11 +62,35 @@ class _Setup:
     mesh: Mesh
 
     def shard(self, a):
-        """`a` split along its first (batch) axis over the devices."""
-        return jax.device_put(a, NamedSharding(self.mesh, P("data")))
+        """`a` (a host array, the same in every process) split along its first (batch)
+        axis over the devices; each process transfers only its own devices' rows."""
+        return _global_array(a, NamedSharding(self.mesh, P("data")))
 
     def replicate(self, tree):
-        return jax.device_put(tree, NamedSharding(self.mesh, P()))
+        """`tree` (the same in every process) on every device."""
+        sharding = NamedSharding(self.mesh, P())
+        return jax.tree_util.tree_map(lambda a: _global_array(a, sharding), tree)
+
+
+def _global_array(a, sharding):
+    """A global array from a host value that every process holds (`jax.distributed`:
+    each process supplies only the shards of its own devices)."""
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
+def _is_main() -> bool:
+    """Whether this is the process that writes logs, checkpoints and plots (process 0
+    of a multi-process run; always true in one process)."""
+    return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    """All processes wait here (a no-op in one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _setup(cfg: Config, devices) -> _Setup:
@@ -84,8 +108,10 @@ def _setup(cfg: Config, devices) -> _Setup:
     params, static = eqx.partition(model, eqx.is_inexact_array)
     steps_per_epoch = ik_data.num_batches(x.shape[0], t.batch)
     optimiser = make_optimiser(cfg.optim, steps_per_epoch * t.epochs)
-    return _Setup(train, test, params, static, optimiser, Steps(cfg, static, optimiser),
-                  steps_per_epoch, count_params(model), Mesh(np.array(devices), ("data",)))
+    mesh = Mesh(np.array(devices), ("data",))
+    return _Setup(train, test, params, static, optimiser,
+                  Steps(cfg, static, optimiser, mesh), steps_per_epoch, count_params(model),
+                  mesh)
 
 
 def evaluate(steps: Steps, params, test, eval_batch: int, shard) -> dict:
@@ -96,7 +122,8 @@ def evaluate(steps: Steps, params, test, eval_batch: int, shard) -> dict:
         part = steps.eval(params, shard(x[i:i + eval_batch]), shard(y[i:i + eval_batch]),
                           shard(mask[i:i + eval_batch]),
                           shard(np.arange(i, i + eval_batch, dtype=np.int32)))
-        sums = part if sums is None else jax.tree_util.tree_map(jnp.add, sums, part)
+        part = host_tree(part)  # summed on the host: no eager op on global arrays
+        sums = part if sums is None else jax.tree_util.tree_map(np.add, sums, part)
     n = int(mask.sum())
     return {f"test_{k}": (None if v is None else v / n) for k, v in to_host(sums).items()}
 
@@ -150,15 +177,17 @@ def fit(cfg: Config, *, resume: bool = False, devices=None,
         history = header["history"]
         start_epoch = header["epoch"]
     params, opt_state = st.replicate((params, opt_state))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    main = _is_main()
     log_path = run_dir / "metrics.jsonl"
-    _write_log(log_path, history)
-    (run_dir / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_log(log_path, history)
+        (run_dir / "config.json").write_text(json.dumps(cfg_dict, indent=2))
 
     x, y = st.train
     key = jr.wrap_key_data(base_key)
     compiled = None
-    progress = Progress(t.progress, cfg.name, t.epochs, st.steps_per_epoch)
+    progress = Progress(t.progress and main, cfg.name, t.epochs, st.steps_per_epoch)
     for epoch in range(start_epoch + 1, t.epochs + 1):
         progress.start()
         acc_metrics, prev_loss = [], None
@@ -179,19 +208,22 @@ def fit(cfg: Config, *, resume: bool = False, devices=None,
                 step_callback(epoch, i + 1)
         jax.block_until_ready(params)
         seconds = time.perf_counter() - t0
-        mean = to_host(jax.tree_util.tree_map(lambda *v: jnp.mean(jnp.stack(v)),
-                                              *acc_metrics))
+        mean = to_host(jax.tree_util.tree_map(lambda *v: np.mean(np.stack(v)),
+                                              *map(host_tree, acc_metrics)))
         peak, source = peak_memory_mb(compiled)
         row = {"epoch": epoch, "step": epoch * st.steps_per_epoch, **mean,
                "seconds": seconds, "peak_memory_mb": peak, "memory_source": source}
         if epoch % t.eval_every == 0 or epoch == t.epochs:
             row.update(evaluate(steps, params, st.test, t.eval_batch, st.shard))
         history.append(row)
-        _write_log(log_path, history)
-        save_checkpoint(run_dir, epoch, (params, opt_state, base_key),
-                        {"config": cfg_dict, "history": history,
-                         "num_params": st.num_params},
-                        keep=t.keep_checkpoints)
+        state = host_tree((params, opt_state, base_key))
+        if main:  # one process writes; every process resumes from it
+            _write_log(log_path, history)
+            save_checkpoint(run_dir, epoch, state,
+                            {"config": cfg_dict, "history": history,
+                             "num_params": st.num_params},
+                            keep=t.keep_checkpoints)
+        _barrier(f"checkpoint {epoch}")
         progress.end(row)
         if row.get("skipped_steps", 0) > 0:
             warnings.warn(
@@ -201,7 +233,9 @@ def fit(cfg: Config, *, resume: bool = False, devices=None,
                 RuntimeWarning, stacklevel=2)
         if callback is not None:
             callback(row)
-    plots = plot_history(history, run_dir, cfg.name) if history else []
+    plots = plot_history(history, run_dir, cfg.name) if history and main else []
+    if jax.process_count() > 1:  # the trained model as host arrays in every process
+        params = jax.tree_util.tree_map(jnp.asarray, host_tree(params))
     return FitResult(eqx.combine(params, st.static), history, run_dir, dict(steps.traces),
                      st.num_params, plots)
 

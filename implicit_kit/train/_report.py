@@ -6,10 +6,11 @@ import sys
 import time
 
 import jax
+import numpy as np
 
 
 def peak_memory_mb(compiled) -> tuple[float, str]:
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]  # (this process's: the others' are not addressable)
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         return stats["peak_bytes_in_use"] / 2**20, "device peak"
@@ -58,9 +59,23 @@ class Progress:
         sys.stderr.flush()
 
 
+def host_tree(tree):
+    """`tree`'s arrays as numpy arrays. An array that spans several processes must be
+    replicated (the metrics, the parameters): each process reads its own copy."""
+
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            if not a.sharding.is_fully_replicated:
+                raise ValueError("host_tree: a multi-process array must be replicated.")
+            return np.asarray(a.addressable_data(0))
+        return np.asarray(a)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
 def to_host(tree) -> dict:
     """Host floats; NaN (a residual the model does not have) becomes `None` (JSON null)."""
-    out = {k: float(v) for k, v in jax.device_get(tree).items()}
+    out = {k: float(v) for k, v in host_tree(tree).items()}
     return {k: (None if math.isnan(v) else v) for k, v in out.items()}
 
 

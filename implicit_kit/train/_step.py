@@ -7,6 +7,7 @@ import jax.random as jr
 import optax
 
 from .._misc import keep_if, tree_allfinite
+from .._parallel import shard_batch
 from .._solution import backward_probe, backward_stats
 from ..models import init_loss, ModelStats
 from ..nn import prepare
@@ -51,21 +52,34 @@ def _contract_metrics(st: ModelStats) -> dict:
 class Steps:
     """The jitted train and eval steps for one config (traces counted)."""
 
-    def __init__(self, cfg: Config, static, optimiser):
+    def __init__(self, cfg: Config, static, optimiser, mesh=None):
         self.cfg, self.static, self.optimiser = cfg, static, optimiser
         self.traces = {"train": 0, "eval": 0}
         self.train = jax.jit(self._train, donate_argnums=(0, 1))
         self.eval = jax.jit(self._eval)
+        # `train.parallel: shard_map`: each device runs the model on its own samples.
+        self.mesh = mesh if cfg.train.parallel == "shard_map" else None
+
+    def _apply(self, params, probe, xb, keys):
+        """The model on every sample of the batch: `(logits, stats)`, per sample. With a
+        `probe` (training) the backward statistics flow into its cotangent; without,
+        the model runs in inference mode."""
+
+        def batch(params, probe, xb, keys):
+            model = eqx.combine(params, self.static)
+            if probe is None:
+                return jax.vmap(lambda x, k: model(x, key=k, inference=True))(xb, keys)
+            return jax.vmap(lambda x, k: model(x, key=k, probe=probe))(xb, keys)
+
+        if self.mesh is not None:  # the probe's cotangent is summed over the devices
+            batch = shard_batch(batch, (None, None, 0, 0), mesh=self.mesh)
+        return batch(params, probe, xb, keys)
 
     def _loss(self, params, probe, xb, yb, key):
         cfg = self.cfg
         model = eqx.combine(params, self.static)
         keys = jr.split(key, xb.shape[0] + 1)
-
-        def one(x, k):
-            return model(x, key=k, probe=probe)
-
-        logits, st = jax.vmap(one)(xb, keys[1:])
+        logits, st = self._apply(params, probe, xb, keys[1:])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
         total = loss
         if "aux_loss" in st.extras:  # a model's own loss term (MonotoneDBM: imputation)
@@ -120,9 +134,8 @@ class Steps:
         at evaluation, as MonotoneDBM's observed pixels, sees the same draw in every
         evaluation, whatever the batching)."""
         self.traces["eval"] += 1
-        model = eqx.combine(params, self.static)
         keys = jax.vmap(lambda i: jr.fold_in(jr.key(0), i))(index)
-        logits, st = jax.vmap(lambda x, k: model(x, key=k, inference=True))(xb, keys)
+        logits, st = self._apply(params, None, xb, keys)
         w = mask.astype(logits.dtype)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
         sums = {
