@@ -69,6 +69,8 @@ JOBS = {
     "halpern": Job(["benchmarks/halpern_steps.py", "--json", "{json}"]),
     "vr_halpern": Job(["benchmarks/vr_halpern.py", "--json", "{json}"]),
     "check_every": Job(["benchmarks/check_every.py", "--rounds", "9", "--json", "{json}"]),
+    "parallel": Job(["benchmarks/parallel_step.py", "--devices", "4", "--rounds", "7",
+                     "--json", "{json}"]),
     "mondbm": Job(["benchmarks/mondbm_digits.py", "--seeds", "0,1,2", "--out",
                    "{tmp}/mondbm", "--json", "{json}"]),
     "tune_param": Job(TUNE + ["tune.per=parameter"], produces="tune/results.json"),
@@ -281,6 +283,31 @@ def render_check_every(res):
           f"{r['fwd_mean']:.1f} / {r['fwd_max']}"] for r in rows])])
 
 
+def render_parallel(res):
+    d = res["data"]
+    by = {}
+    for r in d["rows"]:
+        by.setdefault(r["config"], {})[r["parallel"]] = r
+    rows = []
+    for config, modes in by.items():
+        j, s = modes.get("jit"), modes.get("shard_map")
+
+        def cell(r):
+            if r is None:
+                return "—"
+            if r["ms"] is None:
+                return f"fails: `{r['error'][:90]}`"
+            return f"{r['ms']:.1f}"
+
+        ratio = f"{j['ms'] / s['ms']:.2f}×" if j and s and j["ms"] and s["ms"] else "—"
+        steps = next((r["num_steps"] for r in (j, s) if r and r.get("num_steps")), None)
+        rows.append([config, cell(j), cell(s), ratio,
+                     "—" if steps is None else f"{steps:.1f}"])
+    return provenance(res) + "\n\n" + table(
+        ["config", "jit ms / step", "shard_map ms / step", "jit / shard_map",
+         "forward steps (mean)"], rows)
+
+
 def render_tune(results):
     """`results`: the tune jobs' results, in order (param, tensor, shared, cg)."""
     first = results[0]["data"]
@@ -389,6 +416,14 @@ def summary(res: dict) -> list[list[str]]:
                      "gradient steps / Anderson", f"{vr:,} vs {gd:,} / {aa:,}",
                      f"{gd / vr:.1f}× fewer than gradient steps (Anderson: {vr / aa:.1f}× "
                      "fewer still)"])
+    if "parallel" in res:
+        d = {(r["config"], r["parallel"]): r for r in res["parallel"]["data"]["rows"]}
+        j, sm = d.get(("digits_deq_implicit", "jit")), d.get(("digits_deq_implicit",
+                                                              "shard_map"))
+        if j and sm and j["ms"] and sm["ms"]:
+            rows.append([f"DEQ train step on {j['devices']} devices: jit vs per-device "
+                         "loops (shard_map)", f"{j['ms']:.1f} vs {sm['ms']:.1f} ms",
+                         f"**{j['ms'] / sm['ms']:.2f}× faster**, the same results"])
     if "mondbm" in res:
         d = res["mondbm"]["data"]
         mono = [r for r in d["dbm"] if r["arm"].startswith("monotone")]
@@ -547,6 +582,23 @@ O(nL/ε). Anderson acceleration, a nonlinear method outside that comparison, nee
 6× fewer than VR-Halpern on this smooth, well-conditioned problem: reach for VR-Halpern
 when a full pass per step is the cost and acceleration is not available (stochastic
 operators, monotone inclusions with a resolvent).
+"""),
+    ("parallel", "Several devices: one program over the batch (jit) vs per-device loops "
+     "(shard_map)", render_parallel, """\
+`benchmarks/parallel_step.py --devices 4`: the digits configs' train step on 4 forced
+host devices (`XLA_FLAGS=--xla_force_host_platform_device_count=4`; on this CPU they
+share its 2 cores, so the times show the synchronisation and the wasted iterations, not
+more hardware), batch 64 (16 per device), the same 10 batches from the same parameters
+in every round, median over 7 interleaved rounds. `jit`: the batch sharded, one program;
+each solver loop's condition is a reduction over all devices every iteration, and every
+device iterates until the slowest sample of the whole batch stops. `shard_map`
+(`train.parallel: shard_map`, the default `auto` on several devices; `ik.shard_batch`):
+each device loops over its own 16 samples. Both give the same losses (the script
+asserts it; tests/test_parallel.py checks parameters and metrics against one device).
+`digits_deq_implicit` is `digits_deq` with the exact implicit adjoint. The monotone DEQ
+does not run under `jit` on several CPU devices: XLA's CPU FFT rejects the layout the
+sharded program gives its input (a `RET_CHECK` in `fft_thunk.cc`); under `shard_map`
+each device's FFTs are local and it runs.
 """),
     ("check_every", "DEQ train step with k solver steps per convergence test",
      render_check_every, """\

@@ -5,6 +5,7 @@ import importlib
 import inspect
 import pathlib
 import re
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,9 @@ def test_the_docstring_check_can_fail():
 
 
 def _python_blocks(text):
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    """The Python code blocks of `text`, dedented (a block inside a list item is
+    indented with it)."""
+    return [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)]
 
 
 def test_readme_examples_run_and_hold():

@@ -160,8 +160,9 @@ class TrainConfig:
       parameters and data (`float32` or `float64`);
     - `parallel`: how a batch sharded over several devices is solved: `jit` (one program
       over the whole batch; every solver loop runs until the slowest sample of the whole
-      batch stops, with a cross-device reduction per iteration) or `shard_map` (each
-      device loops over its own samples, `ik.shard_batch`; the same results)."""
+      batch stops, with a cross-device reduction per iteration), `shard_map` (each
+      device loops over its own samples, `ik.shard_batch`; the same results, faster),
+      or `auto` (the default: `shard_map` on several devices, `jit` on one)."""
 
     epochs: int = 10
     batch: int = 64
@@ -172,7 +173,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     dtype: str = "float32"
-    parallel: str = "jit"
+    parallel: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +290,7 @@ _ENUMS = {
     "optim.schedule": ("constant", "cosine", "warmup_cosine"),
     "model.backward": BACKWARDS,
     "train.dtype": ("float32", "float64"),
-    "train.parallel": ("jit", "shard_map"),
+    "train.parallel": ("auto", "jit", "shard_map"),
 }
 
 

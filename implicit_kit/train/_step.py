@@ -57,8 +57,11 @@ class Steps:
         self.traces = {"train": 0, "eval": 0}
         self.train = jax.jit(self._train, donate_argnums=(0, 1))
         self.eval = jax.jit(self._eval)
-        # `train.parallel: shard_map`: each device runs the model on its own samples.
-        self.mesh = mesh if cfg.train.parallel == "shard_map" else None
+        # `train.parallel`: with `shard_map` (`auto` on several devices) each device runs
+        # the model on its own samples.
+        per_device = cfg.train.parallel == "shard_map" or (
+            cfg.train.parallel == "auto" and mesh is not None and mesh.devices.size > 1)
+        self.mesh = mesh if per_device else None
 
     def _apply(self, params, probe, xb, keys):
         """The model on every sample of the batch: `(logits, stats)`, per sample. With a
