@@ -24,17 +24,22 @@ conditioning of the backward linear solve; the default is 1, as jaxopt's.
 
 from collections.abc import Callable
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import lineax as lx
 from jaxtyping import Array, ArrayLike
 
 
 __all__ = [
     "fixed_point",
     "kkt",
+    "eq_qp",
     "mirror_descent",
+    "mirror_descent_map",
     "projected_gradient",
+    "projected_gradient_map",
     "prox_elastic_net",
     "prox_gradient",
     "prox_gradient_map",
@@ -71,17 +76,102 @@ def fixed_point(T: Callable) -> Callable:
     return optimality
 
 
-def prox_gradient_map(f: Callable, prox: Callable, step: float) -> Callable:
+def _vdot(a, b):
+    return sum(jnp.vdot(u, v) for u, v in zip(jtu.tree_leaves(a), jtu.tree_leaves(b)))
+
+
+def _backtracking_step(f, prox, x, theta_f, theta_g, initial, shrink, max_backtracks):
+    r"""The step $\eta = $ `initial` $\cdot$ `shrink`$^k$ for the smallest $k$ such that
+    $z = \mathrm{prox}_{\eta g}(x - \eta\nabla f(x))$, $d = z - x$, satisfies
+    $\langle\nabla f(z) - \nabla f(x), d\rangle \le \|d\|^2/\eta$: the curvature of $f$
+    along the step is at most $1/\eta$. For a quadratic $f$ this is exactly Beck &
+    Teboulle's sufficient decrease $f(z) \le f(x) + \langle\nabla f(x), d\rangle +
+    \|d\|^2/(2\eta)$; unlike that test it has no cancellation of nearly equal function
+    values, so it stays meaningful down to steps of rounding size (the function-value
+    test accepts any step once $\|d\|^2/\eta$ falls below the rounding of $f$, and the
+    iteration stalls there). Piecewise constant in $x$: computed without gradients."""
+    x, theta_f, theta_g = jax.lax.stop_gradient((x, theta_f, theta_g))
+    grad = jax.grad(f)
+    gx = grad(x, theta_f)
+
+    def curvature_too_high(eta):
+        d = _sub(prox(_step(x, gx, eta), theta_g, eta), x)
+        gz = grad(jtu.tree_map(jnp.add, x, d), theta_f)
+        return _vdot(_sub(gz, gx), d) > _vdot(d, d) / eta
+
+    def cond(c):
+        eta, k = c
+        return (k < max_backtracks) & curvature_too_high(eta)
+
+    dtype = jnp.result_type(*jtu.tree_leaves(gx))
+    eta, _ = jax.lax.while_loop(cond, lambda c: (c[0] * shrink, c[1] + 1),
+                                (jnp.asarray(initial, dtype), 0))
+    return eta
+
+
+def prox_gradient_map(f: Callable, prox: Callable, step: float | None = None, *,
+                      initial_step: float = 1.0, shrink: float = 0.5,
+                      max_backtracks: int = 60) -> Callable:
     r"""The proximal-gradient map $T(x, (\theta_f, \theta_g)) = \mathrm{prox}_{\eta g}(x -
     \eta\nabla_x f(x, \theta_f), \theta_g)$, as `ik.fixed_point` takes it (`args` the
-    pair): solve with `ik.fixed_point(T, x0, (theta_f, theta_g), ik.FISTA())`, $\eta \le
-    1/L$; its fixed points are the minimisers of $f + g$, and the implicit backward pass
-    differentiates that condition. A projected-gradient map is `prox` =
-    `lambda y, theta, step: projection(y, theta)`."""
+    pair): solve with `ik.fixed_point(T, x0, (theta_f, theta_g), ik.FISTA())`. Its fixed
+    points are the minimisers of $f + g$ for any step, and the implicit backward pass
+    differentiates that condition. A projected-gradient map is
+    `projected_gradient_map`.
+
+    - `step`: $\eta \le 1/L$ for a known Lipschitz constant $L$ of $\nabla f$; or `None`
+      (the default) for backtracking at every evaluation: the largest $\eta$ in
+      `initial_step` $\cdot$ `shrink`$^k$ ($k <$ `max_backtracks`) for which $f$'s
+      curvature along the step is at most $1/\eta$ (Beck & Teboulle's sufficient
+      decrease, in a form that survives rounding), so no $L$ is needed. Each evaluation
+      starts from `initial_step` again (a map of $x$ alone, as a fixed-point solver
+      needs), at the cost of $k + 1$ gradient evaluations; set `initial_step` near
+      $1/L$ if you know it.
+      The step is locally constant in $x$, so derivatives treat it as a constant.
+    """
+    if step is not None and not step > 0:
+        raise ValueError(f"`prox_gradient_map(step=...)` must be positive or None "
+                         f"(backtracking), got {step!r}.")
+    if not (initial_step > 0 and 0 < shrink < 1):
+        raise ValueError("`prox_gradient_map` needs `initial_step > 0` and `0 < shrink < "
+                         f"1`, got initial_step={initial_step!r}, shrink={shrink!r}.")
 
     def t(x, args):
         theta_f, theta_g = args
-        return prox(_step(x, jax.grad(f)(x, theta_f), step), theta_g, step)
+        eta = step if step is not None else _backtracking_step(
+            f, prox, x, theta_f, theta_g, initial_step, shrink, max_backtracks)
+        return prox(_step(x, jax.grad(f)(x, theta_f), eta), theta_g, eta)
+
+    return t
+
+
+def projected_gradient_map(f: Callable, projection: Callable, step: float | None = None,
+                           **backtracking) -> Callable:
+    r"""The projected-gradient map $T(x, (\theta_f, \theta_C)) = P_C(x - \eta\nabla_x
+    f(x, \theta_f), \theta_C)$ for `ik.fixed_point` (with `ik.FISTA()`, accelerated
+    projected gradient): `prox_gradient_map` with the projection as the proximal
+    operator of the indicator of $C$ (e.g. `lambda y, th:
+    optax.projections.projection_box(y, 0.0, 1.0)`); `step` and the backtracking
+    options as there."""
+    return prox_gradient_map(f, lambda y, theta, eta: projection(y, theta), step,
+                             **backtracking)
+
+
+def mirror_descent_map(f: Callable, projection: Callable, mapping: Callable,
+                       step: float) -> Callable:
+    r"""The mirror-descent map $T(x, (\theta_f, \theta_C)) = P^\phi_C(\nabla\phi(x) -
+    \eta\nabla_x f(x, \theta_f), \theta_C)$ for `ik.fixed_point` (with `ik.Picard()`:
+    mirror descent; jaxopt's `MirrorDescent`). `mapping` is $\nabla\phi$ and
+    `projection(y, theta_C)` the Bregman projection of $\nabla\phi^*(y)$ onto $C$; on
+    the simplex with the negative entropy (KL geometry), `mapping = jnp.log` and
+    `projection = lambda y, _: jax.nn.softmax(y)`. Its fixed points satisfy
+    `mirror_descent`'s condition, which the implicit backward pass differentiates."""
+    if not step > 0:
+        raise ValueError(f"`mirror_descent_map(step=...)` must be positive, got {step!r}.")
+
+    def t(x, args):
+        theta_f, theta_c = args
+        return projection(_step(mapping(x), jax.grad(f)(x, theta_f), step), theta_c)
 
     return t
 
@@ -154,6 +244,55 @@ def kkt(objective: Callable, eq: Callable | None = None,
         return stat, primal, comp
 
     return optimality
+
+
+def eq_qp(Q: ArrayLike, c: ArrayLike, A: ArrayLike, b: ArrayLike, *,
+          solver: lx.AbstractLinearSolver = lx.LU(), throw: bool = True
+          ) -> tuple[Array, Array]:
+    r"""The equality-constrained QP $\min_x \tfrac12 x^\top Q x + c^\top x$ s.t. $Ax = b$,
+    solved directly through its KKT system
+    $\begin{pmatrix} Q & A^\top \\ A & 0\end{pmatrix}\begin{pmatrix}x\\ \nu\end{pmatrix}
+    = \begin{pmatrix}-c\\ b\end{pmatrix}$ with lineax (jaxopt's
+    `EqualityConstrainedQP`). Returns `(x, nu)`. Differentiable in `Q`, `c`, `A`, `b`:
+    lineax differentiates the linear solve implicitly, which is the implicit derivative
+    of the KKT conditions (`kkt(objective, eq)`, linear here). A system that the solve
+    does not satisfy (singular to working precision and inconsistent: dependent
+    constraints with an incompatible `b`, or `Q` singular on the null space of `A`)
+    raises with `throw=True` and gives NaN with `throw=False`, never a silent answer.
+    (With dependent but consistent constraints `x` is still unique and returned; the
+    multipliers `nu` are then not unique.)
+
+    - `Q` (n, n) symmetric, `c` (n,), `A` (m, n), `b` (m,).
+    - `solver`: a lineax solver for the (indefinite) KKT matrix; `lx.LU()` by default.
+    """
+    Q, c, A, b = (jnp.asarray(v) for v in (Q, c, A, b))
+    n = c.shape[0] if c.ndim == 1 else None
+    if n is None or Q.shape != (n, n) or A.ndim != 2 or A.shape[1] != n or \
+            b.shape != (A.shape[0],):
+        raise ValueError(
+            "`eq_qp(Q, c, A, b)` expects Q (n, n), c (n,), A (m, n), b (m,); got "
+            f"Q {Q.shape}, c {c.shape}, A {A.shape}, b {b.shape}."
+        )
+    m = A.shape[0]
+    dtype = jnp.result_type(Q, c, A, b)
+    kkt_matrix = jnp.block([[Q, A.T], [A, jnp.zeros((m, m), dtype)]]).astype(dtype)
+    rhs = jnp.concatenate([-c, b]).astype(dtype)
+    sol = lx.linear_solve(lx.MatrixLinearOperator(kkt_matrix), rhs, solver, throw=throw)
+    z = sol.value
+    # LU does not detect a singular matrix (a rounding-sized pivot gives a huge z whose
+    # backward error is small): require the residual to be small against the right-hand
+    # side itself, within the square root of the machine epsilon, so that a singular,
+    # inconsistent system is never an answer.
+    residual = jnp.linalg.norm(kkt_matrix @ z - rhs)
+    bound = jnp.sqrt(jnp.finfo(dtype).eps) * jnp.linalg.norm(rhs)
+    ok = (sol.result == lx.RESULTS.successful) & jnp.all(jnp.isfinite(z)) & (
+        residual <= bound)
+    if throw:
+        z = eqx.error_if(z, ~ok, "eq_qp: the KKT system is singular or inconsistent "
+                                 "(dependent constraints with an incompatible b, or Q "
+                                 "singular on the null space of A).")
+    z = jnp.where(ok, z, jnp.nan)
+    return z[:n], z[n:]
 
 
 # -- proximal operators that optax does not ship ------------------------------------------

@@ -318,3 +318,100 @@ def test_box_qp_by_projected_gradient_matches_scipy_and_its_gradient():
     np.testing.assert_allclose(jac[np.ix_(free, free)], -np.linalg.inv(q[np.ix_(free, free)]),
                                rtol=1e-7, atol=1e-10)
     np.testing.assert_allclose(jac[~free], 0.0, atol=1e-10)
+    # the same QP by accelerated projected gradient with backtracking (no L given)
+    t_bt = opt.projected_gradient_map(
+        f, lambda y, th: optax.projections.projection_box(y, 0.0, 1.0), initial_step=4.0)
+    x_bt = ik.fixed_point(t_bt, jnp.full(d, 0.5), (jnp.asarray(c), None),
+                          ik.FISTA(rtol=0.0, atol=1e-13), max_steps=20000).value
+    np.testing.assert_allclose(x_bt, ref.x, atol=1e-6)
+
+
+def test_backtracking_finds_the_step_fista_needs_without_lipschitz_constant():
+    """`prox_gradient_map(step=None)`: Beck & Teboulle's backtracking from a step 10× too
+    large for the lasso (where the fixed step diverges) converges to the coordinate-descent
+    solution, and the implicit gradient in λ is the closed form on the support."""
+    rng = np.random.default_rng(7)
+    n, d = 50, 10
+    x = jnp.asarray(rng.normal(size=(n, d)))
+    y = jnp.asarray(x[:, :3] @ np.array([1.5, -1.0, 0.7]) + 0.2 * rng.normal(size=n))
+    lip = float(jnp.linalg.eigvalsh(x.T @ x / n)[-1])
+    lam = 0.08
+    big = 10.0 / lip
+
+    def solve(lam, t):
+        return ik.fixed_point(t, jnp.zeros(d), ((x, y), lam), ik.FISTA(rtol=0.0, atol=1e-12),
+                              max_steps=5000, throw=False)
+
+    fixed = solve(lam, opt.prox_gradient_map(_ls, opt.prox_lasso, big))
+    assert fixed.result != ik.RESULTS.successful  # a step of 10/L diverges
+    t = opt.prox_gradient_map(_ls, opt.prox_lasso, initial_step=big)
+    sol = solve(lam, t)
+    assert sol.result == ik.RESULTS.successful
+    np.testing.assert_allclose(sol.value, _lasso_cd(x, y, lam), atol=1e-9)
+    dw = np.asarray(jax.jacobian(lambda lam: solve(lam, t).value)(lam))
+    w = np.asarray(sol.value)
+    s = np.abs(w) > 1e-9
+    assert 0 < s.sum() < d
+    xs = np.asarray(x)[:, s]
+    np.testing.assert_allclose(dw[s], -n * np.linalg.solve(xs.T @ xs, np.sign(w[s])),
+                               rtol=1e-6)
+    np.testing.assert_allclose(dw[~s], 0.0, atol=1e-9)
+    with pytest.raises(ValueError, match="step"):
+        opt.prox_gradient_map(_ls, opt.prox_lasso, -1.0)
+
+
+def test_mirror_descent_map_solved_by_the_driver_gives_softmax_and_its_jacobian():
+    """Entropic mirror descent as a fixed-point solve (`mirror_descent_map` + Picard, the
+    shared driver's stats): argmin_{p∈Δ} −⟨θ, p⟩ + τ Σ p log p = softmax(θ/τ) with
+    Jacobian (diag p − ppᵀ)/τ, and vmapped over θ."""
+    tau = 0.5
+    f = lambda p, th: -jnp.dot(th, p) + tau * jnp.sum(p * jnp.log(p))  # noqa: E731
+    t = opt.mirror_descent_map(f, lambda y, _: jax.nn.softmax(y), jnp.log, step=0.8)
+
+    def solve(th):
+        return ik.fixed_point(t, jnp.full(4, 0.25), (th, None), ik.Picard(rtol=0.0,
+                                                                           atol=1e-13))
+
+    theta = jnp.array([0.3, -1.0, 2.0, 0.5])
+    sol = solve(theta)
+    assert 1 < int(sol.stats["num_steps"]) < 200 and sol.result == ik.RESULTS.successful
+    p = np.asarray(jax.nn.softmax(theta / tau))
+    np.testing.assert_allclose(sol.value, p, atol=1e-12)
+    jac = jax.jacobian(lambda th: solve(th).value)(theta)
+    np.testing.assert_allclose(jac, (np.diag(p) - np.outer(p, p)) / tau, atol=1e-9)
+    thetas = jnp.stack([theta, -theta, 0.5 * theta])
+    batch = jax.vmap(lambda th: solve(th).value)(thetas)
+    np.testing.assert_allclose(batch, jax.nn.softmax(thetas / tau, axis=-1), atol=1e-12)
+
+
+def test_eq_qp_solves_the_kkt_system_and_differentiates_it_and_fails_loudly():
+    """`eq_qp` against the dense KKT inverse (solution, d/db, d/dc) and a float64 central
+    difference in Q; an inconsistent system (a repeated constraint with another b) is an
+    error with throw=True and NaN with throw=False; wrong shapes name the arguments."""
+    rng = np.random.default_rng(3)
+    m = rng.normal(size=(6, 6))
+    q = jnp.asarray(m @ m.T + np.eye(6))
+    a = jnp.asarray(rng.normal(size=(2, 6)))
+    b, c = jnp.array([0.5, -1.0]), jnp.asarray(rng.normal(size=6))
+    inv = np.linalg.inv(np.block([[np.asarray(q), np.asarray(a).T],
+                                  [np.asarray(a), np.zeros((2, 2))]]))
+    x, nu = opt.eq_qp(q, c, a, b)
+    np.testing.assert_allclose(np.concatenate([x, nu]),
+                               inv @ np.concatenate([-np.asarray(c), np.asarray(b)]),
+                               rtol=1e-10)
+    np.testing.assert_allclose(jax.jacobian(lambda b: opt.eq_qp(q, c, a, b)[0])(b),
+                               inv[:6, 6:], rtol=1e-9)
+    np.testing.assert_allclose(jax.jacobian(lambda c: opt.eq_qp(q, c, a, b)[0])(c),
+                               -inv[:6, :6], rtol=1e-9, atol=1e-12)
+    e = jnp.zeros((6, 6)).at[0, 1].set(1.0).at[1, 0].set(1.0)
+    g = jax.grad(lambda s: jnp.sum(opt.eq_qp(q + s * e, c, a, b)[0] ** 2))(0.0)
+    h = 1e-6
+    fd = (jnp.sum(opt.eq_qp(q + h * e, c, a, b)[0] ** 2)
+          - jnp.sum(opt.eq_qp(q - h * e, c, a, b)[0] ** 2)) / (2 * h)
+    assert float(g) == pytest.approx(float(fd), rel=1e-7)
+    a2, b2 = jnp.concatenate([a, a[:1]]), jnp.array([0.5, -1.0, 2.0])
+    assert np.all(np.isnan(opt.eq_qp(q, c, a2, b2, throw=False)[0]))
+    with pytest.raises(Exception, match="singular or inconsistent"):
+        opt.eq_qp(q, c, a2, b2)
+    with pytest.raises(ValueError, match=r"Q \(n, n\), c \(n,\), A \(m, n\), b \(m,\)"):
+        opt.eq_qp(q, c, a.T, b)
