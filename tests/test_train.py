@@ -249,9 +249,11 @@ def test_corrupt_checkpoint_detected_previous_kept(tmp_path):
 def test_data_parallel_equals_single_device(tmp_path):
     """Four forced host devices, both ways of solving a sharded batch (`train.parallel`
     jit and shard_map): one epoch gives the single-device parameters and test accuracy.
-    In float64, so that summation-order differences (~1e-16) stay far from the ReLU kinks
-    of the cell: in float32 a rounding-level difference once put a sample's
-    pre-activation on the other side of 0 and moved the epoch's parameters by 3e-4."""
+    In float64, so that summation-order differences (~1e-16) stay far from the cell's
+    kinks (ReLU): in float32, at one step's parameters, the per-device and whole-batch
+    gradients differed by 3e-4 although a random 3e-8 perturbation of the parameters
+    moved the gradient by 2e-7 only (a discrete change, as a pre-activation within
+    rounding of 0 gives), and the epoch's parameters ended 3e-4 apart."""
     script = textwrap.dedent(f"""
         import jax
         jax.config.update("jax_enable_x64", True)
