@@ -129,7 +129,7 @@ def prox_gradient_map(f: Callable, prox: Callable, step: float | None = None, *,
       $1/L$ if you know it.
       The step is locally constant in $x$, so derivatives treat it as a constant.
     """
-    if step is not None and not step > 0:
+    if isinstance(step, (int, float)) and not step > 0:  # (a traced step is not checked)
         raise ValueError(f"`prox_gradient_map(step=...)` must be positive or None "
                          f"(backtracking), got {step!r}.")
     if not (initial_step > 0 and 0 < shrink < 1):
@@ -166,7 +166,7 @@ def mirror_descent_map(f: Callable, projection: Callable, mapping: Callable,
     the simplex with the negative entropy (KL geometry), `mapping = jnp.log` and
     `projection = lambda y, _: jax.nn.softmax(y)`. Its fixed points satisfy
     `mirror_descent`'s condition, which the implicit backward pass differentiates."""
-    if not step > 0:
+    if isinstance(step, (int, float)) and not step > 0:  # (a traced step is not checked)
         raise ValueError(f"`mirror_descent_map(step=...)` must be positive, got {step!r}.")
 
     def t(x, args):

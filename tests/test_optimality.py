@@ -415,3 +415,36 @@ def test_eq_qp_solves_the_kkt_system_and_differentiates_it_and_fails_loudly():
         opt.eq_qp(q, c, a2, b2)
     with pytest.raises(ValueError, match=r"Q \(n, n\), c \(n,\), A \(m, n\), b \(m,\)"):
         opt.eq_qp(q, c, a.T, b)
+
+
+def test_lasso_gradient_in_the_dictionary_matches_the_closed_form_on_the_support():
+    """Sparse coding: the implicit gradient of a loss of the lasso code w(D, x, λ) in the
+    dictionary D equals the gradient of the closed form w_S = (D_SᵀD_S)⁻¹(D_Sᵀx − λ s)
+    with the support S and signs s held fixed (float64)."""
+    rng = np.random.default_rng(11)
+    m, k = 20, 12
+    d = jnp.asarray(rng.normal(size=(m, k)) / np.sqrt(m))
+    x = jnp.asarray(d[:, :3] @ np.array([1.0, -0.8, 0.6]) + 0.05 * rng.normal(size=m))
+    lam = 0.05
+    f = lambda w, args: 0.5 * jnp.sum((args[1] - args[0] @ w) ** 2)  # noqa: E731
+    t = opt.prox_gradient_map(f, opt.prox_lasso)  # backtracking: no L needed
+
+    def code(d):
+        return ik.fixed_point(t, jnp.zeros(k), ((d, x), lam), ik.FISTA(rtol=0.0, atol=1e-13),
+                              max_steps=20000).value
+
+    w = np.asarray(code(d))
+    s = np.abs(w) > 1e-9
+    assert 0 < s.sum() < k
+    sign = np.sign(w[s])
+
+    def closed(d):
+        ds = d[:, s]
+        return jnp.zeros(k).at[np.flatnonzero(s)].set(
+            jnp.linalg.solve(ds.T @ ds, ds.T @ x - lam * sign))
+
+    np.testing.assert_allclose(w, closed(d), atol=1e-10)
+    target = jnp.asarray(rng.normal(size=m))
+    loss = lambda code_fn: lambda d: jnp.sum((d @ code_fn(d) - target) ** 2)  # noqa: E731
+    np.testing.assert_allclose(jax.grad(loss(code))(d), jax.grad(loss(closed))(d),
+                               rtol=1e-7, atol=1e-10)
