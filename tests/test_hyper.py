@@ -335,3 +335,36 @@ def test_tune_with_equinox_model():
                         outer_args=(xs[:32], ys[:32]), method="neumann", k=5, alpha=1e-2)
     assert isinstance(res.params, eqx.nn.MLP) and res.hparams.shape == ()
     assert float(res.history["outer_loss"][-1]) < float(res.history["outer_loss"][0])
+
+
+def test_stn_linear_layer_algebra_against_its_formula():
+    """`StnLinear`: y = s(W_e x + b_e) + (Vλ)⊙(W_h x) + (V'λ)⊙b_h, checked against the
+    effective weights formed by hand in numpy (per example under vmap), the elementary
+    layer alone without hyperparameters, and the authors' initialisation."""
+    layer = ik.hyper.StnLinear(6, 4, 3, key=jax.random.key(0))
+    layer = eqx.tree_at(lambda m: m.elem_scalar, layer, jnp.asarray(1.7))
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.normal(size=(5, 6)))
+    hs = jnp.asarray(rng.normal(size=(5, 3)))
+    ys = jax.vmap(layer)(xs, hs)
+    we, wh = np.asarray(layer.elem_weight), np.asarray(layer.hyper_weight)
+    be, bh = np.asarray(layer.elem_bias), np.asarray(layer.hyper_bias)
+    v = np.asarray(layer.to_scalars)
+    for x, h, y in zip(np.asarray(xs), np.asarray(hs), np.asarray(ys)):
+        a, c = (v @ h)[:4], (v @ h)[4:]
+        w_eff = 1.7 * we + a[:, None] * wh
+        b_eff = 1.7 * be + c * bh
+        np.testing.assert_allclose(y, w_eff @ x + b_eff, rtol=1e-5, atol=1e-6)
+        w2, b2 = layer.weights(jnp.asarray(h))
+        np.testing.assert_allclose(w2, w_eff, rtol=1e-6)
+        np.testing.assert_allclose(b2, b_eff, rtol=1e-6)
+    np.testing.assert_allclose(layer(xs[0], None), 1.7 * (we @ np.asarray(xs[0]) + be),
+                               rtol=1e-5)
+    assert np.abs(we).max() <= 1 / np.sqrt(6) and float(np.std(v)) < 0.03
+    no_bias = ik.hyper.StnLinear(6, 4, 3, use_bias=False, key=jax.random.key(1))
+    np.testing.assert_allclose(
+        no_bias(xs[0], hs[0]), no_bias.weights(hs[0])[0] @ xs[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="hparams must have shape"):
+        layer(xs[0], hs[0, :2])
+    with pytest.raises(ValueError, match="num_hparams"):
+        ik.hyper.StnLinear(6, 4, 0, key=jax.random.key(0))

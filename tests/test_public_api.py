@@ -110,6 +110,7 @@ REFERENCE = {
     "prox_non_negative": "test_optimality.py::test_proximal_operators_are_the_argmin_of_their_definition",
     # hyper
     "hypergradient": "test_hyper.py::test_ridge_cg_matches_closed_form",
+    "StnLinear": "test_hyper.py::test_stn_linear_layer_algebra_against_its_formula",
     "vmap_hparams": "test_hyper.py::test_vmap_over_lambdas_equals_separate_calls",
     "tune": "test_hyper.py::test_tune_lowers_validation_loss_per_feature_decay",
     "metrics_table": "test_hyper.py::test_vmap_over_lambdas_equals_separate_calls",

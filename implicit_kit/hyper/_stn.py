@@ -1,0 +1,91 @@
+"""Self-Tuning Networks' layers (MacKay, Vicol, Lorraine, Duvenaud & Grosse, ICLR 2019):
+a structured best-response approximation w(λ) whose weights depend on the
+hyperparameters through per-output scalings."""
+
+import math
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray
+
+
+class StnLinear(eqx.Module):
+    r"""A linear layer whose weights are an affine function of the hyperparameters:
+    $W(\lambda) = s\,W_\text{elem} + (V\lambda) \odot_\text{row} W_\text{hyper}$ and
+    $b(\lambda) = s\,b_\text{elem} + (V'\lambda) \odot b_\text{hyper}$, applied as
+
+    $y = s\,(W_\text{elem}x + b_\text{elem}) + (V\lambda) \odot (W_\text{hyper}x) +
+    (V'\lambda) \odot b_\text{hyper}$ — two matrix-vector products, never forming
+    $W(\lambda)$. $\odot_\text{row}$ scales row $i$ by $(V\lambda)_i$; `to_scalars`
+    $= [V; V']$ and the scalar $s$ (`elem_scalar`) are learned with the weights.
+    The hyperparameter input $\lambda$ is per example (`jax.vmap` both arguments): the
+    STN algorithm perturbs it per example. Initialisation as the authors' code
+    (`cnn/hypermodels/hyperlinear.py`): weights and biases uniform in
+    $\pm 1/\sqrt{\text{in}}$, `to_scalars` normal with standard deviation 0.01, $s = 1$.
+
+    **Arguments:** `in_features`, `out_features`, `num_hparams` (the length of the
+    hyperparameter input), `use_bias` (default True), `key`.
+
+    **Call:** `layer(x, hparams)` with `x` of shape `(in_features,)` and `hparams` of
+    shape `(num_hparams,)` (the hypernetwork's input: transformed hyperparameters);
+    `hparams=None` gives the elementary layer alone.
+    """
+
+    elem_weight: Float[Array, "out inp"]
+    hyper_weight: Float[Array, "out inp"]
+    elem_bias: Float[Array, " out"] | None
+    hyper_bias: Float[Array, " out"] | None
+    to_scalars: Float[Array, "twice_out hparams"]
+    elem_scalar: Float[Array, ""]
+
+    def __init__(self, in_features: int, out_features: int, num_hparams: int, *,
+                 use_bias: bool = True, key: PRNGKeyArray):
+        for name, value in (("in_features", in_features), ("out_features", out_features),
+                            ("num_hparams", num_hparams)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"`StnLinear({name}=...)` must be a positive int, got "
+                                 f"{value!r}.")
+        k = jr.split(key, 5)
+        bound = 1.0 / math.sqrt(in_features)
+
+        def uniform(key, shape):
+            return jr.uniform(key, shape, minval=-bound, maxval=bound)
+
+        self.elem_weight = uniform(k[0], (out_features, in_features))
+        self.hyper_weight = uniform(k[1], (out_features, in_features))
+        self.elem_bias = uniform(k[2], (out_features,)) if use_bias else None
+        self.hyper_bias = uniform(k[3], (out_features,)) if use_bias else None
+        self.to_scalars = 0.01 * jr.normal(k[4], (2 * out_features, num_hparams))
+        self.elem_scalar = jnp.ones(())
+
+    def __call__(self, x: Float[Array, " inp"], hparams: Float[Array, " hparams"] | None
+                 ) -> Float[Array, " out"]:
+        if x.shape != self.elem_weight.shape[1:]:
+            raise ValueError(f"`StnLinear`: x must have shape {self.elem_weight.shape[1:]}, "
+                             f"got {x.shape} (vmap over a batch).")
+        out = self.elem_weight @ x
+        if self.elem_bias is not None:
+            out = out + self.elem_bias
+        out = self.elem_scalar * out
+        if hparams is None:
+            return out
+        if hparams.shape != self.to_scalars.shape[1:]:
+            raise ValueError(f"`StnLinear`: hparams must have shape "
+                             f"{self.to_scalars.shape[1:]}, got {hparams.shape}.")
+        scalars = self.to_scalars @ hparams
+        n = self.elem_weight.shape[0]
+        out = out + scalars[:n] * (self.hyper_weight @ x)
+        if self.hyper_bias is not None:
+            out = out + scalars[n:] * self.hyper_bias
+        return out
+
+    def weights(self, hparams: Float[Array, " hparams"]):
+        r"""The effective `(W(λ), b(λ))` for one hyperparameter input (for inspection;
+        the call never forms them)."""
+        scalars = self.to_scalars @ hparams
+        n = self.elem_weight.shape[0]
+        w = self.elem_scalar * self.elem_weight + scalars[:n, None] * self.hyper_weight
+        if self.elem_bias is None:
+            return w, None
+        return w, self.elem_scalar * self.elem_bias + scalars[n:] * self.hyper_bias
