@@ -368,3 +368,23 @@ def test_stn_linear_layer_algebra_against_its_formula():
         layer(xs[0], hs[0, :2])
     with pytest.raises(ValueError, match="num_hparams"):
         ik.hyper.StnLinear(6, 4, 0, key=jax.random.key(0))
+
+
+def test_stn_conv_is_the_convolution_with_the_effective_kernel():
+    """`StnConv2d` equals one convolution with the kernel s K_e + (Vλ)⊙_out K_h and bias
+    s b_e + (V'λ)⊙b_h (the convolution is linear in its kernel), per example."""
+    layer = ik.hyper.StnConv2d(3, 5, 3, 2, padding=1, key=jax.random.key(2))
+    layer = eqx.tree_at(lambda m: m.elem_scalar, layer, jnp.asarray(0.8))
+    rng = np.random.default_rng(1)
+    xs = jnp.asarray(rng.normal(size=(4, 3, 6, 6)))
+    hs = jnp.asarray(rng.normal(size=(4, 2)))
+    ys = jax.vmap(layer)(xs, hs)
+    for x, h, y in zip(xs, hs, ys):
+        sc = layer.to_scalars @ h
+        kernel = 0.8 * layer.elem.weight + sc[:5, None, None, None] * layer.hyper.weight
+        bias = 0.8 * layer.elem_bias + sc[5:] * layer.hyper_bias
+        ref = jax.lax.conv_general_dilated(x[None], kernel, (1, 1), [(1, 1), (1, 1)])[0]
+        np.testing.assert_allclose(y, ref + bias[:, None, None], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        layer(xs[0], None),
+        0.8 * (layer.elem(xs[0]) + layer.elem_bias[:, None, None]), rtol=1e-5)

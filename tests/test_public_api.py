@@ -111,6 +111,7 @@ REFERENCE = {
     # hyper
     "hypergradient": "test_hyper.py::test_ridge_cg_matches_closed_form",
     "StnLinear": "test_hyper.py::test_stn_linear_layer_algebra_against_its_formula",
+    "StnConv2d": "test_hyper.py::test_stn_conv_is_the_convolution_with_the_effective_kernel",
     "vmap_hparams": "test_hyper.py::test_vmap_over_lambdas_equals_separate_calls",
     "tune": "test_hyper.py::test_tune_lowers_validation_loss_per_feature_decay",
     "metrics_table": "test_hyper.py::test_vmap_over_lambdas_equals_separate_calls",

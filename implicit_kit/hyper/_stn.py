@@ -89,3 +89,63 @@ class StnLinear(eqx.Module):
         if self.elem_bias is None:
             return w, None
         return w, self.elem_scalar * self.elem_bias + scalars[n:] * self.hyper_bias
+
+
+class StnConv2d(eqx.Module):
+    r"""The Self-Tuning Networks convolution (`cnn/hypermodels/hyperconv2d.py`): as
+    [`implicit_kit.hyper.StnLinear`][] with the output channels in place of the rows,
+    $y = s\,(K_\text{elem} * x + b_\text{elem}) + (V\lambda) \odot_\text{channel}
+    (K_\text{hyper} * x) + (V'\lambda) \odot b_\text{hyper}$, so the effective kernel is
+    $s K_\text{elem} + (V\lambda) \odot_\text{out} K_\text{hyper}$. Two convolutions, the
+    kernel never formed.
+
+    **Arguments:** `in_channels`, `out_channels`, `kernel_size`, `num_hparams`, and
+    `stride`, `padding` as `equinox.nn.Conv2d`'s; `use_bias` (default True); `key`.
+
+    **Call:** `layer(x, hparams)`, `x` of shape `(in_channels, H, W)`, `hparams` of
+    shape `(num_hparams,)` or None (the elementary layer alone).
+    """
+
+    elem: eqx.nn.Conv2d
+    hyper: eqx.nn.Conv2d
+    elem_bias: Float[Array, " out"] | None
+    hyper_bias: Float[Array, " out"] | None
+    to_scalars: Float[Array, "twice_out hparams"]
+    elem_scalar: Float[Array, ""]
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
+                 num_hparams: int, *, stride: int = 1, padding: int | str = 0,
+                 use_bias: bool = True, key: PRNGKeyArray):
+        if not (isinstance(num_hparams, int) and num_hparams >= 1):
+            raise ValueError(f"`StnConv2d(num_hparams=...)` must be a positive int, got "
+                             f"{num_hparams!r}.")
+        k = jr.split(key, 5)
+        conv = dict(in_channels=in_channels, out_channels=out_channels,
+                    kernel_size=kernel_size, stride=stride, padding=padding, use_bias=False)
+        self.elem = eqx.nn.Conv2d(**conv, key=k[0])
+        self.hyper = eqx.nn.Conv2d(**conv, key=k[1])
+        bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.elem_bias = jr.uniform(k[2], (out_channels,), minval=-bound, maxval=bound) \
+            if use_bias else None
+        self.hyper_bias = jr.uniform(k[3], (out_channels,), minval=-bound, maxval=bound) \
+            if use_bias else None
+        self.to_scalars = 0.01 * jr.normal(k[4], (2 * out_channels, num_hparams))
+        self.elem_scalar = jnp.ones(())
+
+    def __call__(self, x: Float[Array, "c h w"], hparams: Float[Array, " hparams"] | None
+                 ) -> Float[Array, "o h2 w2"]:
+        out = self.elem(x)
+        if self.elem_bias is not None:
+            out = out + self.elem_bias[:, None, None]
+        out = self.elem_scalar * out
+        if hparams is None:
+            return out
+        if hparams.shape != self.to_scalars.shape[1:]:
+            raise ValueError(f"`StnConv2d`: hparams must have shape "
+                             f"{self.to_scalars.shape[1:]}, got {hparams.shape}.")
+        scalars = self.to_scalars @ hparams
+        n = out.shape[0]
+        out = out + scalars[:n, None, None] * self.hyper(x)
+        if self.hyper_bias is not None:
+            out = out + (scalars[n:] * self.hyper_bias)[:, None, None]
+        return out
