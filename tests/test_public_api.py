@@ -112,6 +112,8 @@ REFERENCE = {
     "hypergradient": "test_hyper.py::test_ridge_cg_matches_closed_form",
     "StnLinear": "test_hyper.py::test_stn_linear_layer_algebra_against_its_formula",
     "StnConv2d": "test_hyper.py::test_stn_conv_is_the_convolution_with_the_effective_kernel",
+    "stn": "test_hyper.py::test_stn_alternating_step_matches_a_hand_computed_step",
+    "StnResult": "test_hyper.py::test_stn_alternating_step_matches_a_hand_computed_step",
     "vmap_hparams": "test_hyper.py::test_vmap_over_lambdas_equals_separate_calls",
     "tune": "test_hyper.py::test_tune_lowers_validation_loss_per_feature_decay",
     "metrics_table": "test_hyper.py::test_vmap_over_lambdas_equals_separate_calls",

@@ -5,8 +5,11 @@ hyperparameters through per-output scalings."""
 import math
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
+import optax
+from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
@@ -149,3 +152,119 @@ class StnConv2d(eqx.Module):
         if self.hyper_bias is not None:
             out = out + (scalars[n:] * self.hyper_bias)[:, None, None]
         return out
+
+
+class StnResult(eqx.Module):
+    """What [`implicit_kit.hyper.stn`][] returns: the trained `params`, the tuned
+    unconstrained `hparams` and perturbation `scale_param` (the scale is its softplus),
+    and `history`, per outer step: `train_loss`, `val_loss`, `hparams`, `scale`."""
+
+    params: object
+    hparams: Array
+    scale_param: Array
+    history: dict
+
+
+def _entropy(scale_param):
+    """The entropy of N(0, softplus(scale_param)²), summed over the hyperparameters."""
+    return jnp.sum(jnp.log(jax.nn.softplus(scale_param) * jnp.sqrt(2 * jnp.pi * jnp.e)))
+
+
+def stn(train_loss, val_loss, params, hparams, *, key: PRNGKeyArray, train_data, val_data,
+        optimizer, hparam_optimizer, num_outer: int, train_steps: int = 2,
+        val_steps: int = 1, batch_size: int | None = None, scale: float = 0.5,
+        tune_scales: bool = True, entropy_weight: float = 1e-3) -> StnResult:
+    r"""Self-Tuning Networks' alternating algorithm (MacKay et al. 2019, Algorithm 1;
+    the authors' `cnn/hypertrain.py`), `num_outer` rounds in one compiled `lax.scan`:
+
+    1. `train_steps` steps of `optimizer` on the weights (the hypernetwork's
+       parameters: a model built from [`implicit_kit.hyper.StnLinear`][] and
+       [`implicit_kit.hyper.StnConv2d`][] layers) along
+       `train_loss(params, h, x, y, key)`, where each example's hyperparameters are
+       perturbed, $h_i = \lambda + \epsilon_i$, $\epsilon_i \sim N(0,
+       \mathrm{softplus}(\sigma)^2)$, and the loss applies the regularisers at $h_i$;
+    2. `val_steps` steps of `hparam_optimizer` on $\lambda$ (and on $\sigma$ if
+       `tune_scales`, with the entropy bonus `entropy_weight` $\cdot H$ that keeps it
+       from collapsing) along `val_loss(params, h, x, y)` through the best-response
+       approximation, with the regularisers off, $h_i$ perturbed alike
+       (reparameterised, so $\sigma$ gets a gradient).
+
+    `hparams` ($\lambda$) is a vector in unconstrained space (map it to valid values,
+    e.g. a sigmoid for a dropout rate, inside the losses); `h` is `(batch, len(λ))`.
+    `train_data`/`val_data` are `(x, y)` arrays; each step draws `batch_size` examples
+    with replacement (`None`: the whole split, in order). `scale` is the initial
+    perturbation scale $\mathrm{softplus}(\sigma)$. Returns a `StnResult`.
+    """
+    if num_outer < 1 or train_steps < 0 or val_steps < 0:
+        raise ValueError(f"`stn` needs num_outer >= 1 and train_steps, val_steps >= 0; got "
+                         f"{num_outer}, {train_steps}, {val_steps}.")
+    if not scale > 0:
+        raise ValueError(f"`stn(scale=...)` must be positive, got {scale!r}.")
+    hparams = jnp.asarray(hparams)
+    if hparams.ndim != 1:
+        raise ValueError(f"`stn`: hparams must be a vector, got shape {hparams.shape}.")
+    w, static = eqx.partition(params, eqx.is_inexact_array)
+    # softplus^-1(scale), so that softplus(scale_param) = scale
+    scale_param = jnp.full(hparams.shape, jnp.log(jnp.expm1(scale)), hparams.dtype)
+
+    def draw(key, data):
+        x, y = data
+        if batch_size is None:
+            return x, y
+        idx = jr.randint(key, (batch_size,), 0, x.shape[0])
+        return x[idx], y[idx]
+
+    def perturbed(key, lam, s, n):
+        return lam + jax.nn.softplus(s) * jr.normal(key, (n, lam.shape[0]), lam.dtype)
+
+    @eqx.filter_jit
+    def run(w, lam, s, key, train_data, val_data):
+        def outer(carry, key):
+            w_, w_state, lam_, s_, h_state = carry
+            k_train, k_val = jr.split(key)
+
+            def train_step(c, key):
+                w2, st = c
+                kb, ke, kl = jr.split(key, 3)
+                x, y = draw(kb, train_data)
+                h = perturbed(ke, lam_, s_, x.shape[0])
+                loss, g = jax.value_and_grad(
+                    lambda w3: train_loss(eqx.combine(w3, static), h, x, y, kl))(w2)
+                upd, st = optimizer.update(g, st, w2)
+                return (optax.apply_updates(w2, upd), st), loss
+
+            (w_, w_state), train_losses = lax.scan(
+                train_step, (w_, w_state), jr.split(k_train, train_steps))
+
+            def val_step(c, key):
+                lam2, s2, st = c
+                kb, ke = jr.split(key)
+                x, y = draw(kb, val_data)
+
+                def objective(lam_s):
+                    lam3, s3 = lam_s
+                    h = perturbed(ke, lam3, s3, x.shape[0])
+                    value = val_loss(eqx.combine(w_, static), h, x, y)
+                    return value - entropy_weight * _entropy(s3), value
+
+                (_, value), (g_lam, g_s) = jax.value_and_grad(
+                    objective, has_aux=True)((lam2, s2))
+                if not tune_scales:
+                    g_s = jnp.zeros_like(g_s)
+                upd, st = hparam_optimizer.update((g_lam, g_s), st, (lam2, s2))
+                lam2, s2 = optax.apply_updates((lam2, s2), upd)
+                return (lam2, s2, st), value
+
+            (lam_, s_, h_state), val_losses = lax.scan(
+                val_step, (lam_, s_, h_state), jr.split(k_val, val_steps))
+            row = {"train_loss": jnp.mean(train_losses) if train_steps else jnp.nan,
+                   "val_loss": jnp.mean(val_losses) if val_steps else jnp.nan,
+                   "hparams": lam_, "scale": jax.nn.softplus(s_)}
+            return (w_, w_state, lam_, s_, h_state), row
+
+        carry = (w, optimizer.init(w), lam, s, hparam_optimizer.init((lam, s)))
+        (w, _, lam, s, _), history = lax.scan(outer, carry, jr.split(key, num_outer))
+        return w, lam, s, history
+
+    w, lam, s, history = run(w, hparams, scale_param, key, train_data, val_data)
+    return StnResult(eqx.combine(w, static), lam, s, history)
