@@ -13,6 +13,27 @@ from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
+def _stn_output(layer, name, elem_out, hyper_out, hparams, spatial):
+    r"""$s\,(\text{elem\_out} + b_e) + (V\lambda) \odot \text{hyper\_out}() +
+    (V'\lambda) \odot b_h$ for either layer, the per-output scalings broadcast over the
+    `spatial` trailing axes (none for a linear layer, two for a convolution)."""
+    expand = (slice(None),) + spatial
+    if layer.elem_bias is not None:
+        elem_out = elem_out + layer.elem_bias[expand]
+    out = layer.elem_scalar * elem_out
+    if hparams is None:
+        return out
+    if hparams.shape != layer.to_scalars.shape[1:]:
+        raise ValueError(f"`{name}`: hparams must have shape {layer.to_scalars.shape[1:]}, "
+                         f"got {hparams.shape}.")
+    scalars = layer.to_scalars @ hparams
+    n = out.shape[0]
+    out = out + scalars[:n][expand] * hyper_out()
+    if layer.hyper_bias is not None:
+        out = out + (scalars[n:] * layer.hyper_bias)[expand]
+    return out
+
+
 class StnLinear(eqx.Module):
     r"""A linear layer whose weights are an affine function of the hyperparameters:
     $W(\lambda) = s\,W_\text{elem} + (V\lambda) \odot_\text{row} W_\text{hyper}$ and
@@ -67,21 +88,8 @@ class StnLinear(eqx.Module):
         if x.shape != self.elem_weight.shape[1:]:
             raise ValueError(f"`StnLinear`: x must have shape {self.elem_weight.shape[1:]}, "
                              f"got {x.shape} (vmap over a batch).")
-        out = self.elem_weight @ x
-        if self.elem_bias is not None:
-            out = out + self.elem_bias
-        out = self.elem_scalar * out
-        if hparams is None:
-            return out
-        if hparams.shape != self.to_scalars.shape[1:]:
-            raise ValueError(f"`StnLinear`: hparams must have shape "
-                             f"{self.to_scalars.shape[1:]}, got {hparams.shape}.")
-        scalars = self.to_scalars @ hparams
-        n = self.elem_weight.shape[0]
-        out = out + scalars[:n] * (self.hyper_weight @ x)
-        if self.hyper_bias is not None:
-            out = out + scalars[n:] * self.hyper_bias
-        return out
+        return _stn_output(self, "StnLinear", self.elem_weight @ x,
+                           lambda: self.hyper_weight @ x, hparams, ())
 
     def weights(self, hparams: Float[Array, " hparams"]):
         r"""The effective `(W(λ), b(λ))` for one hyperparameter input (for inspection;
@@ -137,21 +145,8 @@ class StnConv2d(eqx.Module):
 
     def __call__(self, x: Float[Array, "c h w"], hparams: Float[Array, " hparams"] | None
                  ) -> Float[Array, "o h2 w2"]:
-        out = self.elem(x)
-        if self.elem_bias is not None:
-            out = out + self.elem_bias[:, None, None]
-        out = self.elem_scalar * out
-        if hparams is None:
-            return out
-        if hparams.shape != self.to_scalars.shape[1:]:
-            raise ValueError(f"`StnConv2d`: hparams must have shape "
-                             f"{self.to_scalars.shape[1:]}, got {hparams.shape}.")
-        scalars = self.to_scalars @ hparams
-        n = out.shape[0]
-        out = out + scalars[:n, None, None] * self.hyper(x)
-        if self.hyper_bias is not None:
-            out = out + (scalars[n:] * self.hyper_bias)[:, None, None]
-        return out
+        return _stn_output(self, "StnConv2d", self.elem(x), lambda: self.hyper(x),
+                           hparams, (None, None))
 
 
 class StnResult(eqx.Module):
