@@ -211,6 +211,21 @@ def test_resume_mid_epoch_is_exact(tmp_path):
         fit(_cfg(tmp_path, "deq", "cut", **extra, optim={"lr": 0.5}), resume=True)
 
 
+def test_a_checkpoint_from_before_train_parallel_resumes_with_jit():
+    """A stored config without `train.parallel` (checkpoints written before the key
+    existed) was trained by the one-program path: it resumes with `jit` and is refused,
+    naming the key, with another value."""
+    from implicit_kit.train._checkpoint import config_diff
+
+    new = {"train": {"epochs": 2, "parallel": "jit"}, "optim": {"lr": 0.1}}
+    old = {"train": {"epochs": 2}, "optim": {"lr": 0.1}}
+    assert config_diff(old, new) == []
+    assert config_diff(old, {**new, "train": {"epochs": 2, "parallel": "auto"}}) == [
+        "train.parallel"]
+    assert config_diff(new, {"train": {"epochs": 2, "parallel": "jit"},
+                             "optim": {"lr": 0.2}}) == ["optim.lr"]
+
+
 @pytest.mark.slow
 def test_corrupt_checkpoint_detected_previous_kept(tmp_path):
     cfg = _cfg(tmp_path, train={"epochs": 2})

@@ -118,16 +118,21 @@ def load_checkpoint(path, like) -> tuple[dict, object]:
 
 
 _RESUME_FREE = ("train.progress",)
+# Keys added after checkpoints were first written, with the value that reproduces what a
+# checkpoint without the key was trained with (its run resumes exactly with that value).
+_ADDED_KEYS = {"train.parallel": "jit"}
 
 
 def config_diff(a: dict, b: dict, prefix="") -> list[str]:
     """The dotted keys where two config dicts differ (those a resume may change
-    aside)."""
+    aside). `a` is the stored config: a key it lacks (an older checkpoint) counts as
+    the value that reproduces its training (`_ADDED_KEYS`)."""
     out = []
     for k in sorted(set(a) | set(b)):
         where = f"{prefix}{k}"
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += config_diff(a[k], b[k], where + ".")
-        elif a.get(k) != b.get(k) and where not in _RESUME_FREE:
+        stored = a.get(k, _ADDED_KEYS.get(where))
+        if isinstance(stored, dict) and isinstance(b.get(k), dict):
+            out += config_diff(stored, b[k], where + ".")
+        elif stored != b.get(k) and where not in _RESUME_FREE:
             out.append(where)
     return out
