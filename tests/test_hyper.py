@@ -423,6 +423,13 @@ def test_stn_alternating_step_matches_a_hand_computed_step():
     np.testing.assert_allclose(res.history["val_loss"][0], val_loss(w1, h_va, xv, yv),
                                rtol=1e-12)
     np.testing.assert_allclose(jax.nn.softplus(res.scale_param), 1e-30, rtol=1e-6)
+    # a warm-up round trains the weights alike and leaves λ where it was
+    warm = ik.hyper.stn(train_loss, val_loss, w0, lam0, key=jax.random.key(0),
+                        train_data=(x, y), val_data=(xv, yv), optimizer=optax.sgd(0.1),
+                        hparam_optimizer=optax.sgd(0.5), num_outer=1, train_steps=1,
+                        val_steps=1, scale=1e-30, tune_scales=False, warmup=1)
+    np.testing.assert_allclose(warm.params, w1, rtol=1e-12)
+    np.testing.assert_array_equal(warm.hparams, lam0)
 
 
 def test_stn_perturbs_each_example_and_tunes_the_scale_by_the_entropy():

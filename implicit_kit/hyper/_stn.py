@@ -12,6 +12,8 @@ import optax
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._misc import keep_if
+
 
 def _stn_output(layer, name, elem_out, hyper_out, hparams, spatial):
     r"""$s\,(\text{elem\_out} + b_e) + (V\lambda) \odot \text{hyper\_out}() +
@@ -168,7 +170,8 @@ def _entropy(scale_param):
 def stn(train_loss, val_loss, params, hparams, *, key: PRNGKeyArray, train_data, val_data,
         optimizer, hparam_optimizer, num_outer: int, train_steps: int = 2,
         val_steps: int = 1, batch_size: int | None = None, scale: float = 0.5,
-        tune_scales: bool = True, entropy_weight: float = 1e-3) -> StnResult:
+        tune_scales: bool = True, entropy_weight: float = 1e-3,
+        warmup: int = 0) -> StnResult:
     r"""Self-Tuning Networks' alternating algorithm (MacKay et al. 2019, Algorithm 1;
     the authors' `cnn/hypertrain.py`), `num_outer` rounds in one compiled `lax.scan`:
 
@@ -188,11 +191,12 @@ def stn(train_loss, val_loss, params, hparams, *, key: PRNGKeyArray, train_data,
     e.g. a sigmoid for a dropout rate, inside the losses); `h` is `(batch, len(λ))`.
     `train_data`/`val_data` are `(x, y)` arrays; each step draws `batch_size` examples
     with replacement (`None`: the whole split, in order). `scale` is the initial
-    perturbation scale $\mathrm{softplus}(\sigma)$. Returns a `StnResult`.
+    perturbation scale $\mathrm{softplus}(\sigma)$. The first `warmup` rounds train the
+    weights only (λ and σ stay; the authors' `warmup_epochs`). Returns a `StnResult`.
     """
-    if num_outer < 1 or train_steps < 0 or val_steps < 0:
-        raise ValueError(f"`stn` needs num_outer >= 1 and train_steps, val_steps >= 0; got "
-                         f"{num_outer}, {train_steps}, {val_steps}.")
+    if num_outer < 1 or train_steps < 0 or val_steps < 0 or warmup < 0:
+        raise ValueError(f"`stn` needs num_outer >= 1 and train_steps, val_steps, warmup >= "
+                         f"0; got {num_outer}, {train_steps}, {val_steps}, {warmup}.")
     if not scale > 0:
         raise ValueError(f"`stn(scale=...)` must be positive, got {scale!r}.")
     hparams = jnp.asarray(hparams)
@@ -214,8 +218,9 @@ def stn(train_loss, val_loss, params, hparams, *, key: PRNGKeyArray, train_data,
 
     @eqx.filter_jit
     def run(w, lam, s, key, train_data, val_data):
-        def outer(carry, key):
+        def outer(carry, inputs):
             w_, w_state, lam_, s_, h_state = carry
+            i, key = inputs
             k_train, k_val = jr.split(key)
 
             def train_step(c, key):
@@ -250,15 +255,17 @@ def stn(train_loss, val_loss, params, hparams, *, key: PRNGKeyArray, train_data,
                 lam2, s2 = optax.apply_updates((lam2, s2), upd)
                 return (lam2, s2, st), value
 
-            (lam_, s_, h_state), val_losses = lax.scan(
-                val_step, (lam_, s_, h_state), jr.split(k_val, val_steps))
+            old = (lam_, s_, h_state)
+            new, val_losses = lax.scan(val_step, old, jr.split(k_val, val_steps))
+            lam_, s_, h_state = keep_if(i >= warmup, new, old)
             row = {"train_loss": jnp.mean(train_losses) if train_steps else jnp.nan,
                    "val_loss": jnp.mean(val_losses) if val_steps else jnp.nan,
                    "hparams": lam_, "scale": jax.nn.softplus(s_)}
             return (w_, w_state, lam_, s_, h_state), row
 
         carry = (w, optimizer.init(w), lam, s, hparam_optimizer.init((lam, s)))
-        (w, _, lam, s, _), history = lax.scan(outer, carry, jr.split(key, num_outer))
+        (w, _, lam, s, _), history = lax.scan(
+            outer, carry, (jnp.arange(num_outer), jr.split(key, num_outer)))
         return w, lam, s, history
 
     w, lam, s, history = run(w, hparams, scale_param, key, train_data, val_data)
