@@ -144,6 +144,7 @@ REFERENCE = {
     "config_from_dict": "test_train.py::test_config_errors_name_the_key_and_file",
     "check_config": "test_bad_inputs.py::test_config_yaml_syntax_error_and_nonpositive_values",
     "check_tune_config": "test_train.py::test_tune_config_errors_name_the_key",
+    "check_stn_config": "test_train.py::test_stn_config_errors_name_the_key",
     "ConfigError": "test_train.py::test_config_errors_name_the_key_and_file",
 }
 
@@ -173,7 +174,8 @@ EXCEPTIONS = {
     "Config": "typed config dataclasses: validated by the config tests",
     "ModelConfig": "as Config", "MLPConfig": "as Config", "TrainConfig": "as Config",
     "OptimConfig": "as Config", "DataConfig": "as Config", "RegularizerConfig": "as Config",
-    "HyperConfig": "as Config", "TuneConfig": "as Config",
+    "HyperConfig": "as Config", "TuneConfig": "as Config", "StnConfig": "as Config",
+    "StnSettings": "as Config",
     "DEQ_INITS": "a tuple of choices, checked by the bad-input tests",
     "HOMOODE_INITS": "a tuple of choices, checked by the bad-input tests",
     "METHODS": "a tuple of choices of hypergradient, each method tested against the "
@@ -182,6 +184,9 @@ EXCEPTIONS = {
                    "through both (closed forms, quadratic convergence)",
     "run_tune": "the body of `implicit-kit tune`: test_tune_cli_tunes_per_parameter_decay "
                 "runs it through the CLI against a vmapped grid",
+    "run_stn": "the body of `implicit-kit stn`: "
+               "test_stn_cli_compares_the_arms_and_retrains_with_the_schedule runs it "
+               "through the CLI (a grid point against Adam by hand)",
     "DATASETS": "a tuple of dataset names, each loader tested",
 }
 SUBPACKAGES = {"data", "homotopy", "hyper", "models", "nn", "regularizers", "solvers",

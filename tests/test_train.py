@@ -95,10 +95,13 @@ def test_shipped_configs_are_valid():
     names = {f.stem for f in files}
     assert set(DEMO) <= names
     assert {"mnist_homoode", "cifar10_homoode", "svhn_homoode"} <= names
-    assert "digits_tune_wd" in names
+    assert {"digits_tune_wd", "digits_stn"} <= names
     for f in files:
         if f.stem.endswith("_tune_wd"):  # a config of `implicit-kit tune`
             ik.train.check_tune_config(load_config(f, schema=ik.train.TuneConfig))
+            continue
+        if f.stem.endswith("_stn"):  # a config of `implicit-kit stn`
+            ik.train.check_stn_config(load_config(f, schema=ik.train.StnConfig))
             continue
         cfg = load_config(f)
         if cfg.data.name == "digits":
@@ -389,6 +392,93 @@ def test_tune_cli_tunes_per_parameter_decay(tmp_path, capsys):
 def test_tune_config_errors_name_the_key(tmp_path, capsys, raw_override, message):
     path = _tune_cfg(tmp_path)
     assert main(["tune", str(path), raw_override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def _stn_cfg(tmp_path, **stn):
+    raw = {"name": "s", "model": {"width": 8, "depth": 1},
+           "optim": {"name": "adam", "lr": 1e-2, "schedule": "constant"},
+           "stn": {"outer_steps": 12, "train_steps": 2, "warmup": 3, "grid_points": 2,
+                   "dropout_max": 0.5, "wd_min": 1e-4, "wd_max": 1e-2, "tune_inner_steps": 4,
+                   "tune_k": 5, "seeds": 2, "hparam_lr": 0.05, "out_dir": str(tmp_path / "stn"),
+                   **stn}}
+    path = tmp_path / "stn.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_stn_cli_compares_the_arms_and_retrains_with_the_schedule(tmp_path, capsys):
+    """`implicit-kit stn`: the grid's best is its lowest validation loss; a grid point
+    without dropout equals full-batch Adam written out by hand; the schedule holds the
+    initial values through the warm-up and then moves; the summary is the seeds' mean and
+    sd; with no hyperparameter steps, retraining with the schedule equals retraining with
+    the (unchanged) final values."""
+    import jax.numpy as jnp
+    import optax
+
+    from implicit_kit.train._self_tuning import _mlp, split_validation
+
+    path = _stn_cfg(tmp_path)
+    assert main(["stn", str(path)]) == 0
+    assert "retrained, STN schedule" in capsys.readouterr().out
+    res = json.loads((tmp_path / "stn" / "results.json").read_text())
+    assert res["train_steps"] == 24 and res["grid_size"] == 8 and len(res["per_seed"]) == 2
+    for rows, grid in zip(res["per_seed"], res["grids"]):
+        assert rows["grid best"] == min(grid, key=lambda r: r["val_loss"])
+        assert set(rows) == {"grid best", "hypergradient", "STN", "retrained, STN schedule",
+                             "retrained, STN final values"}
+    for arm, (mean, sd) in ((a, res["summary"][a]["test_loss"]) for a in res["summary"]):
+        values = [rows[arm]["test_loss"] for rows in res["per_seed"]]
+        np.testing.assert_allclose([mean, sd], [np.mean(values), np.std(values)], rtol=1e-9)
+    sched = np.asarray(res["schedules"][0]["values"])
+    assert sched.shape == (12, 3)
+    np.testing.assert_allclose(sched[:4], np.tile([0.05, 0.05, 1e-4], (4, 1)), rtol=1e-5)
+    assert np.all(np.abs(sched[-1] / sched[0] - 1) > 0.1)  # every value moved
+    np.testing.assert_allclose(
+        [res["per_seed"][0]["STN"][k] for k in ("dropout_in", "dropout_hidden")],
+        sched[-1, :2], atol=0.05)  # one more step after the schedule's last row
+    # a grid point without dropout, by hand: the same initialisation, 24 Adam steps
+    cfg = load_config(path, schema=ik.train.StnConfig)
+    xtr, ytr, xv, yv, _, _ = split_validation(cfg.data, "float32", 360, 0, "stn")
+    layers = _mlp([64, 8, 10], jax.random.split(jax.random.key(0), 5)[0], jnp.float32, False)
+    w = [(layer.weight, layer.bias) for layer in layers]
+    opt = optax.adam(1e-2)
+    state = opt.init(w)
+
+    def logits(w, x):
+        return jax.nn.relu(x @ w[0][0].T + w[0][1]) @ w[1][0].T + w[1][1]
+
+    def loss(w):
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits(w, xtr), ytr).mean()
+        return ce + 0.5 * 1e-2 * (jnp.sum(w[0][0] ** 2) + jnp.sum(w[1][0] ** 2))
+
+    for _ in range(24):
+        upd, state = opt.update(jax.grad(loss)(w), state, w)
+        w = optax.apply_updates(w, upd)
+    val = optax.softmax_cross_entropy_with_integer_labels(logits(w, xv), yv).mean()
+    row = next(r for r in res["grids"][0] if r["dropout_in"] == 0 and
+               r["dropout_hidden"] == 0 and abs(r["weight_decay"] - 1e-2) < 1e-9)
+    np.testing.assert_allclose(row["val_loss"], val, rtol=1e-4)
+    assert (tmp_path / "stn" / "stn.png").stat().st_size > 0
+    # no hyperparameter steps: the schedule is constant and both retrainings agree
+    assert main(["stn", str(path), "stn.val_steps=0", "stn.seeds=1",
+                 f"stn.out_dir={tmp_path / 'fixed'}"]) == 0
+    fixed = json.loads((tmp_path / "fixed" / "results.json").read_text())["per_seed"][0]
+    for k in ("val_loss", "test_loss"):
+        np.testing.assert_allclose(fixed["retrained, STN schedule"][k],
+                                   fixed["retrained, STN final values"][k], rtol=1e-6)
+    assert rows["retrained, STN schedule"] != rows["retrained, STN final values"]
+
+
+@pytest.mark.parametrize("raw_override, message", [
+    ("optim.weight_decay=0.1", "optim.weight_decay"),
+    ("stn.dropout_in=1.5", "stn.dropout_in"),
+    ("stn.tune_inner_steps=5", "stn.tune_inner_steps"),
+    ("stn.wd_max=1e-6", "stn.wd_max"),
+    ("stn.bogus=1", "stn.bogus"),
+])
+def test_stn_config_errors_name_the_key(tmp_path, capsys, raw_override, message):
+    assert main(["stn", str(_stn_cfg(tmp_path)), raw_override]) == 2
     assert message in capsys.readouterr().err
 
 

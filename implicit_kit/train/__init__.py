@@ -12,6 +12,7 @@ from ._checkpoint import (
 from ._cli import config_dir as config_dir
 from ._config import (
     check_config as check_config,
+    check_stn_config as check_stn_config,
     check_tune_config as check_tune_config,
     Config as Config,
     config_from_dict as config_from_dict,
@@ -23,10 +24,13 @@ from ._config import (
     ModelConfig as ModelConfig,
     OptimConfig as OptimConfig,
     RegularizerConfig as RegularizerConfig,
+    StnConfig as StnConfig,
+    StnSettings as StnSettings,
     TrainConfig as TrainConfig,
     TuneConfig as TuneConfig,
 )
 from ._data import load_data as load_data
 from ._loop import evaluate_checkpoint as evaluate_checkpoint, fit as fit, FitResult as FitResult
 from ._report import plot_history as plot_history
+from ._self_tuning import run_stn as run_stn
 from ._tuning import run_tune as run_tune

@@ -1,4 +1,4 @@
-"""The `implicit-kit` command line: `train`, `eval`, `compare`, `demo`, `tune`."""
+"""The `implicit-kit` command line: `train`, `eval`, `compare`, `demo`, `tune`, `stn`."""
 
 import argparse
 import importlib.resources
@@ -11,9 +11,10 @@ import jax
 
 from ..hyper import format_table
 from ._checkpoint import atomic_write, CheckpointError
-from ._config import check_config, Config, ConfigError, load_config, TuneConfig
+from ._config import check_config, Config, ConfigError, load_config, StnConfig, TuneConfig
 from ._loop import evaluate_checkpoint, fit
 from ._report import plot_comparison, SUMMARY_FORMATS, summary_row
+from ._self_tuning import run_stn
 from ._tuning import run_tune
 
 
@@ -139,6 +140,12 @@ def _cmd_tune(a) -> int:
     return 0
 
 
+def _cmd_stn(a) -> int:
+    cfg = load_config(a.config, a.overrides, schema=StnConfig)
+    run_stn(cfg)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="implicit-kit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -174,6 +181,11 @@ def main(argv=None) -> int:
     u.add_argument("config")
     u.add_argument("overrides", nargs="*", help="key.sub=value")
     u.set_defaults(fn=_cmd_tune)
+    n = sub.add_parser("stn", help="tune dropout and weight decay by Self-Tuning Networks "
+                       "against a vmapped grid and hypergradients (an stn config)")
+    n.add_argument("config")
+    n.add_argument("overrides", nargs="*", help="key.sub=value")
+    n.set_defaults(fn=_cmd_stn)
     a = p.parse_args(argv)
     try:
         return a.fn(a)

@@ -281,10 +281,79 @@ class TuneConfig:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class StnSettings:
+    """`implicit-kit stn`: dropout on the input and on the hidden units, and weight decay,
+    tuned by Self-Tuning Networks against a vmapped grid and hypergradient tuning.
+
+    The training split is cut as in `tune` (`validation` images, fixed by `seed`); every
+    arm trains an MLP (`model`) full-batch with `optim` for the same number of steps,
+    `outer_steps × train_steps`, once per seed `seed, seed + 1, ...` (`seeds` of them).
+    - STN: the MLP built of [`implicit_kit.hyper.StnLinear`][] layers, trained by
+      [`implicit_kit.hyper.stn`][] from `dropout_in`, `dropout_hidden`, `weight_decay`
+      (rates through a sigmoid, the decay through exp), `train_steps` weight steps and
+      `val_steps` Adam steps (`hparam_lr`) on the hyperparameters per round, after
+      `warmup` rounds of weights only; perturbation `scale`, `tune_scales`,
+      `entropy_weight` as `stn`'s.
+    - Grid: `grid_points` values of each hyperparameter (rates evenly in [0,
+      `dropout_max`], decays log-spaced over [`wd_min`, `wd_max`]), every combination
+      trained in one vmapped call; the best by validation loss.
+    - Hypergradient: [`implicit_kit.hyper.tune`][] on one weight decay per weight matrix
+      (dropout is random: the implicit function theorem needs a deterministic inner
+      problem), `tune_inner_steps` steps between Neumann hypergradient steps (`tune_k`
+      terms, `tune_alpha`, Adam `tune_lr`), from `weight_decay`.
+    - Retrained: a fresh MLP trained with STN's discovered schedule, and one with its
+      final values held fixed.
+    - `out_dir`: `results.json`, `stn.png`; `dtype`.
+    """
+
+    dropout_in: float = 0.05
+    dropout_hidden: float = 0.05
+    weight_decay: float = 1e-4
+    outer_steps: int = 1000
+    train_steps: int = 2
+    val_steps: int = 1
+    warmup: int = 100
+    hparam_lr: float = 3e-3
+    scale: float = 0.5
+    tune_scales: bool = True
+    entropy_weight: float = 1e-3
+    grid_points: int = 3
+    dropout_max: float = 0.6
+    wd_min: float = 1e-5
+    wd_max: float = 1e-2
+    tune_inner_steps: int = 20
+    tune_k: int = 20
+    tune_alpha: float = 0.1
+    tune_lr: float = 0.03
+    seeds: int = 3
+    validation: int = 360
+    seed: int = 0
+    out_dir: str = "runs/stn"
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class StnConfig:
+    """The config of `implicit-kit stn` (see `StnSettings`); `optim` trains the weights of
+    every arm (its `weight_decay` must be 0: the decay is tuned)."""
+
+    name: str
+    stn: StnSettings = dataclasses.field(default_factory=StnSettings)
+    model: MLPConfig = dataclasses.field(default_factory=lambda: MLPConfig(width=128))
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as nested plain dicts (what the results record)."""
+        return dataclasses.asdict(self)
+
+
 _ENUMS = {
     "tune.per": ("parameter", "tensor", "shared"),
     "tune.method": ("neumann", "cg", "gmres"),
     "tune.dtype": ("float32", "float64"),
+    "stn.dtype": ("float32", "float64"),
     "model.kind": MODEL_KINDS,
     "data.name": ("digits", "mnist", "fashion_mnist", "cifar10", "svhn"),
     "optim.schedule": ("constant", "cosine", "warmup_cosine"),
@@ -511,6 +580,47 @@ def check_tune_config(cfg: TuneConfig) -> None:
         problems.append("keys 'model.width' >= 1 and 'model.depth' >= 0 are required")
     if t.dtype == "float64" and not jax.config.jax_enable_x64:
         problems.append("key 'tune.dtype' is float64 but JAX runs without "
+                        "`jax_enable_x64`; set JAX_ENABLE_X64=1")
+    if problems:
+        raise ConfigError(f"config {cfg.name!r}: " + "; ".join(problems) + ".")
+
+
+def check_stn_config(cfg: StnConfig) -> None:
+    """Raise `ConfigError` (naming the key) for settings that cannot run."""
+    t = cfg.stn
+    problems = []
+    if cfg.optim.weight_decay != 0:
+        problems.append("key 'optim.weight_decay' must be 0: the weight decay is what "
+                        "`stn` tunes")
+    for key in ("outer_steps", "train_steps", "grid_points", "tune_inner_steps", "tune_k",
+                "seeds", "validation"):
+        if getattr(t, key) < 1:
+            problems.append(f"key 'stn.{key}' must be >= 1, got {getattr(t, key)}")
+    for key in ("val_steps", "warmup"):
+        if getattr(t, key) < 0:
+            problems.append(f"key 'stn.{key}' must be >= 0, got {getattr(t, key)}")
+    for key in ("dropout_in", "dropout_hidden"):
+        if not 0 < getattr(t, key) < 1:
+            problems.append(f"key 'stn.{key}' must be in (0, 1), got {getattr(t, key)}")
+    if not 0 < t.dropout_max < 1:
+        problems.append(f"key 'stn.dropout_max' must be in (0, 1), got {t.dropout_max}")
+    for key in ("weight_decay", "wd_min", "wd_max", "hparam_lr", "scale", "tune_alpha",
+                "tune_lr"):
+        if not getattr(t, key) > 0:
+            problems.append(f"key 'stn.{key}' must be > 0, got {getattr(t, key)}")
+    if t.entropy_weight < 0:
+        problems.append(f"key 'stn.entropy_weight' must be >= 0, got {t.entropy_weight}")
+    if not t.wd_max > t.wd_min:
+        problems.append(f"key 'stn.wd_max' ({t.wd_max}) must exceed 'stn.wd_min' "
+                        f"({t.wd_min})")
+    total = t.outer_steps * t.train_steps
+    if total % t.tune_inner_steps:
+        problems.append(f"key 'stn.tune_inner_steps' ({t.tune_inner_steps}) must divide the "
+                        f"training budget outer_steps × train_steps = {total}")
+    if cfg.model.width < 1 or cfg.model.depth < 1:
+        problems.append("keys 'model.width' >= 1 and 'model.depth' >= 1 are required")
+    if t.dtype == "float64" and not jax.config.jax_enable_x64:
+        problems.append("key 'stn.dtype' is float64 but JAX runs without "
                         "`jax_enable_x64`; set JAX_ENABLE_X64=1")
     if problems:
         raise ConfigError(f"config {cfg.name!r}: " + "; ".join(problems) + ".")

@@ -21,14 +21,15 @@ from ._data import load_data
 from ._step import make_optimiser
 
 
-def _split(cfg: TuneConfig):
-    (x, y), (xt, yt) = load_data(cfg.data, cfg.tune.dtype)
+def split_validation(data_cfg, dtype: str, n_val: int, seed: int, section: str):
+    """The flattened images: the training split cut into a training part and `n_val`
+    validation images (a permutation fixed by `seed`), and the test split."""
+    (x, y), (xt, yt) = load_data(data_cfg, dtype)
     x, xt = x.reshape(len(x), -1), xt.reshape(len(xt), -1)
-    n_val = cfg.tune.validation
     if n_val >= len(x):
-        raise ConfigError(f"key 'tune.validation' ({n_val}) must be smaller than the "
+        raise ConfigError(f"key '{section}.validation' ({n_val}) must be smaller than the "
                           f"training split ({len(x)} images).")
-    perm = np.random.default_rng(cfg.tune.seed).permutation(len(x))
+    perm = np.random.default_rng(seed).permutation(len(x))
     val, tr = perm[:n_val], perm[n_val:]
     return tuple(jnp.asarray(a) for a in (x[tr], y[tr], x[val], y[val], xt, yt))
 
@@ -44,7 +45,8 @@ def run_tune(cfg: TuneConfig, *, log=print) -> dict:
     """
     check_tune_config(cfg)
     t = cfg.tune
-    xtr, ytr, xv, yv, xt, yt = _split(cfg)
+    xtr, ytr, xv, yv, xt, yt = split_validation(cfg.data, t.dtype, t.validation, t.seed,
+                                                "tune")
     dtype = jnp.dtype(t.dtype)
     mlp = eqx.nn.MLP(xtr.shape[1], 10, cfg.model.width, cfg.model.depth,
                      activation=jax.nn.relu, key=jr.key(t.seed))
