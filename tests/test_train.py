@@ -95,6 +95,7 @@ def test_shipped_configs_are_valid():
     names = {f.stem for f in files}
     assert set(DEMO) <= names
     assert {"mnist_homoode", "cifar10_homoode", "svhn_homoode"} <= names
+    assert {f"mnist_sample_{m}" for m in ("node", "anode", "deq", "mondeq", "homoode")} <= names
     assert {"digits_tune_wd", "digits_stn"} <= names
     for f in files:
         if f.stem.endswith("_tune_wd"):  # a config of `implicit-kit tune`
@@ -104,7 +105,7 @@ def test_shipped_configs_are_valid():
             ik.train.check_stn_config(load_config(f, schema=ik.train.StnConfig))
             continue
         cfg = load_config(f)
-        if cfg.data.name == "digits":
+        if cfg.data.name in ("digits", "mnist_sample"):  # data that needs no files
             ik.train.check_config(cfg)
         else:
             ik.train._build.check_model_config(cfg.model)

