@@ -26,6 +26,9 @@ def summarise(history: list[dict]) -> dict:
     return {"final_acc": evals[-1]["test_acc"], "best_acc": max(h["test_acc"] for h in evals),
             "test_nfe": evals[-1]["test_nfe"], "train_nfe": history[-1]["nfe"],
             "s_per_epoch": float(np.mean(timed)),
+            "test_steps": evals[-1].get("test_num_steps"),
+            "test_failure_rate": evals[-1].get("test_failure_rate"),
+            "peak_memory_mb": max(h.get("peak_memory_mb") or 0.0 for h in history),
             "skipped_steps": sum(h.get("skipped_steps", 0) for h in history)}
 
 
@@ -48,7 +51,8 @@ def main():
                 f"train.seed={seed}", f"train.checkpoint_dir={run_dir}",
                 "train.progress=false"])
             res = ik.train.fit(cfg)
-            row = {"config": name, "seed": seed, **summarise(res.history)}
+            row = {"config": name, "seed": seed, **summarise(res.history),
+                   "params": res.num_params}
             rows.append(row)
             per_seed.append(row)
             print(json.dumps(row), flush=True)

@@ -62,6 +62,9 @@ JOBS = {
     "node_errpen": Job(["benchmarks/digits_seeds.py", "configs/digits_node.yaml",
                         "configs/digits_node_errpen.yaml", "--seeds", "0,1,2",
                         "--out", "{tmp}/seeds", "--json", "{json}"]),
+    "mnist_sample": Job(["benchmarks/digits_seeds.py"] + [
+        f"configs/mnist_sample_{m}.yaml" for m in ("node", "anode", "deq", "mondeq", "homoode")]
+        + ["--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json", "{json}"]),
     "homotopy_start": Job(["benchmarks/digits_implicit.py", "--arms", "", "--exact",
                            "--out", "{json}"]),
     "hyper_vmap": Job(["benchmarks/hyper_vmap.py", "--ks", "4,16,64", "--steps", "1000",

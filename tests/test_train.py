@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
@@ -224,10 +225,74 @@ def test_a_checkpoint_from_before_train_parallel_resumes_with_jit():
     new = {"train": {"epochs": 2, "parallel": "jit"}, "optim": {"lr": 0.1}}
     old = {"train": {"epochs": 2}, "optim": {"lr": 0.1}}
     assert config_diff(old, new) == []
+    # the keys added since (data.downsample, the optimiser group) read as their defaults
+    cfg = ik.train.config_from_dict({"name": "x", "model": {"kind": "deq"}}).to_dict()
+    stored = {**cfg, "data": {k: v for k, v in cfg["data"].items() if k != "downsample"},
+              "optim": {k: v for k, v in cfg["optim"].items() if not k.startswith("group")}}
+    assert config_diff(stored, cfg) == []
     assert config_diff(old, {**new, "train": {"epochs": 2, "parallel": "auto"}}) == [
         "train.parallel"]
     assert config_diff(new, {"train": {"epochs": 2, "parallel": "jit"},
                              "optim": {"lr": 0.2}}) == ["optim.lr"]
+
+
+def test_a_separately_optimised_group_steps_every_k_from_that_steps_gradient():
+    """`optim.group`: the leaves under the path follow their own SGD (cosine over the
+    group's own steps) on steps 0, k, 2k from that step's gradient and stay put in
+    between; the other leaves follow Adam exactly as without a group; a missing path
+    or a part without arrays is an error naming `optim.group`."""
+    import equinox as eqx
+    import optax
+
+    from implicit_kit.train._config import OptimConfig
+    from implicit_kit.train._step import make_optimiser
+
+    class Block(eqx.Module):
+        w: jax.Array
+        z0: jax.Array | None
+
+    class Net(eqx.Module):
+        block: Block
+        head: jax.Array
+
+    params = Net(Block(jnp.ones(3), jnp.zeros(2)), jnp.full(2, 0.5))
+    o = OptimConfig(name="adam", lr=0.1, schedule="constant", group="block.z0",
+                    group_name="sgd", group_lr=0.2, group_every=3, final_lr_factor=0.01)
+    tx = make_optimiser(o, 9, params)
+    ref = optax.adam(0.1)
+    state, ref_state = tx.init(params), ref.init((params.block.w, params.head))
+    rng = np.random.default_rng(0)
+    p, main = params, (params.block.w, params.head)
+    lr = optax.cosine_decay_schedule(0.2, 3, alpha=0.01)
+    for step in range(9):
+        g = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.normal(size=a.shape)), p)
+        upd, state = tx.update(g, state, p)
+        new = optax.apply_updates(p, upd)
+        expect_z0 = p.block.z0 - lr(step // 3) * g.block.z0 if step % 3 == 0 else p.block.z0
+        np.testing.assert_allclose(new.block.z0, expect_z0, rtol=1e-6)
+        u_ref, ref_state = ref.update((g.block.w, g.head), ref_state, main)
+        main = optax.apply_updates(main, u_ref)
+        np.testing.assert_allclose(new.block.w, main[0], rtol=1e-6)
+        np.testing.assert_allclose(new.head, main[1], rtol=1e-6)
+        p = new
+    with pytest.raises(ConfigError, match="optim.group"):
+        make_optimiser(OptimConfig(group="block.start"), 9, params)
+    with pytest.raises(ConfigError, match="optim.group.*model.init: learned"):
+        make_optimiser(OptimConfig(group="block.z0"), 9, eqx.tree_at(
+            lambda n: n.block.z0, params, None, is_leaf=lambda x: x is None))
+
+
+def test_downsample_average_pools_the_images():
+    """`data.downsample: 2` gives the 2×2 means of the images (before normalisation);
+    an image side it does not divide is an error naming the key."""
+    from implicit_kit.train import DataConfig, load_data
+
+    (x, _), _ = load_data(DataConfig(normalise=False))
+    (xd, _), (xtd, _) = load_data(DataConfig(normalise=False, downsample=2))
+    assert xd.shape == (1437, 1, 4, 4) and xtd.shape == (360, 1, 4, 4)
+    np.testing.assert_allclose(xd[5, 0, 1, 2], x[5, 0, 2:4, 4:6].mean(), rtol=1e-6)
+    with pytest.raises(ConfigError, match="data.downsample"):
+        load_data(DataConfig(downsample=3))
 
 
 @pytest.mark.slow
@@ -414,7 +479,6 @@ def test_stn_cli_compares_the_arms_and_retrains_with_the_schedule(tmp_path, caps
     initial values through the warm-up and then moves; the summary is the seeds' mean and
     sd; with no hyperparameter steps, retraining with the schedule equals retraining with
     the (unchanged) final values."""
-    import jax.numpy as jnp
     import optax
 
     from implicit_kit.train._self_tuning import _mlp, split_validation

@@ -120,7 +120,9 @@ def load_checkpoint(path, like) -> tuple[dict, object]:
 _RESUME_FREE = ("train.progress",)
 # Keys added after checkpoints were first written, with the value that reproduces what a
 # checkpoint without the key was trained with (its run resumes exactly with that value).
-_ADDED_KEYS = {"train.parallel": "jit"}
+_ADDED_KEYS = {"train.parallel": "jit", "data.downsample": 1, "optim.group": "",
+               "optim.group_name": "sgd", "optim.group_lr": 0.02,
+               "optim.group_schedule": "cosine", "optim.group_every": 1}
 
 
 def config_diff(a: dict, b: dict, prefix="") -> list[str]:

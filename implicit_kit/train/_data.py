@@ -3,7 +3,7 @@
 import numpy as np
 
 from .. import data as ik_data
-from ._config import DataConfig
+from ._config import ConfigError, DataConfig
 
 
 def load_data(d: DataConfig, dtype: str = "float32"):
@@ -16,12 +16,23 @@ def load_data(d: DataConfig, dtype: str = "float32"):
     if d.upsample > 1:
         x = x.repeat(d.upsample, 2).repeat(d.upsample, 3)
         xt = xt.repeat(d.upsample, 2).repeat(d.upsample, 3)
+    if d.downsample > 1:
+        x, xt = _pool(x, d.downsample), _pool(xt, d.downsample)
     dtype = np.dtype(dtype)
     if not d.normalise:
         return (x.astype(dtype), y), (xt.astype(dtype), yt)
     mean, std = ik_data.normalisation(x)
     return ((ik_data.normalise(x, mean, std).astype(dtype), y),
             (ik_data.normalise(xt, mean, std).astype(dtype), yt))
+
+
+def _pool(x, k):
+    """Average pooling by `k` (the image sides must be divisible by it)."""
+    n, c, h, w = x.shape
+    if h % k or w % k:
+        raise ConfigError(f"key 'data.downsample' ({k}) must divide the image size "
+                          f"{h}×{w}.")
+    return x.reshape(n, c, h // k, k, w // k, k).mean(axis=(3, 5))
 
 
 def pad_eval(x, y, size):

@@ -107,7 +107,7 @@ def _setup(cfg: Config, devices) -> _Setup:
     model = make_model(cfg, x.shape[1], x.shape[-1])
     params, static = eqx.partition(model, eqx.is_inexact_array)
     steps_per_epoch = ik_data.num_batches(x.shape[0], t.batch)
-    optimiser = make_optimiser(cfg.optim, steps_per_epoch * t.epochs)
+    optimiser = make_optimiser(cfg.optim, steps_per_epoch * t.epochs, params)
     mesh = Mesh(np.array(devices), ("data",))
     return _Setup(train, test, params, static, optimiser,
                   Steps(cfg, static, optimiser, mesh), steps_per_epoch, count_params(model),

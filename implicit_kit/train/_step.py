@@ -12,11 +12,63 @@ from .._solution import backward_probe, backward_stats
 from ..models import init_loss, ModelStats
 from ..nn import prepare
 from ..regularizers import jacobian_frobenius
-from ._config import Config, OptimConfig
+from ._config import Config, ConfigError, OptimConfig
 
 
-def make_optimiser(o: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """The config's `optim` section as an optax optimiser over `total_steps` steps."""
+def make_optimiser(o: OptimConfig, total_steps: int, params=None
+                   ) -> optax.GradientTransformation:
+    """The config's `optim` section as an optax optimiser over `total_steps` steps; with
+    `optim.group`, the parameters of that part of `params` (the model's floating
+    arrays) get their own optimiser, stepped every `group_every` steps."""
+    main = _optimiser(o, total_steps)
+    if not o.group:
+        return main
+    labels = group_labels(params, o.group)
+    lr = o.group_lr
+    if o.group_schedule == "cosine":
+        lr = optax.cosine_decay_schedule(
+            o.group_lr, max(-(-total_steps // o.group_every), 1), alpha=o.final_lr_factor)
+    group = every_k(getattr(optax, o.group_name)(learning_rate=lr), o.group_every)
+    return optax.multi_transform({"main": main, "group": group}, labels)
+
+
+def group_labels(params, path: str):
+    """`"group"` on the leaves of `params` under the dotted attribute `path`, `"main"`
+    elsewhere (raises `ConfigError` naming `optim.group` if the path does not exist)."""
+    def where(tree):
+        for name in path.split("."):
+            tree = getattr(tree, name)
+        return tree
+
+    labels = jax.tree_util.tree_map(lambda _: "main", params)
+    try:
+        sub = where(labels)
+    except AttributeError as err:
+        raise ConfigError(f"key 'optim.group': the model has no part {path!r} ({err}).") \
+            from None
+    if not jax.tree_util.tree_leaves(sub):
+        raise ConfigError(f"key 'optim.group': the model's {path!r} has no trainable "
+                          "arrays (for HomoODE's start point use model.init: learned).")
+    return eqx.tree_at(where, labels, jax.tree_util.tree_map(lambda _: "group", sub))
+
+
+def every_k(tx: optax.GradientTransformation, k: int) -> optax.GradientTransformation:
+    """`tx` applied on steps 0, k, 2k, ... from that step's gradient (not accumulated:
+    the HomoODE authors step their start point so), a zero update in between."""
+    def init(params):
+        return jnp.zeros((), jnp.int32), tx.init(params)
+
+    def update(grads, state, params=None):
+        count, inner = state
+        updates, new_inner = tx.update(grads, inner, params)
+        now = count % k == 0
+        updates = jax.tree_util.tree_map(lambda u: jnp.where(now, u, 0), updates)
+        return updates, (count + 1, keep_if(now, new_inner, inner))
+
+    return optax.GradientTransformation(init, update)
+
+
+def _optimiser(o: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     total = max(total_steps, 1)
     if o.schedule == "constant":
         lr = o.lr
