@@ -65,6 +65,11 @@ JOBS = {
     "mnist_sample": Job(["benchmarks/digits_seeds.py"] + [
         f"configs/mnist_sample_{m}.yaml" for m in ("node", "anode", "deq", "mondeq", "homoode")]
         + ["--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json", "{json}"]),
+    "homoode_accel": Job(["benchmarks/digits_seeds.py"] + [
+        f"configs/digits_{c}.yaml" for c in (
+            "node", "homoode", "homoode_authors", "homoode_errpen", "homoode_conditioned",
+            "homoode_bosh3")]
+        + ["--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json", "{json}"]),
     "homotopy_start": Job(["benchmarks/digits_implicit.py", "--arms", "", "--exact",
                            "--out", "{json}"]),
     "hyper_vmap": Job(["benchmarks/hyper_vmap.py", "--ks", "4,16,64", "--steps", "1000",

@@ -181,6 +181,42 @@ def test_learned_start_gets_gradient_only_from_its_objective():
     assert [bool(s) for s in jax.tree_util.tree_leaves(spec)].count(True) == 1
 
 
+def test_conditioned_start_is_its_networks_output_and_trained_only_by_its_objective():
+    """`init="conditioned"`: the ODE starts at init_net(x) (the solve from that point by
+    hand gives the same end point); the task loss gives init_net no gradient and the
+    condition x none through it; `init_loss` trains init_net alone; the spec selects
+    init_net; a wrong `init_net` shape or a missing one is an error."""
+    field = ik.nn.ConvCell(4, groups=2, residual=False, key=jr.key(0))
+    net = eqx.nn.Conv2d(4, 4, 1, key=jr.key(2))
+    model = ik.models.HomoODE(field, (4, 3, 3), init="conditioned", init_net=net)
+    x = jr.normal(jr.key(1), (4, 3, 3))
+    z0 = model.initial_point(x=x)
+    np.testing.assert_allclose(z0, net(x), rtol=1e-6)
+    by_hand, _ = model.ode(field, net(x), x, 1.0, None)
+    np.testing.assert_allclose(model(x), by_hand, rtol=1e-6, atol=1e-7)
+    g_task = eqx.filter_grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    assert float(jnp.max(jnp.abs(g_task.init_net.weight))) == 0.0
+
+    def objective(m, x):
+        z_end, st = m(x, return_stats=True)
+        return ik.models.init_loss(st.extras["z0"], z_end)
+
+    g_init, g_x = eqx.filter_grad(objective)(model, x), jax.grad(
+        lambda x: objective(model, x))(x)
+    assert float(jnp.max(jnp.abs(g_init.init_net.weight))) > 0
+    assert float(jnp.max(jnp.abs(_flat(g_init.module)))) == 0.0
+    assert float(jnp.max(jnp.abs(g_x))) == 0.0  # the init loss never reaches the stem
+    spec = ik.models.HomoODE.init_params(model)
+    picked = eqx.filter(model, spec)
+    assert [a.shape for a in jax.tree_util.tree_leaves(picked)] == [(4, 4, 1, 1), (4, 1, 1)]
+    with pytest.raises(ValueError, match="init_net"):
+        ik.models.HomoODE(field, (4, 3, 3), init="conditioned")
+    bad = ik.models.HomoODE(field, (4, 3, 3), init="conditioned",
+                            init_net=eqx.nn.Conv2d(4, 2, 1, key=jr.key(3)))
+    with pytest.raises(ValueError, match="state shape"):
+        bad(x)
+
+
 @pytest.mark.slow
 def test_exact_homoode_field_ends_at_the_deq_equilibrium():
     cell = ik.nn.MLPCell(5, 3, key=jr.key(0))

@@ -167,7 +167,7 @@ class AugmentedNeuralODE(eqx.Module):
                     return_stats=return_stats)
 
 
-HOMOODE_INITS = ("alternating", "zeros", "learned")
+HOMOODE_INITS = ("alternating", "zeros", "learned", "conditioned")
 
 
 def alternating_start(shape: tuple[int, ...], dtype=None) -> Array:
@@ -195,10 +195,14 @@ class HomoODE(eqx.Module):
     one shared learnable point, per channel and constant over space for `(C, H, W)`
     states (the authors' GN(Conv1×1(ones))), detached in the solve and trained only by
     [`implicit_kit.models.init_loss`] to the detached end points — with its own
-    optimiser, every few steps (`HomoODE.init_params` selects it).
+    optimiser, every few steps (`HomoODE.init_params` selects it); or `"conditioned"`:
+    a start point predicted from the condition, $z_0 = h_\phi(x)$ by the module
+    `init_net` (a learned initialiser, Bai, Koltun & Kolter, "Neural Deep Equilibrium
+    Solvers", ICLR 2022), detached and trained by `init_loss` alike.
 
     **Arguments:** `module` (the learned field, or the DEQ cell for `"exact"`),
-    `state_shape`, `field`, `init`, `ode` (default dopri5 at rtol = atol = 1e-3). With
+    `state_shape`, `field`, `init`, `ode` (default dopri5 at rtol = atol = 1e-3),
+    `init_net` (`init="conditioned"` only: maps `x` to a point of `state_shape`). With
     `field="exact"` the ODE's `solver`, tolerances (or `stepsize_controller`), `dt0` and
     `max_steps` drive the homotopy path; its `adjoint` and penalties do not apply
     (gradients come from the implicit function theorem at the end point) and are refused.
@@ -206,17 +210,23 @@ class HomoODE(eqx.Module):
 
     module: Any
     z0: Array | None
+    init_net: Any
     ode: ODESolve
     state_shape: tuple[int, ...] = eqx.field(static=True)
     field: str = eqx.field(static=True)
     init: str = eqx.field(static=True)
 
     def __init__(self, module, state_shape, *, field: str = "learned",
-                 init: str = "alternating", ode: ODESolve | None = None):
+                 init: str = "alternating", ode: ODESolve | None = None,
+                 init_net: Any = None):
         if field not in ("learned", "exact"):
             raise ValueError(f"`field` must be 'learned' or 'exact', got {field!r}.")
         if init not in HOMOODE_INITS:
             raise ValueError(f"`init` must be one of {HOMOODE_INITS}, got {init!r}.")
+        if (init == "conditioned") != (init_net is not None):
+            raise ValueError("`init_net` (a module mapping the condition x to a start "
+                             "point) is required with init='conditioned' and only then; "
+                             f"got init={init!r}, init_net={type(init_net).__name__}.")
         ode = ODESolve() if ode is None else ode
         if field == "exact":
             adjoint = ode.adjoint
@@ -237,14 +247,25 @@ class HomoODE(eqx.Module):
         self.field = field
         self.init = init
         self.ode = ode
+        self.init_net = init_net
         if init == "learned":
             base = alternating_start(self.state_shape)
             self.z0 = base[(slice(None),) + (slice(0, 1),) * (len(self.state_shape) - 1)]
         else:
             self.z0 = None
 
-    def initial_point(self, dtype=None) -> Array:
-        """The start point $z_0$ (with its gradient, for `init_loss`)."""
+    def initial_point(self, dtype=None, x: Array | None = None) -> Array:
+        """The start point $z_0$ (with its gradient, for `init_loss`); `x`, the
+        condition, is needed by `init="conditioned"`."""
+        if self.init == "conditioned":
+            if x is None:
+                raise ValueError("init='conditioned' predicts the start point from the "
+                                 "condition: pass `x`.")
+            z0 = self.init_net(lax.stop_gradient(x))  # init_loss trains init_net alone
+            if z0.shape != self.state_shape:
+                raise ValueError(f"`init_net` must return the state shape "
+                                 f"{self.state_shape}, got {z0.shape}.")
+            return z0 if dtype is None else z0.astype(dtype)
         if self.init == "alternating":
             return alternating_start(self.state_shape, dtype)
         if self.init == "zeros":
@@ -254,8 +275,12 @@ class HomoODE(eqx.Module):
 
     @staticmethod
     def init_params(model) -> Any:
-        """A filter spec selecting the learned start point (for its own optimiser)."""
+        """A filter spec selecting the learned start point, or the conditioned start's
+        `init_net` (for its own optimiser)."""
         spec = jtu.tree_map(lambda _: False, model)
+        if model.init_net is not None:
+            return eqx.tree_at(lambda m: m.init_net, spec,
+                               jtu.tree_map(lambda _: True, model.init_net))
         return eqx.tree_at(lambda m: m.z0, spec, True, is_leaf=lambda x: x is None)
 
     def __call__(self, x: Array, *, key: PRNGKeyArray | None = None,
@@ -266,7 +291,7 @@ class HomoODE(eqx.Module):
         has none)."""
         kd, kp = (None, None) if key is None else jr.split(key)
         module = prepare(self.module, key=kd, inference=inference)
-        z0 = self.initial_point(x.dtype)
+        z0 = self.initial_point(x.dtype, x)
         z0_solve = lax.stop_gradient(z0)
         if self.field == "learned":
             z1, stats = self.ode(module, z0_solve, x, 1.0, kp)

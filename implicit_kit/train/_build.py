@@ -110,7 +110,14 @@ def build_model(m: ModelConfig, *, in_channels: int, classes: int, spatial: int,
             block = models.AugmentedNeuralODE(field, m.augment, ode)
         else:
             field = nn.ConvCell(h, groups=g, residual=False, dropout=m.dropout, key=kb)
-            block = models.HomoODE(field, (h, s, s), init=m.init or "alternating", ode=ode)
+            init_net = None
+            if m.init == "conditioned":  # a small conv net from the stem features
+                ki1, ki2 = jr.split(jr.fold_in(kb, 1))
+                init_net = eqx.nn.Sequential([
+                    eqx.nn.Conv2d(h, h, 3, padding=1, key=ki1),
+                    eqx.nn.Lambda(jax.nn.relu), eqx.nn.Conv2d(h, h, 1, key=ki2)])
+            block = models.HomoODE(field, (h, s, s), init=m.init or "alternating", ode=ode,
+                                   init_net=init_net)
             channels = h
     return models.ImageClassifier.build(
         block, in_channels=in_channels, classes=classes, hidden=h, final=m.final,

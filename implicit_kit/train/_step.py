@@ -87,7 +87,7 @@ def _optimiser(o: OptimConfig, total_steps: int) -> optax.GradientTransformation
 
 
 def _learned_init(cfg: Config) -> bool:
-    return cfg.model.init in ("learned", "skip")
+    return cfg.model.init in ("learned", "skip", "conditioned")
 
 
 def _contract_metrics(st: ModelStats) -> dict:
