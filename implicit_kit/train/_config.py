@@ -80,7 +80,8 @@ class ModelConfig:
       default the forward `rtol`/`atol`, no tighter than the dtype can reach.
     - `rtol`, `atol`, `max_steps`: forward tolerances and step cap (default: the
       model's, 256 solver steps or 4096 ODE steps).
-    - `init`: DEQ `zeros|learned|skip`; HomoODE start `alternating|zeros|learned`.
+    - `init`: DEQ `zeros|learned|skip`; HomoODE start `alternating|zeros|learned|conditioned`
+      (a small conv net from the stem features, trained by `regularizers.init_loss`).
     - `augment`: extra channels of an ANODE; `dropout`: variational dropout in the cell.
     - `monotone_m`: the monDEQ strong-monotonicity margin.
     - `mondbm` only: `bins` (pixel levels), `group` (categories of each hidden
