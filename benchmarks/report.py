@@ -67,9 +67,12 @@ JOBS = {
         + ["--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json", "{json}"]),
     "homoode_accel": Job(["benchmarks/digits_seeds.py"] + [
         f"configs/digits_{c}.yaml" for c in (
-            "node", "homoode", "homoode_authors", "homoode_errpen", "homoode_conditioned",
+            "homoode", "homoode_authors", "homoode_errpen", "homoode_conditioned",
             "homoode_bosh3")]
         + ["--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json", "{json}"]),
+    "homoode_accel_mnist": Job(["benchmarks/digits_seeds.py",
+                                "configs/mnist_sample_homoode_bosh3.yaml", "--seeds", "0,1,2",
+                                "--out", "{tmp}/seeds", "--json", "{json}"]),
     "homotopy_start": Job(["benchmarks/digits_implicit.py", "--arms", "", "--exact",
                            "--out", "{json}"]),
     "hyper_vmap": Job(["benchmarks/hyper_vmap.py", "--ks", "4,16,64", "--steps", "1000",
@@ -251,8 +254,20 @@ def render_mnist_sample(res):
         table(["model", "params", "test acc (%)", "source"], published)])
 
 
-def render_homoode_accel(res):
-    rows = res["data"]["rows"]
+def render_homoode_accel(res, node_rows, mnist_arms=None, mnist=None):
+    """The digits arms (`res`) against the Neural ODE's `node_rows`, then the MNIST-sample
+    arms (`mnist_arms`) against the Neural ODE and HomoODE rows of the MNIST-sample
+    comparison (`mnist`)."""
+    out = [_accel_table(res, node_rows + res["data"]["rows"])]
+    if mnist_arms is not None and mnist is not None:
+        base = [r for r in mnist["data"]["rows"]
+                if r["config"] in ("mnist_sample_node", "mnist_sample_homoode")]
+        out += ["", "On the MNIST sample (the Neural ODE and HomoODE rows from the comparison "
+                "above):", "", _accel_table(mnist_arms, base + mnist_arms["data"]["rows"])]
+    return "\n".join(out)
+
+
+def _accel_table(res, rows):
     node = [r for r in rows if r["config"].endswith("_node")]
     node_acc, node_nfe = np.mean([r["final_acc"] for r in node]), np.mean(
         [r["test_nfe"] for r in node])
@@ -955,7 +970,12 @@ def render() -> tuple[str, str]:
         parts = []
         for dev in devices:
             res = loaded[dev.name]
-            if key == "tune":
+            if key == "homoode_accel":
+                node = [r for r in res["node_errpen"]["data"]["rows"]
+                        if r["config"] == "digits_node"] if "node_errpen" in res else []
+                body = render_homoode_accel(res[key], node, res.get("homoode_accel_mnist"),
+                                            res.get("mnist_sample")) if key in res else None
+            elif key == "tune":
                 runs = [res[k] for k in ("tune_param", "tune_tensor", "tune_shared",
                                          "tune_cg") if k in res]
                 body = render_tune(runs) if runs else None

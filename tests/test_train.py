@@ -265,9 +265,12 @@ def test_a_separately_optimised_group_steps_every_k_from_that_steps_gradient():
         w: jax.Array
         z0: jax.Array | None
 
-    class Net(eqx.Module):
+    class Net(eqx.Module):  # callable, as every model is
         block: Block
         head: jax.Array
+
+        def __call__(self, x):
+            return self.head * x
 
     params = Net(Block(jnp.ones(3), jnp.zeros(2)), jnp.full(2, 0.5))
     o = OptimConfig(name="adam", lr=0.1, schedule="constant", group="block.z0",

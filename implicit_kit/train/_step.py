@@ -29,7 +29,9 @@ def make_optimiser(o: OptimConfig, total_steps: int, params=None
         lr = optax.cosine_decay_schedule(
             o.group_lr, max(-(-total_steps // o.group_every), 1), alpha=o.final_lr_factor)
     group = every_k(getattr(optax, o.group_name)(learning_rate=lr), o.group_every)
-    return optax.multi_transform({"main": main, "group": group}, labels)
+    # labels as a function: a model's label tree is itself a callable Module, which
+    # `multi_transform` would otherwise call on the parameters
+    return optax.multi_transform({"main": main, "group": group}, lambda _: labels)
 
 
 def group_labels(params, path: str):
