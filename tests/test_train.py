@@ -299,6 +299,33 @@ def test_a_separately_optimised_group_steps_every_k_from_that_steps_gradient():
             lambda n: n.block.z0, params, None, is_leaf=lambda x: x is None))
 
 
+@pytest.mark.slow
+def test_fit_steps_the_group_with_its_own_optimiser_only(tmp_path):
+    """In `fit`, HomoODE's learned start point trained by the init loss: the main Adam
+    moves it; put in `optim.group` with a negligible group rate it does not move, while
+    the main optimiser still trains the field."""
+    import equinox as eqx
+
+    def run(name, **optim):
+        cfg = _cfg(tmp_path, kind="homoode", name=name, model={"init": "learned"},
+                   regularizers={"init_loss": 1.0}, train={"epochs": 1},
+                   optim={"schedule": "constant", **optim})
+        return fit(cfg).model
+
+    from implicit_kit.train._build import make_model
+
+    init = make_model(_cfg(tmp_path, kind="homoode", model={"init": "learned"}), 1, 8).block
+    z0 = init.z0
+    plain = run("plain")
+    grouped = run("grouped", group="block.z0", group_lr=1e-30, group_every=3)
+    assert float(jnp.max(jnp.abs(plain.block.z0 - z0))) > 1e-3
+    np.testing.assert_allclose(grouped.block.z0, z0, atol=1e-12)
+    moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+        jax.tree_util.tree_leaves(eqx.filter(grouped.block.module, eqx.is_inexact_array)),
+        jax.tree_util.tree_leaves(eqx.filter(init.module, eqx.is_inexact_array)))]
+    assert min(moved) > 1e-4  # the main optimiser still trains every array of the field
+
+
 def test_downsample_average_pools_the_images():
     """`data.downsample: 2` gives the 2×2 means of the images (before normalisation);
     an image side it does not divide is an error naming the key."""
