@@ -762,10 +762,11 @@ comparable with the other tables; NFE and accuracy do not depend on it.
 
 Measured: no arm meets the goal. The authors' recipe changes nothing (it gets 11 SGD steps in
 220 training steps). The error penalty lowers the NFE a little
-(0.84× the Neural ODE's) at a lower accuracy. The conditioned start breaks training: its
-start point is detached and predicted from detached features, so once the field shrinks
-the output carries no gradient to the stem, and accuracy stays near chance (the NFE of 19
-is the minimum of a dopri5 solve). Bogacki–Shampine spends 3 evaluations a step against dopri5's 6
+(0.84× the Neural ODE's) at a lower accuracy. The conditioned start breaks training:
+accuracy stays near chance (the NFE of 19 is the minimum of a dopri5 solve). A likely
+cause, not tested: the start point is detached and predicted from detached features, so
+once the field shrinks the output may carry little gradient to the stem.
+Bogacki–Shampine spends 3 evaluations a step against dopri5's 6
 but takes about twice the steps on the trained fields: 24.1 NFE on average (0.87×), from
 20.6 to 27.9 between seeds, at a lower accuracy. On the MNIST sample only seed 0
 of the Bogacki–Shampine arm finished in the session (0.947 at 22.2 NFE, 0.73× the Neural
