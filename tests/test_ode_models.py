@@ -217,6 +217,42 @@ def test_conditioned_start_is_its_networks_output_and_trained_only_by_its_object
         bad(x)
 
 
+def test_undetached_start_is_trained_by_the_task_loss_with_exact_gradients():
+    """`detach_start=False`: the task loss reaches init_net and, through it, the
+    condition x; both gradients match central finite differences (float64, fixed-step
+    Tsit5 so the solve is smooth in its inputs). Refused without a trained start."""
+    field = ik.nn.ConvCell(4, groups=2, residual=False, key=jr.key(0))
+    net = eqx.nn.Conv2d(4, 4, 1, key=jr.key(2))
+    ode = ik.models.ODESolve(solver=dfx.Tsit5(), stepsize_controller=dfx.ConstantStepSize(),
+                             dt0=0.1)
+    model = ik.models.HomoODE(field, (4, 3, 3), init="conditioned", init_net=net, ode=ode,
+                              detach_start=False)
+    x = jr.normal(jr.key(1), (4, 3, 3))
+    c = jnp.cos(jnp.arange(36.0)).reshape(4, 3, 3)
+
+    def loss(m, x):
+        return jnp.sum(c * m(x))
+
+    g_model, g_x = eqx.filter_grad(loss)(model, x), jax.grad(lambda x: loss(model, x))(x)
+    assert float(jnp.max(jnp.abs(g_model.init_net.weight))) > 0
+    d = jr.normal(jr.key(3), net.weight.shape)
+    eps = 1e-6
+    with_w = lambda w: eqx.tree_at(lambda m: m.init_net.weight, model, w)  # noqa: E731
+    fd = (loss(with_w(net.weight + eps * d), x) - loss(with_w(net.weight - eps * d), x))
+    np.testing.assert_allclose(jnp.vdot(g_model.init_net.weight, d), fd / (2 * eps),
+                               rtol=1e-7)
+    dx = jr.normal(jr.key(4), x.shape)
+    fd_x = (loss(model, x + eps * dx) - loss(model, x - eps * dx)) / (2 * eps)
+    np.testing.assert_allclose(jnp.vdot(g_x, dx), fd_x, rtol=1e-7)
+    # The detached model's x-gradient misses the path through init_net.
+    detached = ik.models.HomoODE(field, (4, 3, 3), init="conditioned", init_net=net,
+                                 ode=ode)
+    g_x_detached = jax.grad(lambda x: loss(detached, x))(x)
+    assert not np.allclose(g_x_detached, g_x, rtol=1e-3)
+    with pytest.raises(ValueError, match="detach_start"):
+        ik.models.HomoODE(field, (4, 3, 3), init="alternating", detach_start=False)
+
+
 @pytest.mark.slow
 def test_exact_homoode_field_ends_at_the_deq_equilibrium():
     cell = ik.nn.MLPCell(5, 3, key=jr.key(0))

@@ -326,6 +326,25 @@ def test_fit_steps_the_group_with_its_own_optimiser_only(tmp_path):
     assert min(moved) > 1e-4  # the main optimiser still trains every array of the field
 
 
+def test_detach_start_config_lets_the_task_loss_train_the_start_network():
+    """`model.detach_start: false` reaches the built HomoODE: the task loss's gradient
+    on `init_net` is zero by default and not with the key."""
+    import equinox as eqx
+
+    from implicit_kit.train._build import make_model
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 8)), jnp.float32)
+    norms = []
+    for detach in ("true", "false"):
+        cfg = config_from_dict({"name": "x", "model": {
+            "kind": "homoode", "hidden": 8, "groups": 4, "init": "conditioned"}},
+            [f"model.detach_start={detach}"])
+        model = make_model(cfg, in_channels=1, spatial=8)
+        g = eqx.filter_grad(lambda m: jnp.sum(m(x)[0] ** 2))(model)
+        norms.append(float(jnp.max(jnp.abs(g.block.init_net.layers[0].weight))))
+    assert norms[0] == 0.0 < norms[1]
+
+
 def test_downsample_average_pools_the_images():
     """`data.downsample: 2` gives the 2×2 means of the images (before normalisation);
     an image side it does not divide is an error naming the key."""

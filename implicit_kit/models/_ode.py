@@ -199,10 +199,15 @@ class HomoODE(eqx.Module):
     a start point predicted from the condition, $z_0 = h_\phi(x)$ by the module
     `init_net` (a learned initialiser, Bai, Koltun & Kolter, "Neural Deep Equilibrium
     Solvers", ICLR 2022), detached and trained by `init_loss` alike.
+    `detach_start=False` lets the task loss train the start point too, through the solve
+    (for `"conditioned"`, also the stem through `init_net`'s input); `init_loss` may
+    still be added. The default `True` is the authors' (the start point is a target of
+    `init_loss` only).
 
     **Arguments:** `module` (the learned field, or the DEQ cell for `"exact"`),
     `state_shape`, `field`, `init`, `ode` (default dopri5 at rtol = atol = 1e-3),
-    `init_net` (`init="conditioned"` only: maps `x` to a point of `state_shape`). With
+    `init_net` (`init="conditioned"` only: maps `x` to a point of `state_shape`),
+    `detach_start` (only with a trained start, `"learned"` or `"conditioned"`). With
     `field="exact"` the ODE's `solver`, tolerances (or `stepsize_controller`), `dt0` and
     `max_steps` drive the homotopy path; its `adjoint` and penalties do not apply
     (gradients come from the implicit function theorem at the end point) and are refused.
@@ -215,10 +220,11 @@ class HomoODE(eqx.Module):
     state_shape: tuple[int, ...] = eqx.field(static=True)
     field: str = eqx.field(static=True)
     init: str = eqx.field(static=True)
+    detach_start: bool = eqx.field(static=True)
 
     def __init__(self, module, state_shape, *, field: str = "learned",
                  init: str = "alternating", ode: ODESolve | None = None,
-                 init_net: Any = None):
+                 init_net: Any = None, detach_start: bool = True):
         if field not in ("learned", "exact"):
             raise ValueError(f"`field` must be 'learned' or 'exact', got {field!r}.")
         if init not in HOMOODE_INITS:
@@ -227,6 +233,9 @@ class HomoODE(eqx.Module):
             raise ValueError("`init_net` (a module mapping the condition x to a start "
                              "point) is required with init='conditioned' and only then; "
                              f"got init={init!r}, init_net={type(init_net).__name__}.")
+        if not detach_start and init not in ("learned", "conditioned"):
+            raise ValueError("`detach_start=False` needs a trained start point "
+                             f"(init='learned' or 'conditioned'), got init={init!r}.")
         ode = ODESolve() if ode is None else ode
         if field == "exact":
             adjoint = ode.adjoint
@@ -248,6 +257,7 @@ class HomoODE(eqx.Module):
         self.init = init
         self.ode = ode
         self.init_net = init_net
+        self.detach_start = detach_start
         if init == "learned":
             base = alternating_start(self.state_shape)
             self.z0 = base[(slice(None),) + (slice(0, 1),) * (len(self.state_shape) - 1)]
@@ -261,7 +271,8 @@ class HomoODE(eqx.Module):
             if x is None:
                 raise ValueError("init='conditioned' predicts the start point from the "
                                  "condition: pass `x`.")
-            z0 = self.init_net(lax.stop_gradient(x))  # init_loss trains init_net alone
+            # Detached, init_loss trains init_net alone; else the stem trains through it.
+            z0 = self.init_net(lax.stop_gradient(x) if self.detach_start else x)
             if z0.shape != self.state_shape:
                 raise ValueError(f"`init_net` must return the state shape "
                                  f"{self.state_shape}, got {z0.shape}.")
@@ -292,7 +303,7 @@ class HomoODE(eqx.Module):
         kd, kp = (None, None) if key is None else jr.split(key)
         module = prepare(self.module, key=kd, inference=inference)
         z0 = self.initial_point(x.dtype, x)
-        z0_solve = lax.stop_gradient(z0)
+        z0_solve = lax.stop_gradient(z0) if self.detach_start else z0
         if self.field == "learned":
             z1, stats = self.ode(module, z0_solve, x, 1.0, kp)
         else:

@@ -117,7 +117,7 @@ def build_model(m: ModelConfig, *, in_channels: int, classes: int, spatial: int,
                     eqx.nn.Conv2d(h, h, 3, padding=1, key=ki1),
                     eqx.nn.Lambda(jax.nn.relu), eqx.nn.Conv2d(h, h, 1, key=ki2)])
             block = models.HomoODE(field, (h, s, s), init=m.init or "alternating", ode=ode,
-                                   init_net=init_net)
+                                   init_net=init_net, detach_start=m.detach_start)
             channels = h
     return models.ImageClassifier.build(
         block, in_channels=in_channels, classes=classes, hidden=h, final=m.final,

@@ -122,7 +122,8 @@ _RESUME_FREE = ("train.progress",)
 # checkpoint without the key was trained with (its run resumes exactly with that value).
 _ADDED_KEYS = {"train.parallel": "jit", "data.downsample": 1, "optim.group": "",
                "optim.group_name": "sgd", "optim.group_lr": 0.02,
-               "optim.group_schedule": "cosine", "optim.group_every": 1}
+               "optim.group_schedule": "cosine", "optim.group_every": 1,
+               "model.detach_start": True}
 
 
 def config_diff(a: dict, b: dict, prefix="") -> list[str]:

@@ -82,6 +82,9 @@ class ModelConfig:
       model's, 256 solver steps or 4096 ODE steps).
     - `init`: DEQ `zeros|learned|skip`; HomoODE start `alternating|zeros|learned|conditioned`
       (a small conv net from the stem features, trained by `regularizers.init_loss`).
+    - `detach_start`: HomoODE with a trained start (`init: learned|conditioned`) only:
+      false lets the task loss train the start point through the solve (default true,
+      the authors': only `regularizers.init_loss` trains it).
     - `augment`: extra channels of an ANODE; `dropout`: variational dropout in the cell.
     - `monotone_m`: the monDEQ strong-monotonicity margin.
     - `mondbm` only: `bins` (pixel levels), `group` (categories of each hidden
@@ -107,6 +110,7 @@ class ModelConfig:
     atol: float = 1e-3
     max_steps: int | None = None
     init: str | None = None
+    detach_start: bool = True
     augment: int = 8
     dropout: float = 0.0
     monotone_m: float = 1.0
@@ -527,6 +531,12 @@ def check_model_config(m: ModelConfig) -> None:
         _choice(m.init, INITS[m.kind], INITS[m.kind][0], "init", m.kind)
     elif m.init is not None:
         raise ConfigError(f"key 'model.init' is not used by kind {m.kind!r}; remove it.")
+    init = m.init if m.init is not None else INITS.get(m.kind, (None,))[0]
+    if not m.detach_start and not (m.kind == "homoode"
+                                   and init in ("learned", "conditioned")):
+        raise ConfigError("key 'model.detach_start' false needs kind 'homoode' with "
+                          f"init 'learned' or 'conditioned', got kind {m.kind!r}, init "
+                          f"{init!r}.")
     for key in ("hidden", "final", "groups", "adjoint_steps"):
         if getattr(m, key) < 1:
             raise ConfigError(f"key 'model.{key}' must be positive, got {getattr(m, key)}.")
