@@ -70,9 +70,19 @@ JOBS = {
             "homoode", "homoode_authors", "homoode_errpen", "homoode_conditioned",
             "homoode_bosh3")]
         + ["--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json", "{json}"]),
-    "homoode_accel_mnist": Job(["benchmarks/digits_seeds.py",
-                                "configs/mnist_sample_homoode_bosh3.yaml", "--seeds", "0,1,2",
-                                "--out", "{tmp}/seeds", "--json", "{json}"]),
+    "homoode_accel_more": Job(["benchmarks/digits_seeds.py"] + [
+        f"configs/digits_{c}.yaml" for c in (
+            "homoode_bosh3_errpen", "node_bosh3_errpen", "homoode_conditioned_task",
+            "homoode_conditioned_both")]
+        + ["--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json", "{json}"]),
+    "start_drift": Job(["benchmarks/homoode_start_drift.py"] + [
+        f"configs/digits_homoode_{c}.yaml" for c in ("conditioned", "conditioned_task",
+                                                     "conditioned_both", "learned")]
+        + ["--out", "{tmp}/drift", "--json", "{json}"]),
+    "homoode_accel_mnist": Job(["benchmarks/digits_seeds.py"] + [
+        f"configs/mnist_sample_{c}.yaml" for c in (
+            "homoode_bosh3", "homoode_bosh3_errpen", "node_bosh3_errpen")]
+        + ["--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json", "{json}"]),
     "homotopy_start": Job(["benchmarks/digits_implicit.py", "--arms", "", "--exact",
                            "--out", "{json}"]),
     "hyper_vmap": Job(["benchmarks/hyper_vmap.py", "--ks", "4,16,64", "--steps", "1000",
@@ -254,20 +264,33 @@ def render_mnist_sample(res):
         table(["model", "params", "test acc (%)", "source"], published)])
 
 
-def render_homoode_accel(res, node_rows, mnist_arms=None, mnist=None):
-    """The digits arms (`res`) against the Neural ODE's `node_rows`, then the MNIST-sample
-    arms (`mnist_arms`) against the Neural ODE and HomoODE rows of the MNIST-sample
-    comparison (`mnist`)."""
-    out = [_accel_table(res, node_rows + res["data"]["rows"])]
+def render_homoode_accel(res, node_rows, more=None, mnist_arms=None, mnist=None,
+                          drift=None):
+    """The digits arms (`res`, then `more`) against the Neural ODE's `node_rows`, the
+    MNIST-sample arms (`mnist_arms`) against the Neural ODE and HomoODE rows of the
+    MNIST-sample comparison (`mnist`), then the start-point drift diagnostic."""
+    runs = [r for r in (res, more) if r is not None]
+    out = [_accel_table(runs, node_rows + [r for x in runs for r in x["data"]["rows"]])]
     if mnist_arms is not None and mnist is not None:
         base = [r for r in mnist["data"]["rows"]
                 if r["config"] in ("mnist_sample_node", "mnist_sample_homoode")]
         out += ["", "On the MNIST sample (the Neural ODE and HomoODE rows from the comparison "
-                "above):", "", _accel_table(mnist_arms, base + mnist_arms["data"]["rows"])]
+                "above):", "", _accel_table([mnist_arms], base + mnist_arms["data"]["rows"])]
+    if drift is not None:
+        out += ["", "Where the trained start point ends up (digits, seed 0; root mean square "
+                "over the test images):", "", provenance(drift), "", table(
+                    ["config", "test acc", "test NFE", "stem features", "start z0",
+                     "end z(1)", "z(1) − z0"],
+                    [[f"`{r['config']}`", f"{r['test_acc']:.3f}", f"{r['test_nfe']:.1f}"]
+                     + [f"{r[k]:.3g}" for k in ("rms_stem", "rms_z0", "rms_z1",
+                                                "rms_displacement")]
+                     for r in drift["data"]["rows"]])]
     return "\n".join(out)
 
 
-def _accel_table(res, rows):
+def _accel_table(runs, rows):
+    """`rows`: the Neural ODE's (config ending `_node`) first; other Neural ODE rows
+    (same-solver controls) are marked as controls, not arms."""
     node = [r for r in rows if r["config"].endswith("_node")]
     node_acc, node_nfe = np.mean([r["final_acc"] for r in node]), np.mean(
         [r["test_nfe"] for r in node])
@@ -276,13 +299,14 @@ def _accel_table(res, rows):
         rs = [r for r in rows if r["config"] == cfg]
         acc, nfe = np.mean([r["final_acc"] for r in rs]), np.mean([r["test_nfe"] for r in rs])
         met = acc >= node_acc and nfe <= 0.7 * node_nfe
-        goal = "—" if cfg.endswith("_node") else ("**met**" if met else "not met")
+        goal = ("—" if cfg.endswith("_node") else "control (Neural ODE)" if "_node_" in cfg
+                else "**met**" if met else "not met")
         params = f"{rs[0]['params']:,}" if "params" in rs[0] else "—"
         out.append([f"`{cfg}`", params, ms([r["final_acc"] for r in rs], 3),
                     " / ".join(f"{r['final_acc']:.3f}" for r in rs),
                     ms([r["test_nfe"] for r in rs], 1), f"{nfe / node_nfe:.2f}",
                     f"{np.mean([r['s_per_epoch'] for r in rs]):.1f}", goal])
-    return "\n".join([provenance(res), "", table(
+    return "\n".join(["\n\n".join(provenance(r) for r in runs), "", table(
         ["config", "params", "test acc", "per seed", "test NFE", "NFE / Neural ODE's",
          "s/epoch", "goal (acc ≥ NODE, NFE ≤ 0.7×)"], out)])
 
@@ -999,8 +1023,10 @@ def render() -> tuple[str, str]:
             if key == "homoode_accel":
                 node = [r for r in res["node_errpen"]["data"]["rows"]
                         if r["config"] == "digits_node"] if "node_errpen" in res else []
-                body = render_homoode_accel(res[key], node, res.get("homoode_accel_mnist"),
-                                            res.get("mnist_sample")) if key in res else None
+                body = render_homoode_accel(
+                    res[key], node, res.get("homoode_accel_more"),
+                    res.get("homoode_accel_mnist"), res.get("mnist_sample"),
+                    res.get("start_drift")) if key in res else None
             elif key == "tune":
                 runs = [res[k] for k in ("tune_param", "tune_tensor", "tune_shared",
                                          "tune_cg") if k in res]
