@@ -599,6 +599,23 @@ def summary(res: dict) -> list[list[str]]:
                      f"{ms(arm(h, 'final_acc'), 3)} vs {ms(arm(n, 'final_acc'), 3)}; "
                      f"{np.mean(arm(h, 'test_nfe')):.1f} vs {np.mean(arm(n, 'test_nfe')):.1f} "
                      "NFE", f"{ratio:.2f}× the NFE"])
+    accel = (("digits", "homoode_accel_more", "node_errpen", "digits"),
+             ("MNIST sample", "homoode_accel_mnist", "mnist_sample", "mnist_sample"))
+    for data, arms, base, prefix in accel:
+        if arms in res and base in res:
+            rs = res[arms]["data"]["rows"] + res[base]["data"]["rows"]
+            h = [r for r in rs if r["config"] == f"{prefix}_homoode_bosh3_errpen"]
+            n = [r for r in rs if r["config"] == f"{prefix}_node"]
+            if h and n:
+                ratio = np.mean([r["test_nfe"] for r in h]) / np.mean(
+                    [r["test_nfe"] for r in n])
+                rows.append([f"HomoODE + Bogacki–Shampine + error penalty vs Neural ODE "
+                             f"(dopri5), {data}, {len(h)} seeds: test acc and NFE",
+                             f"{ms([r['final_acc'] for r in h], 3)} vs "
+                             f"{ms([r['final_acc'] for r in n], 3)}; "
+                             f"{np.mean([r['test_nfe'] for r in h]):.1f} vs "
+                             f"{np.mean([r['test_nfe'] for r in n]):.1f} NFE",
+                             f"{ratio:.2f}× the NFE"])
     if "hyper_vmap" in res:
         r = res["hyper_vmap"]["data"]["rows"][-1]
         rows.append([f"K = {r['K']} trainings: sequential / one vmapped call",
