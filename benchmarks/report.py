@@ -75,6 +75,9 @@ JOBS = {
             "homoode_bosh3_errpen", "node_bosh3_errpen", "homoode_conditioned_task",
             "homoode_conditioned_both")]
         + ["--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json", "{json}"]),
+    "homoode_accel_mnist_more": Job(["benchmarks/digits_seeds.py"] + [
+        f"configs/mnist_sample_homoode_{c}.yaml" for c in ("authors", "errpen", "conditioned")]
+        + ["--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json", "{json}"]),
     "start_drift": Job(["benchmarks/homoode_start_drift.py"] + [
         f"configs/digits_homoode_{c}.yaml" for c in ("conditioned", "conditioned_task",
                                                      "conditioned_both", "learned")]
@@ -264,18 +267,20 @@ def render_mnist_sample(res):
         table(["model", "params", "test acc (%)", "source"], published)])
 
 
-def render_homoode_accel(res, node_rows, more=None, mnist_arms=None, mnist=None,
+def render_homoode_accel(res, node_rows, more=None, mnist_arms=(), mnist=None,
                           drift=None):
     """The digits arms (`res`, then `more`) against the Neural ODE's `node_rows`, the
-    MNIST-sample arms (`mnist_arms`) against the Neural ODE and HomoODE rows of the
-    MNIST-sample comparison (`mnist`), then the start-point drift diagnostic."""
+    MNIST-sample arms (the runs `mnist_arms`) against the Neural ODE and HomoODE rows of
+    the MNIST-sample comparison (`mnist`), then the start-point drift diagnostic."""
     runs = [r for r in (res, more) if r is not None]
     out = [_accel_table(runs, node_rows + [r for x in runs for r in x["data"]["rows"]])]
-    if mnist_arms is not None and mnist is not None:
+    mnist_arms = [r for r in mnist_arms if r is not None]
+    if mnist_arms and mnist is not None:
         base = [r for r in mnist["data"]["rows"]
                 if r["config"] in ("mnist_sample_node", "mnist_sample_homoode")]
         out += ["", "On the MNIST sample (the Neural ODE and HomoODE rows from the comparison "
-                "above):", "", _accel_table([mnist_arms], base + mnist_arms["data"]["rows"])]
+                "above):", "", _accel_table(mnist_arms, base + [
+                    r for x in mnist_arms for r in x["data"]["rows"]])]
     if drift is not None:
         out += ["", "Where the trained start point ends up (digits, seed 0; root mean square "
                 "over the test images):", "", provenance(drift), "", table(
@@ -1042,7 +1047,8 @@ def render() -> tuple[str, str]:
                         if r["config"] == "digits_node"] if "node_errpen" in res else []
                 body = render_homoode_accel(
                     res[key], node, res.get("homoode_accel_more"),
-                    res.get("homoode_accel_mnist"), res.get("mnist_sample"),
+                    [res.get("homoode_accel_mnist"), res.get("homoode_accel_mnist_more")],
+                    res.get("mnist_sample"),
                     res.get("start_drift")) if key in res else None
             elif key == "tune":
                 runs = [res[k] for k in ("tune_param", "tune_tensor", "tune_shared",
