@@ -79,8 +79,9 @@ JOBS = {
         f"configs/mnist_sample_homoode_{c}.yaml" for c in ("authors", "errpen", "conditioned")]
         + ["--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json", "{json}"]),
     "start_drift": Job(["benchmarks/homoode_start_drift.py"] + [
-        f"configs/digits_homoode_{c}.yaml" for c in ("conditioned", "conditioned_task",
-                                                     "conditioned_both", "learned")]
+        f"configs/digits_homoode{c}.yaml" for c in (
+            "", "_learned", "_conditioned", "_conditioned_task", "_conditioned_both",
+            "_bosh3_errpen")]
         + ["--out", "{tmp}/drift", "--json", "{json}"]),
     "homoode_accel_mnist": Job(["benchmarks/digits_seeds.py"] + [
         f"configs/mnist_sample_{c}.yaml" for c in (
@@ -282,13 +283,14 @@ def render_homoode_accel(res, node_rows, more=None, mnist_arms=(), mnist=None,
                 "above):", "", _accel_table(mnist_arms, base + [
                     r for x in mnist_arms for r in x["data"]["rows"]])]
     if drift is not None:
-        out += ["", "Where the trained start point ends up (digits, seed 0; root mean square "
-                "over the test images):", "", provenance(drift), "", table(
+        out += ["", "Where the trained start point ends up and how straight the path is "
+                "(digits, seed 0; root mean square over the test images; the Euler gap is "
+                "‖z(1) − (z0 + g(z0, x))‖ / ‖z(1) − z0‖):", "", provenance(drift), "", table(
                     ["config", "test acc", "test NFE", "stem features", "start z0",
-                     "end z(1)", "z(1) − z0"],
+                     "end z(1)", "z(1) − z0", "Euler gap"],
                     [[f"`{r['config']}`", f"{r['test_acc']:.3f}", f"{r['test_nfe']:.1f}"]
                      + [f"{r[k]:.3g}" for k in ("rms_stem", "rms_z0", "rms_z1",
-                                                "rms_displacement")]
+                                                "rms_displacement", "euler_gap")]
                      for r in drift["data"]["rows"]])]
     return "\n".join(out)
 
