@@ -79,9 +79,10 @@ JOBS = {
                                 "configs/digits_homoode_bosh3_errpen.yaml", "--seeds",
                                 "0,1,2,3,4,5,6,7,8,9", "--out", "{tmp}/seeds", "--json",
                                 "{json}"]),
-    "homoode_accel_mnist_more": Job(["benchmarks/digits_seeds.py"] + [
-        f"configs/mnist_sample_homoode_{c}.yaml" for c in ("authors", "errpen", "conditioned")]
-        + ["--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json", "{json}"]),
+    **{f"homoode_accel_mnist_{c}": Job([
+        "benchmarks/digits_seeds.py", f"configs/mnist_sample_homoode_{c}.yaml", "--seeds",
+        "0,1,2", "--out", "{tmp}/seeds", "--json", "{json}"])
+       for c in ("conditioned", "errpen", "authors")},
     "start_drift": Job(["benchmarks/homoode_start_drift.py"] + [
         f"configs/digits_homoode{c}.yaml" for c in (
             "", "_learned", "_conditioned", "_conditioned_task", "_conditioned_both",
@@ -1058,7 +1059,8 @@ def render() -> tuple[str, str]:
                         if r["config"] == "digits_node"] if "node_errpen" in res else []
                 body = render_homoode_accel(
                     res[key], node, res.get("homoode_accel_more"),
-                    [res.get("homoode_accel_mnist"), res.get("homoode_accel_mnist_more")],
+                    [res.get(f"homoode_accel_mnist{c}") for c in (
+                        "", "_errpen", "_authors", "_conditioned")],
                     res.get("mnist_sample"),
                     res.get("start_drift"), res.get("homoode_accel_seeds")) \
                     if key in res else None
