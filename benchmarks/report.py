@@ -869,8 +869,8 @@ accuracy half is not:
   a drifting code (near chance: 0.278 on the MNIST sample, at 19 NFE). Trained by the task
   loss alone, the conditioned start
   does not drift (0.38) and trains as well as the fixed start, with no fewer NFE. The
-  shared learned start does not drift either: one point cannot follow every sample's
-  end point, and it shrinks to 0.1.
+  shared learned start does not drift either: it shrinks to 0.1 (why was not
+  measured).
 
 No arm became a demo row. `configs/digits_homoode_bosh3_errpen.yaml` is shipped as the
 fastest HomoODE configuration measured here, with its accuracy cost stated.
