@@ -19,11 +19,13 @@ from ._tuning import run_tune
 
 
 DEMO = ("digits_node", "digits_anode", "digits_deq", "digits_mondeq",
-        "digits_homoode", "digits_homoode_learned")
+        "digits_homoode", "digits_homoode_learned",
+        "digits_homoode_conditioned_task_bosh3_errpen")
 DEMO_TITLES = {
     "digits_node": "Neural ODE", "digits_anode": "Augmented Neural ODE",
     "digits_deq": "DEQ", "digits_mondeq": "monotone DEQ",
     "digits_homoode": "HomoODE", "digits_homoode_learned": "HomoODE + learned start",
+    "digits_homoode_conditioned_task_bosh3_errpen": "HomoODE, accelerated",
 }
 
 
