@@ -554,6 +554,14 @@ def render_tune(results):
                              "test acc", "skipped steps"], rows)])
 
 
+def _speed(ratio: float) -> str:
+    """A peer's time over ours, in words: parity within the 3% spread of the rounds,
+    otherwise faster or slower (never "0.9× faster")."""
+    if abs(ratio - 1) < 0.03:
+        return f"{ratio:.2f}× the speed (parity within noise)"
+    return f"**{ratio:.2f}× faster**" if ratio > 1 else f"{1 / ratio:.2f}× slower"
+
+
 def summary(res: dict) -> list[list[str]]:
     """The headline ratios of one device's results, for RESULTS.md and the README."""
     rows = []
@@ -568,7 +576,7 @@ def summary(res: dict) -> list[list[str]]:
             which = "Anderson row" if "Anderson" in t["peer"] else "row"
             rows.append([f"DEQ train step, implicit_kit {ours} vs the peer's fastest {which}: "
                          f"{t['peer']}", f"{t['ours']:.2f} vs {t['peer_ms']:.2f} ms",
-                         f"**{t['faster']:.2f}× faster** (target {t['goal']}: "
+                         f"{_speed(t['faster'])} (target {t['goal']}: "
                          f"{'met' if t['met'] else 'not met'})"])
         exact = [r for r in main if r["ms"] is not None and "inexact" not in r["name"]
                  and not r["name"].startswith(("floor", "fixed-count"))]
@@ -578,9 +586,7 @@ def summary(res: dict) -> list[list[str]]:
                    key=lambda r: r["ms"])
         rows.append([f"fastest DEQ train step of each side: {ours['name']} vs "
                      f"{peer['name']}", f"{ours['ms']:.2f} vs {peer['ms']:.2f} ms",
-                     f"{peer['ms'] / ours['ms']:.2f}× the speed (parity within noise)"
-                     if abs(peer['ms'] / ours['ms'] - 1) < 0.1 else
-                     f"{peer['ms'] / ours['ms']:.2f}× faster"])
+                     _speed(peer['ms'] / ours['ms'])])
         floor = deq_row(main, "floor")["ms"]
         rows.append(["DEQ train step vs the floor (bare matmul+tanh chain)",
                      f"{ik_:.2f} vs {floor:.2f} ms", f"{ik_ / floor:.2f}× the floor"])
@@ -606,7 +612,7 @@ def summary(res: dict) -> list[list[str]]:
         t = by.get("torchdiffeq odeint (batch as one ODE)")
         if t:
             rows.append(["Neural ODE train step vs torchdiffeq `odeint`",
-                         f"{one:.1f} vs {t:.1f} ms", f"**{t / one:.2f}× faster**"])
+                         f"{one:.1f} vs {t:.1f} ms", _speed(t / one)])
     if "demo" in res:
         by = {r["model"].split(" (")[0]: r for r in res["demo"]["data"]["rows"]}
         h, n = by.get("HomoODE"), by.get("Neural ODE")
@@ -681,7 +687,7 @@ def summary(res: dict) -> list[list[str]]:
         if j and sm and j["ms"] and sm["ms"]:
             rows.append([f"DEQ train step on {j['devices']} devices: jit vs per-device "
                          "loops (shard_map)", f"{j['ms']:.1f} vs {sm['ms']:.1f} ms",
-                         f"**{j['ms'] / sm['ms']:.2f}× faster**, the same results"])
+                         f"{_speed(j['ms'] / sm['ms'])}, the same results"])
     if "sparse_coding" in res:
         rs = res["sparse_coding"]["data"]["rows"]
         ours = min((r for r in rs if r["name"].startswith("implicit_kit")),
@@ -692,7 +698,7 @@ def summary(res: dict) -> list[list[str]]:
             rows.append(["lasso codes + implicit gradient (256 digits, float64) vs jaxopt's "
                          "fastest row", f"{ours['ms']:.0f} vs {best['ms']:.0f} ms; gradient "
                          f"error {ours['grad_rel_err']:.0e} vs {best['grad_rel_err']:.0e}",
-                         f"**{best['ms'] / ours['ms']:.1f}× faster**"])
+                         _speed(best['ms'] / ours['ms'])])
     if "svm_hyper" in res:
         h = res["svm_hyper"]["data"]["hypergradient"]["rows"]
         ours = h[0]
@@ -703,7 +709,7 @@ def summary(res: dict) -> list[list[str]]:
                          f"{ours['ms']:.0f} vs {best['ms']:.0f} ms; error vs central "
                          f"difference {ours['rel_err_vs_fd']:.0e} vs "
                          f"{best['rel_err_vs_fd']:.0e}",
-                         f"**{best['ms'] / ours['ms']:.1f}× faster**"])
+                         _speed(best['ms'] / ours['ms'])])
     if "distillation" in res:
         d = res["distillation"]["data"]
         rows.append(["dataset distillation: test accuracy of a classifier trained on ten "

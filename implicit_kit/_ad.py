@@ -88,6 +88,47 @@ def _materialise(ybar, y):
     )
 
 
+@jax.custom_jvp
+def _tangent_only(x):
+    """Value zero, derivative the identity: a term that changes no value and only
+    carries a derivative (its value may be `0 * nan` where its derivative is NaN)."""
+    # (`0 * nan_to_num(x)`, not `zeros_like(x)`: the value keeps `x`'s batching under
+    # vmap, as its tangent does.)
+    return 0 * jnp.nan_to_num(x)
+
+
+@_tangent_only.defjvp
+def _tangent_only_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return _tangent_only(x), t
+
+
+def nan_gradient_where(bad, y, inputs):
+    """`y` unchanged in value; its derivative with respect to every inexact array of
+    `inputs` (and to `y`'s own inputs) is NaN where `bad` (per sample under vmap), and
+    unchanged elsewhere.
+
+    Used after a solve that failed with a non-finite value or a divergence under
+    `throw=False`: whatever the backward mode (a custom VJP, a JVP, unrolling), and even
+    where the user's function masks its derivative there (`jnp.where(..., nan, ...)` has
+    a zero derivative in the masked branch), the gradient of such a sample is NaN,
+    never zero nor a finite wrong number. The added term is
+    `where(bad, nan, 0) * sum(x - stop_gradient(x))` over the inputs' leaves (a scalar
+    per sample): its reverse-mode cost is one scalar broadcast per leaf, not one
+    parameter-sized array per sample.
+    """
+    leaves = [x for x in jtu.tree_leaves(inputs) if eqx.is_inexact_array(x)]
+    if not leaves:
+        return y
+    real = jnp.result_type(*[jnp.real(x).dtype for x in leaves], jnp.float32)
+    total = sum(jnp.sum(jnp.real(x - jax.lax.stop_gradient(x))).astype(real)
+                for x in leaves)
+    term = _tangent_only(jnp.where(bad, jnp.nan, 0.0).astype(real) * total)
+    return jtu.tree_map(
+        lambda a: a + term.astype(a.dtype) if eqx.is_inexact_array(a) else a, y
+    )
+
+
 def stop_gradient(tree):
     # stop_gradient of a traced Python scalar can return its literal value: re-array it.
     return scalars_to_arrays(jtu.tree_map(

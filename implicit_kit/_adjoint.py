@@ -7,6 +7,7 @@ $\bar\theta = (\partial T/\partial\theta)^\top u$ with $u = \bar y + J_T(y^*)^\t
 """
 
 import abc
+import math
 
 import equinox as eqx
 import equinox.internal as eqxi
@@ -19,25 +20,38 @@ import optimistix as optx
 import optimistix.internal as optxi
 
 from ._ad import implicit_vjp, stop_gradient
-from ._iterate import run
+from ._iterate import check_max_steps, run
 from ._misc import gmres, precision_floor, scalars_to_arrays, tree_sub, tree_where
 from ._solution import as_results, RESULTS
 from .solvers import Picard
-from .solvers._base import AbstractFixedPointSolver, native_fn
+from .solvers._base import AbstractFixedPointSolver, check_number, native_fn
 
 
 def backward_tolerance(forward: tuple[float, float] | None, dtype) -> tuple[float, float]:
     """The default `(rtol, atol)` of a backward solve: the forward solve's, but never
-    tighter than `dtype` can reach (10 machine epsilons; float32 training never asks for
-    the impossible). Without a forward tolerance (`custom_root`), 1e-10 / 1e-12, raised
-    to 100 / 10 epsilons in lower precision."""
+    tighter than `dtype` can reach (10 machine epsilons, so that float32 training never
+    asks for the impossible; one epsilon in float16/bfloat16). Without a forward
+    tolerance (`custom_root`), 1e-10 / 1e-12, raised to 100 / 10 epsilons in lower
+    precision."""
     if forward is None:
         return precision_floor(dtype)
-    eps = float(jnp.finfo(dtype).eps)
+    # In float16/bfloat16 the solve works in float32 (`working_precision`) while
+    # each VJP still rounds in `dtype`: no tighter than one rounding of `dtype` (ten of
+    # its epsilons stopped bfloat16 at a 3% error), nor than float32 can reach.
+    work = float(jnp.finfo(jnp.promote_types(dtype, jnp.float32)).eps)
+    eps = max(float(jnp.finfo(dtype).eps) / 10, work)
     rtol, atol = forward
+    # A forward solve told to accept any iterate (`rtol=inf`, e.g. a homotopy end point
+    # taken as it is) says nothing about the backward solve: that one still solves to
+    # the precision floor, never "accept anything" (which would be a wrong gradient).
+    floor_rtol, floor_atol = precision_floor(dtype)
     if all(isinstance(t, (int, float)) for t in (rtol, atol)):
-        return max(float(rtol), 10 * eps), max(float(atol), eps)
+        rtol = float(rtol) if math.isfinite(rtol) else floor_rtol
+        atol = float(atol) if math.isfinite(atol) else floor_atol
+        return max(rtol, 10 * eps), max(atol, eps)
     # Tolerances given as (possibly traced) arrays, e.g. vmapped over as hyperparameters.
+    rtol = jnp.where(jnp.isfinite(rtol), rtol, floor_rtol)
+    atol = jnp.where(jnp.isfinite(atol), atol, floor_atol)
     return jnp.maximum(rtol, 10 * eps), jnp.maximum(atol, eps)
 
 
@@ -124,6 +138,9 @@ class ImplicitAdjoint(AbstractVJPAdjoint):
     krylov: lx.AbstractLinearSolver | None = eqx.field(default=None, repr=False)
 
     def __check_init__(self):
+        for field in ("rtol", "atol"):
+            check_number(f"ImplicitAdjoint({field}=...)", getattr(self, field), low=0.0)
+        check_max_steps(self.max_steps, "ImplicitAdjoint(max_steps=...)")
         if self.linear_solver is not None and not isinstance(
             self.linear_solver, (AbstractFixedPointSolver, lx.AbstractLinearSolver)
         ):
@@ -214,6 +231,11 @@ class NeumannAdjoint(AbstractVJPAdjoint):
 
     k: int = eqx.field(static=True, default=5)
 
+    def __check_init__(self):
+        if not (isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 0):
+            raise ValueError(f"`{type(self).__name__}(k=...)` must be an integer >= 0, got "
+                             f"{self.k!r}.")
+
     def solve_adjoint(self, JT_T, A, ybar, tags):
         del A, tags
 
@@ -257,6 +279,13 @@ class PhantomAdjoint(AbstractAdjoint):
 
     k: int = eqx.field(static=True, default=5)
     damping: float = 0.5
+
+    def __check_init__(self):
+        check_number("PhantomAdjoint(damping=...)", self.damping, low=0.0, low_open=True,
+                     high=1.0)
+        if not (isinstance(self.k, int) and self.k >= 1):
+            raise ValueError(f"`PhantomAdjoint(k=...)` must be a positive integer, got "
+                             f"{self.k!r}.")
 
     def apply(self, forward, fn, kind, y0, args, *, probe, throw, tags):
         del probe, throw, tags

@@ -27,6 +27,11 @@ from .solvers._base import (
 )
 
 
+# See `_iterate`: how much a solve stopped by `max_steps` must have grown its residual
+# to count as diverged (`RESULTS.nonlinear_divergence`) rather than unconverged.
+DIVERGENCE_FACTOR = 1e6
+
+
 def residual_fn(fn, kind: str):
     """`y, args -> G(y)`: the residual whose norm is reported."""
     g = native_fn(fn, kind, "root")
@@ -64,6 +69,7 @@ def _iterate(
         jnp.array(jnp.inf, real),
         jnp.full((n_trace,), jnp.nan, real),
         jtu.tree_map(lambda x: jnp.broadcast_to(x, (len(save_at),) + x.shape), y0),
+        jnp.array(jnp.inf, real),
     )
     save_idx = jnp.array(save_at, dtype=int)
 
@@ -78,9 +84,8 @@ def _iterate(
         return eqxi.unvmap_any(keep_going)
 
     def body_fun(carry):
-        y, dynamic_state, aux, num_steps, nfe, done, result, residual, residuals, saved = (
-            carry
-        )
+        (y, dynamic_state, aux, num_steps, nfe, done, result, residual, residuals, saved,
+         first_residual) = carry
         state = eqx.combine(static_state, dynamic_state)
         new_y, new_state, new_aux, step_nfe = step_counted(
             solver, nfn, y, args, options, state, tags
@@ -115,6 +120,7 @@ def _iterate(
                 saved,
                 y,
             )
+        first_residual = jnp.where(num_steps == 0, new_residual, first_residual)
         residual = jnp.where(done, residual, new_residual)
         result = RESULTS.where(done, result, step_result)
         num_steps = jnp.where(done, num_steps, num_steps + 1)
@@ -124,7 +130,7 @@ def _iterate(
             new_dynamic = tree_where(done, dynamic_state, new_dynamic)
         return (
             y, new_dynamic, aux, num_steps, nfe, done | stop, result, residual, residuals,
-            saved,
+            saved, first_residual,
         )
 
     loop_body, loop_steps = body_fun, max_steps
@@ -159,10 +165,15 @@ def _iterate(
             kind=while_kind,
             checkpoints=checkpoints,
         )
-    y, dynamic_state, aux, num_steps, nfe, done, result, residual, residuals, saved = carry
+    (y, dynamic_state, aux, num_steps, nfe, done, result, residual, residuals, saved,
+     first_residual) = carry
+    # A solve stopped by `max_steps` whose residual grew by DIVERGENCE_FACTOR over its
+    # first step's has diverged (its last iterate is no approximation of a solution).
+    diverged = residual > DIVERGENCE_FACTOR * first_residual
     result = RESULTS.where(
         jnp.invert(done) & (result == RESULTS.successful),
-        RESULTS.nonlinear_max_steps_reached,
+        RESULTS.where(diverged, RESULTS.nonlinear_divergence,
+                      RESULTS.nonlinear_max_steps_reached),
         result,
     )
     final_state = eqx.combine(static_state, dynamic_state)
@@ -207,6 +218,7 @@ def run(
     the iterates after the steps listed in `save_at`, stacked on a leading axis, when
     `save_at` is not empty), per sample under vmap.
     """
+    check_max_steps(max_steps)
     save_at = tuple(int(i) for i in save_at)
     if any(i < 0 for i in save_at):
         raise ValueError(f"`save_iterates` must list step numbers >= 0, got {save_at}.")
@@ -221,6 +233,18 @@ def run(
         fn, kind, solver, y0, args, options, max_steps, trace, while_kind, checkpoints,
         save_at, check_every,
     )
+
+
+def check_max_steps(max_steps, name: str = "max_steps") -> None:
+    """Raise a `ValueError` naming `name` unless it is `None` or an integer in
+    [1, 2**31 - 1] (the driver counts steps in int32)."""
+    if max_steps is None:
+        return
+    if (not isinstance(max_steps, int) or isinstance(max_steps, bool)
+            or not 1 <= max_steps <= 2**31 - 1):
+        raise ValueError(
+            f"`{name}` must be None or an integer in [1, 2**31 - 1], got {max_steps!r}."
+        )
 
 
 def check_structure(fn, y0, args, name: str = "fn"):

@@ -66,6 +66,31 @@ def dtype_of(tree: PyTree):
     return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
 
 
+def working_precision(like):
+    """The cast of a pytree shaped like `like` into the one precision a solve of it works
+    in: the widest of its inexact leaves and float32. LAPACK (behind lineax's solvers)
+    has no float16 or bfloat16 kernels, and lineax's Krylov solvers need one dtype
+    across a pytree (a `y0` mixing float32 and float16). `None` where every leaf is
+    already in that precision (the common case costs nothing)."""
+    leaves = [x for x in jtu.tree_leaves(like) if eqx.is_inexact_array(x)]
+    if not leaves:
+        return None
+    work = jnp.result_type(*[x.dtype for x in leaves], jnp.float32)
+    if all(x.dtype == work for x in leaves):
+        return None
+    return lambda tree: jtu.tree_map(
+        lambda x: x.astype(work) if eqx.is_inexact_array(x) else x, tree)
+
+
+def lowest_precision(tree: PyTree):
+    """The dtype of a pytree's array leaves with the largest machine epsilon (the
+    default float if none): what tolerances of a solve of mixed dtypes can reach."""
+    leaves = [x for x in jtu.tree_leaves(tree) if eqx.is_inexact_array(x)]
+    if not leaves:
+        return dtype_of(tree)
+    return max((x.dtype for x in leaves), key=lambda d: float(jnp.finfo(d).eps))
+
+
 def precision_floor(dtype=None) -> tuple[float, float]:
     """`(rtol, atol)` that a solve in `dtype` can reach: 1e-10 / 1e-12, raised to 100 / 10
     machine epsilons in lower precision (a float32 solve cannot reach 1e-10)."""

@@ -11,6 +11,7 @@ from jaxtyping import Array, PyTree
 
 from ._adjoint import AbstractAdjoint
 from ._iterate import residual_fn
+from ._misc import dtype_of
 from ._solution import as_results, Solution
 from ._solve import Forward, GivenForward, solve, solver_tolerance
 from .solvers import NewtonKrylov
@@ -85,7 +86,12 @@ class _OptxMinimiseForward(eqx.Module):
                 "optimistix minimiser use `ImplicitAdjoint` (or unroll optimistix "
                 "yourself with `optx.RecursiveCheckpointAdjoint`)."
             )
-        loss = fn.fn.loss  # fn is _Prepared(_NegGrad(loss))
+        def loss(y, a):  # fn is _Prepared(_NegGrad(loss))
+            value, aux = fn.fn.loss(fn.to_native(y), a)
+            if fn.native is not None:  # the solve's working precision: `_solve.solve`
+                value = jnp.asarray(value).astype(dtype_of(y))
+            return value, aux
+
         sol = optx.minimise(
             loss, self.solver, y0, args, self.options, has_aux=True,
             max_steps=self.max_steps, throw=False,

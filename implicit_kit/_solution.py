@@ -61,6 +61,24 @@ class RESULTS(dfx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
     )
 
 
+# The outcomes after which the solution is not a usable point at all (non-finite
+# iterates, a diverged solve, a lost homotopy path): a gradient through such a solution
+# is NaN under `throw=False` (never zero, never a finite wrong number). Stopping at
+# `max_steps` is not among them: the last iterate is a usable approximation, and its
+# implicit gradient is finite (the training layer's `train.on_unconverged` decides).
+UNUSABLE = ("nonfinite", "nonfinite_y0", "nonfinite_args", "nonlinear_divergence",
+            "homotopy_path_lost", "backward_nonfinite")
+
+
+def unusable(result) -> "Array":
+    """`True` where `result` is one of the outcomes after which a solution has no
+    meaningful gradient (`UNUSABLE`), per sample under vmap."""
+    out = result == RESULTS.nonfinite
+    for name in UNUSABLE[1:]:
+        out = out | (result == getattr(RESULTS, name))
+    return out
+
+
 def as_results(result) -> RESULTS:
     """`result` as an implicit_kit `RESULTS` member: a member of a dependency's RESULTS
     (diffrax, optimistix, lineax) is promoted, keeping its code; one of ours is kept."""

@@ -11,10 +11,17 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array
 
+from ._ad import nan_gradient_where
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._iterate import check_structure, residual_fn, run
-from ._misc import dtype_of, inexact_asarray, scalars_to_arrays, tree_allfinite
-from ._solution import RESULTS, Solution, STATS_KEYS
+from ._misc import (
+    inexact_asarray,
+    lowest_precision,
+    scalars_to_arrays,
+    tree_allfinite,
+    working_precision,
+)
+from ._solution import RESULTS, Solution, STATS_KEYS, unusable
 
 
 def solver_tolerance(solver) -> tuple[float, float] | None:
@@ -30,13 +37,40 @@ class _Prepared(eqx.Module):
 
     fn: Any
     has_aux: bool = eqx.field(static=True)
+    # The dtypes of `y0`'s leaves where the solve works in a wider precision than they
+    # (`working_precision`): `fn` is still called in them.
+    native: tuple | None = eqx.field(static=True, default=None)
+
+    def to_native(self, y):
+        """`y` in the dtypes `fn` is called in."""
+        if self.native is None:
+            return y
+        leaves, treedef = jtu.tree_flatten(y)
+        return jtu.tree_unflatten(
+            treedef, [x.astype(d) for x, d in zip(leaves, self.native)])
 
     def __call__(self, y, args):
-        out = self.fn(y, args)
+        out = self.fn(self.to_native(y), args)
         out, aux = out if self.has_aux else (out, None)
         if jtu.tree_structure(out) == jtu.tree_structure(y):
             out = jtu.tree_map(lambda o, x: jnp.asarray(o).astype(x.dtype), out, y)
         return out, aux
+
+
+def _reachable_tolerance(forward, dtype):
+    """`forward` with its solver's `rtol`/`atol` raised to one epsilon of `dtype` where
+    that is float16/bfloat16: `fn` rounds in `dtype`, so a residual below its epsilon is
+    out of reach (NewtonKrylov's default 1e-5 in float16 ran to `max_steps`)."""
+    eps = float(jnp.finfo(dtype).eps)
+    solver = getattr(forward, "solver", None)
+    if eps <= float(jnp.finfo(jnp.float32).eps) or solver_tolerance(solver) is None:
+        return forward
+    rtol, atol = solver_tolerance(solver)
+    if not all(isinstance(t, (int, float)) for t in (rtol, atol)):
+        return forward
+    solver = eqx.tree_at(lambda s: (s.rtol, s.atol), solver,
+                         (max(float(rtol), eps), max(float(atol), eps)))
+    return eqx.tree_at(lambda f: f.solver, forward, solver)
 
 
 class Forward(eqx.Module):
@@ -93,8 +127,18 @@ def solve(
     fn = eqx.filter_closure_convert(fn, y0, args)
     if wrap is not None:
         fn = wrap(fn)
-    fn = _Prepared(fn, has_aux)
-    check_structure(fn, y0, args, name)
+    check_structure(_Prepared(fn, has_aux), y0, args, name)
+    # In float16/bfloat16, or with a `y0` mixing dtypes, the solve works in float32 (the
+    # widest of y0's dtypes and float32): the solver's state, its linear algebra (LAPACK
+    # and lineax's Krylov solvers have no half-precision kernels and need one dtype) and
+    # the backward solve, while `fn` is still evaluated in y0's own dtypes. The solution
+    # is cast back. (Backward tolerances follow the lowest precision of y0.)
+    native_y0, up = y0, working_precision(y0)
+    if up is None:
+        fn = _Prepared(fn, has_aux)
+    else:
+        fn = _Prepared(fn, has_aux, tuple(x.dtype for x in jtu.tree_leaves(y0)))
+        y0 = up(y0)
     if adjoint is None:
         adjoint = ImplicitAdjoint()
     if not isinstance(adjoint, AbstractAdjoint):
@@ -111,11 +155,22 @@ def solve(
                 f"got {probe.dtype}{list(probe.shape)}."
             )
     forward = forward_factory(kind)
+    if up is not None:
+        forward = _reachable_tolerance(forward, lowest_precision(native_y0))
     # Unset tolerances of the backward solve follow the forward solve's and the dtype.
-    adjoint = adjoint.with_defaults(forward.tolerance(), dtype_of(y0), kind, tags)
+    adjoint = adjoint.with_defaults(forward.tolerance(), lowest_precision(native_y0),
+                                    kind, tags)
     y, aux, stats, result = adjoint.apply(
         forward, fn, kind, y0, args, probe=probe, throw=throw, tags=tags
     )
+    if up is not None:
+        y, y0 = fn.to_native(y), native_y0
+    # A solve that went non-finite or diverged has no meaningful derivative: under
+    # `throw=False` its gradient is NaN (per sample), whatever the adjoint. (Under
+    # `throw=True` the failure raises below.)
+    if not throw:
+        bad = lax.stop_gradient(unusable(result))
+        y = nan_gradient_where(bad, y, (fn, y0, args))
     # Result codes and stats carry no derivative (an integer array that reaches
     # `error_if` with a tangent attached fails to differentiate).
     result, stats = jtu.tree_map(lax.stop_gradient, (result, stats))
@@ -153,7 +208,8 @@ class GivenForward(eqx.Module):
         if while_kind != "lax":
             raise ValueError("`UnrolledAdjoint` cannot unroll a given solution "
                              "(`custom_root`, `hypergradient`).")
-        y = self.solver_fn(y0, *args)
+        # (the user's solver starts from y0 in its own dtypes, not the working precision)
+        y = self.solver_fn(fn.to_native(y0), *args)
         y = jtu.tree_map(lambda a, b: jnp.asarray(a, b.dtype), y, y0)
         g = residual_fn(fn, "root")(y, args)
         # The user's solver is opaque: its steps and evaluations are unknown (0); `nfe`

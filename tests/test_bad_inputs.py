@@ -174,3 +174,45 @@ def test_a_non_finite_gradient_skips_the_step(tmp_path):
     ref_state = s.optimiser.init(s.params)
     for a, b in zip(jax.tree_util.tree_leaves(new_state), jax.tree_util.tree_leaves(ref_state)):
         np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------ shapes at model entry
+def _models():
+    k = jr.key(0)
+    deq = ik.models.DEQ(ik.nn.MLPCell(8, 5, key=k), (8,))
+    mon = ik.models.MonotoneDEQ.conv(4, 2, (6, 6), key=k)
+    mon_dense = ik.models.MonotoneDEQ.dense(8, 5, key=k)
+    block = ik.models.DEQ(ik.nn.ConvCell(16, key=k), (16, 4, 4))
+    clf = ik.models.ImageClassifier.build(block, in_channels=1, classes=3, hidden=16,
+                                          final=8, groups=4, key=k)
+    node = ik.models.NeuralODE(ik.nn.MLPField(4, 8, key=k))
+    return {"deq": deq, "mondeq": mon, "mondeq_dense": mon_dense, "classifier": clf,
+            "node": node}
+
+
+@pytest.mark.parametrize("name, x, match", [
+    # the messages were `dot_general requires contracting dimensions...`,
+    # `Size of label 'h' for operand 1 (4) does not match...` and ``Input to `Conv`
+    # needs to have rank 3``: none said what to do
+    ("deq", jnp.ones((3, 5)), r"`DEQ`: its cell failed on the state of shape \(8,\) and "
+     r"the input of shape \(3, 5\) \(.*\)\. If the input is a batch: models are called "
+     r"on one sample; for a batch, use `jax.vmap\(model\)\(xs\)`"),
+    ("mondeq", jnp.ones((2, 4, 4)), r"`MonotoneDEQ` expects one input of shape "
+     r"\(2, 6, 6\), got \(2, 4, 4\): models are called on one sample"),
+    ("mondeq", jnp.ones((7, 2, 6, 6)), r"got \(7, 2, 6, 6\) \(a batch of 7\?\)"),
+    ("mondeq_dense", jnp.ones((5, 5)), r"expects one input of shape \(5,\), got "
+     r"\(5, 5\) \(a batch of 5\?\)"),
+    ("classifier", jnp.ones((2, 1, 8, 8)), r"`ImageClassifier` expects one input of "
+     r"shape \(1, \*, \*\), got \(2, 1, 8, 8\) \(a batch of 2\?\): models are called"),
+    ("node", jnp.ones((3, 4)), r"`NeuralODE`: its field .*state of shape \(3, 4\).*"
+     r"use `jax.vmap\(model\)\(xs\)`"),
+])
+def test_shape_errors_at_model_entry_say_models_take_one_sample(name, x, match):
+    model = _models()[name]
+    with pytest.raises(ValueError, match=match):
+        model(x)
+    # and the same model, vmapped over that batch where it is one, runs
+    if name in ("mondeq", "mondeq_dense", "classifier") and "batch" in match:
+        out = jax.vmap(model)(x)
+        out = out[0] if isinstance(out, tuple) else out
+        assert out.shape[0] == x.shape[0]

@@ -149,6 +149,9 @@ REFERENCE = {
     "check_tune_config": "test_train.py::test_tune_config_errors_name_the_key",
     "check_stn_config": "test_train.py::test_stn_config_errors_name_the_key",
     "ConfigError": "test_train.py::test_config_errors_name_the_key_and_file",
+    "RunDirError": "test_faults.py::test_a_directory_in_use_is_refused_a_stale_lock_taken_over",
+    "TrainingError": "test_faults.py::test_nonfinite_steps_are_skipped_or_raise",
+    "TrainingInterrupted": "test_faults.py::test_sigint_inside_fit_stops_at_the_next_step_with_the_epoch_on_disk",
 }
 
 # Names with no value of their own to compare, and why.

@@ -12,7 +12,7 @@ from jaxtyping import Array, Float, Int, PyTree, Scalar
 
 from .._adjoint import AbstractAdjoint, ImplicitAdjoint
 from .._fixed_point import fixed_point
-from .._misc import dtype_of, gmres
+from .._misc import dtype_of, gmres, lowest_precision
 from .._solution import as_results, RESULTS, Solution
 from ..solvers._base import AbstractFixedPointSolver, init_residual
 from ._homotopy import (
@@ -179,6 +179,17 @@ def homotopy_solve(
     also a matrix-free linear solve, plus the corrector's and the end point's) and
     `residual`; extras `ode_rejected_steps` and the saved path.
     """
+    low = lowest_precision(z0)
+    if float(jnp.finfo(low).eps) > float(jnp.finfo(jnp.float32).eps):
+        # Measured: in float16 and bfloat16 the adaptive steps of the path ODE collapse
+        # on the rounding noise of the path field (PIDController at rtol 1e-2 to 1e-6:
+        # the path was lost, or not reached in 4096 steps), so refuse up front.
+        raise ValueError(
+            f"`homotopy_solve` needs `z0` in float32 or float64, got {jnp.dtype(low).name}: "
+            "the path ODE's adaptive step-size control cannot work at that precision. "
+            "Cast `z0` (and the arrays in `fn`/`args`) to float32, e.g. "
+            "`jax.tree.map(lambda a: a.astype(jnp.float32), z0)`, and the solution back."
+        )
     hs = HomotopySolver(
         homotopy=FixedPointHomotopy() if homotopy is None else homotopy,
         ode_solver=dfx.Tsit5() if ode_solver is None else ode_solver,

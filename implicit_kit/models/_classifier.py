@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, PRNGKeyArray
 
+from ._shapes import check_input
+
 
 def group_count(c: int, groups: int) -> int:
     """The largest number of GroupNorm groups `<= groups` that divides `c` channels."""
@@ -95,6 +97,7 @@ class ImageClassifier(eqx.Module):
                  inference: bool = False, probe: Array | None = None):
         """`probe`: an `ik.backward_probe()`, passed on to the block (every model takes
         one) to read its implicit backward solve's statistics."""
+        check_input("ImageClassifier", x, (self.stem.conv1.in_channels, None, None))
         z, stats = self.block(self.stem(x), key=key, inference=inference, return_stats=True,
                               probe=probe)
         return self.head(z), stats.with_extras(z_end=jax.lax.stop_gradient(z))

@@ -11,6 +11,7 @@ from jaxtyping import Array, PRNGKeyArray
 from .._fixed_point import fixed_point
 from ..nn import prepare
 from ..solvers import Anderson
+from ._shapes import check_cell, ONE_SAMPLE
 from ._stats import ModelStats
 
 
@@ -129,8 +130,9 @@ class DEQ(eqx.Module):
         if z0.shape != self.state_shape:
             raise ValueError(
                 f"the initial point has shape {z0.shape}, expected `state_shape` "
-                f"{self.state_shape}."
+                f"{self.state_shape}. If the input is a batch: {ONE_SAMPLE}."
             )
+        check_cell("DEQ", "cell", lambda z, a: cell(z, a), z0, x)
         sol = fixed_point(
             lambda z, a: cell(z, a), lax.stop_gradient(z0), x, self.solver,
             adjoint=self.adjoint, max_steps=self.max_steps, throw=self.throw,

@@ -21,6 +21,7 @@ from .._fixed_point import fixed_point
 from .._solution import Solution
 from ..nn import MonotoneConv, MonotoneLinear
 from ..solvers import Picard
+from ._shapes import check_input
 from ._stats import ModelStats
 
 
@@ -155,6 +156,7 @@ class MonotoneDEQ(eqx.Module):
     def __call__(self, x: Array, *, return_stats: bool = False, probe=None, key=None,
                  inference: bool = False):
         del key, inference  # no stochastic layers
+        check_input("MonotoneDEQ", x, self.layer.input_shape)
         sol = self.solver.solve(
             self.layer, x, adjoint=self.adjoint, max_steps=self.max_steps,
             throw=self.throw, probe=probe,

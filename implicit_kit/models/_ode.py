@@ -15,6 +15,7 @@ from .._solution import as_results
 from ..homotopy import count_nfe, FixedPointHomotopy, homotopy_solve
 from ..nn import prepare
 from ..regularizers import ErrorEstimatePenalty, local_error_penalty
+from ._shapes import check_cell
 from ._stats import ModelStats, no_residual
 
 
@@ -90,14 +91,17 @@ class ODESolve(eqx.Module):
             saveat=saveat, stepsize_controller=controller,
             adjoint=self.adjoint, max_steps=self.max_steps, throw=False,
         )
-        z1 = sol.ys[-1]
+        # `sol.ys` has the state's structure with a leading time axis on every leaf (a
+        # pytree state: `sol.ys[-1]` was its last leaf, silently).
+        z1 = jax.tree_util.tree_map(lambda y: y[-1], sol.ys)
         num_steps = lax.stop_gradient(sol.stats["num_steps"])
         extras = {}
         if self.error_penalty:
             extras["error_penalty"] = sol.solver_state[1]
         if self.local_penalty:
             extras["local_error_penalty"] = local_error_penalty(
-                vf, self.solver, ts[0], sol.ys[0], (field, condition), rtol=self.rtol,
+                vf, self.solver, ts[0], jax.tree_util.tree_map(lambda y: y[0], sol.ys),
+                (field, condition), rtol=self.rtol,
                 atol=self.atol, t_end=t1, dt=self.dt0,
             )
         # diffrax's outcome promoted (max_steps_reached stays max_steps_reached).
@@ -135,6 +139,7 @@ class NeuralODE(eqx.Module):
         del probe
         kd, kp = (None, None) if key is None else jr.split(key)
         field = prepare(self.field, key=kd, inference=inference)
+        check_cell("NeuralODE", "field", lambda z, a: field(z, a), z0, None)
         z1, stats = self.ode(field, z0, None, self.t1, kp)
         return (z1, stats) if return_stats else z1
 
@@ -314,7 +319,9 @@ class HomoODE(eqx.Module):
             sol = homotopy_solve(
                 lambda z, a: module(z, a), z0_solve, x, FixedPointHomotopy(),
                 ode_solver=ode.solver, stepsize_controller=controller, dt0=ode.dt0,
-                max_steps=ode.max_steps, rtol=jnp.inf, throw=False, probe=probe,
+                # (the end point is not held to a tolerance: the largest finite one)
+                max_steps=ode.max_steps, rtol=float(jnp.finfo(x.dtype).max), throw=False,
+                probe=probe,
             )
             z1 = sol.value
             stats = ModelStats.from_solution(sol)

@@ -97,6 +97,10 @@ class MonotoneLinear(eqx.Module):
     def state_shape(self) -> tuple[int, ...]:
         return (self.a.shape[0],)
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.u.in_features,)
+
     def bias(self, x: Array) -> Array:
         """The input injection `U x + b`."""
         return self.u(x)
@@ -166,6 +170,10 @@ class MonotoneConv(eqx.Module):
     @property
     def state_shape(self) -> tuple[int, ...]:
         return (self.a.shape[0], *self.shape)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.u.in_channels, *self.shape)
 
     def bias(self, x: Array) -> Array:
         """The input injection `U x + b`."""

@@ -16,6 +16,7 @@ evaluations of `fn` (a JVP through it counts as one); without it, the evaluation
 counted as the calls of `fn` in one traced `step` (`step_counted`).
 """
 
+import math
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -30,6 +31,28 @@ from .._misc import dtype_of
 from .._solution import as_results, RESULTS
 
 
+def check_number(
+    what: str, value, *, low=None, low_open=False, high=None, allow_inf=False
+) -> None:
+    """Raise a `ValueError` naming `what` unless the Python number `value` is finite (or
+    `+inf`, with `allow_inf`) and in the range (`low` excluded with `low_open`, `high`
+    included). Arrays are not checked (a tolerance vmapped over as a hyperparameter is
+    traced)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if allow_inf and value == math.inf:
+        return
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}, "
+    hi = ("inf]" if allow_inf else "inf)") if high is None else f"{high:g}]"
+    ok = math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or value <= high)
+    if not ok:
+        kind = "a number" if allow_inf else "a finite number"
+        expected = f"{kind} in {lo}{hi}" if lo else kind
+        raise ValueError(f"`{what}` must be {expected}, got {value!r}.")
+
+
 class AbstractImplicitSolver(eqx.Module):
     """Mixin for the solvers of implicit_kit: a tolerance test on `state.residual`."""
 
@@ -37,6 +60,19 @@ class AbstractImplicitSolver(eqx.Module):
     atol: AbstractVar[float]
     norm: AbstractVar[Callable[[PyTree], Scalar]]
     native: AbstractClassVar[str]
+
+    def __check_init__(self):
+        # Run for every subclass (equinox calls each class's `__check_init__`).
+        name = type(self).__name__
+        for field in ("rtol", "atol"):
+            # `inf` is allowed: "accept any iterate" (e.g. a homotopy end point taken as
+            # it is, `homotopy_solve(..., rtol=jnp.inf)`).
+            check_number(
+                f"{name}({field}=...)", getattr(self, field), low=0.0, allow_inf=True
+            )
+        damping = getattr(self, "damping", None)
+        if damping is not None:
+            check_number(f"{name}(damping=...)", damping, low=0.0, low_open=True, high=1.0)
 
     def terminate(self, fn, y, args, options, state, tags):
         """`(done, result)`: done when the residual is finite and at most

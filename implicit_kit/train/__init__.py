@@ -30,7 +30,13 @@ from ._config import (
     TuneConfig as TuneConfig,
 )
 from ._data import load_data as load_data
-from ._loop import evaluate_checkpoint as evaluate_checkpoint, fit as fit, FitResult as FitResult
+from ._loop import (
+    evaluate_checkpoint as evaluate_checkpoint,
+    fit as fit,
+    FitResult as FitResult,
+    TrainingError as TrainingError,
+)
 from ._report import plot_history as plot_history
+from ._rundir import RunDirError as RunDirError, TrainingInterrupted as TrainingInterrupted
 from ._self_tuning import run_stn as run_stn
 from ._tuning import run_tune as run_tune

@@ -117,13 +117,16 @@ def load_checkpoint(path, like) -> tuple[dict, object]:
     return header, state
 
 
-_RESUME_FREE = ("train.progress",)
+# Keys a resume may change: how progress is shown, and where the run lives and how many
+# checkpoints it keeps (a run directory may be spelled differently, moved or copied).
+_RESUME_FREE = ("train.progress", "train.checkpoint_dir", "train.keep_checkpoints")
 # Keys added after checkpoints were first written, with the value that reproduces what a
 # checkpoint without the key was trained with (its run resumes exactly with that value).
 _ADDED_KEYS = {"train.parallel": "jit", "data.downsample": 1, "optim.group": "",
                "optim.group_name": "sgd", "optim.group_lr": 0.02,
                "optim.group_schedule": "cosine", "optim.group_every": 1,
-               "model.detach_start": True}
+               "model.detach_start": True, "train.on_nonfinite": "skip",
+               "train.on_unconverged": "apply"}
 
 
 def config_diff(a: dict, b: dict, prefix="") -> list[str]:

@@ -12,10 +12,12 @@ import jax
 from ..hyper import format_table
 from ._checkpoint import atomic_write, CheckpointError
 from ._config import check_config, Config, ConfigError, load_config, StnConfig, TuneConfig
-from ._loop import evaluate_checkpoint, fit
+from ._loop import evaluate_checkpoint, fit, TrainingError
 from ._report import plot_comparison, SUMMARY_FORMATS, summary_row
+from ._rundir import TrainingInterrupted
 from ._self_tuning import run_stn
 from ._tuning import run_tune
+from ._watchdog import PeerWatchdog
 
 
 DEMO = ("digits_node", "digits_anode", "digits_deq", "digits_mondeq",
@@ -38,12 +40,16 @@ def config_dir() -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 
-def _fit_many(configs: list[tuple[str, Config]], resume: bool) -> list[dict]:
+def _run_flags(a) -> dict:
+    return {"resume": a.resume, "resume_valid": a.resume_valid, "force": a.force}
+
+
+def _fit_many(configs: list[tuple[str, Config]], a) -> list[dict]:
     rows = []
     for name, cfg in configs:
         print(f"== {name}: {cfg.model.kind}, {cfg.train.epochs} epochs -> "
               f"{cfg.train.checkpoint_dir}", flush=True)
-        result = fit(cfg, resume=resume)
+        result = fit(cfg, **_run_flags(a))
         rows.append(summary_row(name, result))
     return rows
 
@@ -58,23 +64,48 @@ def _init_distributed(a) -> None:
         raise ConfigError("--coordinator, --num-processes and --process-id go together "
                           "(or pass --distributed on a cluster that JAX auto-detects).")
     if a.coordinator is None and not a.distributed:
-        return
+        return None
+    if not a.peer_timeout > 0:
+        raise ConfigError(f"--peer-timeout must be > 0 seconds, got {a.peer_timeout}.")
     # Collectives between CPU processes (a no-op for accelerators' own collectives).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if a.coordinator is None:
         jax.distributed.initialize()
+        from jax._src import distributed
+
+        address = getattr(distributed.global_state, "coordinator_address", None)
     else:
         if not 0 <= a.process_id < a.num_processes:
             raise ConfigError(f"--process-id must be in [0, {a.num_processes}), got "
                               f"{a.process_id}.")
         jax.distributed.initialize(coordinator_address=a.coordinator,
                                    num_processes=a.num_processes, process_id=a.process_id)
+        address = a.coordinator
+    if jax.process_count() < 2 or not address:
+        return None
+    host, _, port = address.rpartition(":")
+    port = a.watchdog_port or int(port) + 1
+    return PeerWatchdog(host, port, jax.process_count(), jax.process_index(),
+                        timeout=a.peer_timeout).start()
 
 
 def _cmd_train(a) -> int:
-    _init_distributed(a)
+    watchdog = _init_distributed(a)
     cfg = load_config(a.config, a.overrides)
-    result = fit(cfg, resume=a.resume)
+    try:
+        result = fit(cfg, **_run_flags(a))
+    except jax.errors.JaxRuntimeError as err:
+        if watchdog is None:
+            raise
+        # A collective can fail (gloo: "connection reset by peer") before the watchdog
+        # has reported the lost peer: give it its timeout to name the process.
+        message = watchdog.wait_for_loss(a.peer_timeout)
+        first = (str(err).strip() or repr(err)).splitlines()[0]
+        first = first.replace("Error dispatching computation: ", "")[:300]
+        raise TrainingError(message or "a collective between processes failed and no "
+                            f"peer was reported lost: {first}") from None
+    if watchdog is not None:  # a normal end: the peers are told, not alarmed
+        watchdog.stop()
     if jax.process_index() == 0:
         print(format_table([summary_row(cfg.name, result)], SUMMARY_FORMATS))
         print(f"log, checkpoints and plots: {result.run_dir}")
@@ -98,7 +129,7 @@ def _cmd_compare(a) -> int:
         )
     for _, cfg in configs:  # every config is checked before anything trains
         check_config(cfg)
-    rows = _fit_many(configs, a.resume)
+    rows = _fit_many(configs, a)
     print(format_table(rows, SUMMARY_FORMATS))
     return 0
 
@@ -120,7 +151,7 @@ def _cmd_demo(a) -> int:
                     "fresh one or --resume to continue it."
                 )
     t0 = time.perf_counter()
-    rows = _fit_many(configs, a.resume)
+    rows = _fit_many(configs, a)
     print()
     print("implicit models on the embedded 8x8 digits (same stem and head; test split of "
           "360 images; NFE = evaluations of the cell or vector field per test sample)")
@@ -148,13 +179,23 @@ def _cmd_stn(a) -> int:
     return 0
 
 
+def _add_run_flags(p) -> None:
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--resume-valid", action="store_true",
+                   help="with --resume: if the newest checkpoint is corrupt, resume from "
+                        "the newest valid one (the corrupt files are renamed *.corrupt)")
+    p.add_argument("--force", action="store_true",
+                   help="take over a run directory locked by another run (run.lock) that "
+                        "is known to be gone")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="implicit-kit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one config")
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="key.sub=value")
-    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _add_run_flags(t)
     t.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="multi-process training: process 0's address (jax.distributed)")
     t.add_argument("--num-processes", type=int, default=None, metavar="N")
@@ -162,6 +203,12 @@ def main(argv=None) -> int:
     t.add_argument("--distributed", action="store_true",
                    help="multi-process training on a cluster that "
                         "jax.distributed.initialize() detects (Slurm, Open MPI, TPU)")
+    t.add_argument("--peer-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="multi-process: a process whose peer died (or stayed silent this "
+                        "long) stops with one line naming it (default 30)")
+    t.add_argument("--watchdog-port", type=int, default=None, metavar="PORT",
+                   help="multi-process: process 0's watchdog port (default: the "
+                        "coordinator's port + 1)")
     t.set_defaults(fn=_cmd_train)
     e = sub.add_parser("eval", help="evaluate a checkpoint on its test split")
     e.add_argument("checkpoint")
@@ -170,13 +217,13 @@ def main(argv=None) -> int:
     c.add_argument("configs", nargs="+")
     c.add_argument("--set", dest="overrides", action="append", default=[],
                    help="key.sub=value applied to every config")
-    c.add_argument("--resume", action="store_true")
+    _add_run_flags(c)
     c.set_defaults(fn=_cmd_compare)
     d = sub.add_parser("demo", help="the main job: every implicit model on the digits")
     d.add_argument("--out", default="runs/demo", help="where logs, checkpoints, plots go")
     d.add_argument("--set", dest="overrides", action="append", default=[],
                    help="key.sub=value applied to every config (e.g. train.epochs=2)")
-    d.add_argument("--resume", action="store_true")
+    _add_run_flags(d)
     d.set_defaults(fn=_cmd_demo)
     u = sub.add_parser("tune", help="tune weight decay by hypergradients against a "
                        "vmapped grid search (a tune config)")
@@ -188,12 +235,26 @@ def main(argv=None) -> int:
     n.add_argument("config")
     n.add_argument("overrides", nargs="*", help="key.sub=value")
     n.set_defaults(fn=_cmd_stn)
-    a = p.parse_args(argv)
+    # Overrides after an option (`train CONFIG --resume key=value`) are overrides too.
+    a, extra = p.parse_known_args(argv)
+    if extra:
+        if hasattr(a, "overrides") and a.command in ("train", "tune", "stn") and all(
+                "=" in e and not e.startswith("-") for e in extra):
+            a.overrides = list(a.overrides) + extra
+        else:
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return a.fn(a)
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         print(f"implicit-kit {a.command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingError as err:
+        print(f"implicit-kit {a.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:  # `TrainingInterrupted` names the checkpoint
+        why = str(err) if isinstance(err, TrainingInterrupted) else "interrupted."
+        print(f"implicit-kit {a.command}: {why}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

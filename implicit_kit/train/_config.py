@@ -8,6 +8,7 @@ Command-line overrides are `key.sub=value` (the value parsed as YAML).
 """
 
 import dataclasses
+import math
 import pathlib
 import re
 import types
@@ -36,6 +37,24 @@ _Loader.add_implicit_resolver(
     |\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."),
 )
+
+
+def _construct_mapping(loader, node, deep=False):
+    """A mapping whose keys are unique: a key given twice is an error naming it and both
+    lines (YAML itself lets the last one win silently)."""
+    loader.flatten_mapping(node)
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(f"duplicate key {key!r} (lines {seen[key]} and {line}); "
+                              "each key may appear once in a section.")
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def _yaml(text: str):
@@ -184,7 +203,17 @@ class TrainConfig:
       over the whole batch; every solver loop runs until the slowest sample of the whole
       batch stops, with a cross-device reduction per iteration), `shard_map` (each
       device loops over its own samples, `ik.shard_batch`; the same results, faster),
-      or `auto` (the default: `shard_map` on several devices, `jit` on one)."""
+      or `auto` (the default: `shard_map` on several devices, `jit` on one).
+    - `on_nonfinite`: a train step whose gradient is not finite (a forward solve that
+      went non-finite or diverged, whose gradient implicit_kit makes NaN; a failed
+      backward solve; a NaN in the loss) is `skip`ped (the default: not applied, counted
+      in `skipped_steps` and `nonfinite_steps`) or `raise`s (the run stops with an
+      error naming the epoch and step; the checkpoint of the last completed epoch
+      stays).
+    - `on_unconverged`: a train step in which some sample's forward solve stopped
+      without converging but finite (its step cap: the gradient is the implicit one at
+      the last iterate, finite and approximate) is `apply`ed (the default, counted in
+      `unconverged_steps`), `skip`ped, or `raise`s."""
 
     epochs: int = 10
     batch: int = 64
@@ -196,6 +225,8 @@ class TrainConfig:
     progress: bool = True
     dtype: str = "float32"
     parallel: str = "auto"
+    on_nonfinite: str = "skip"
+    on_unconverged: str = "apply"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,6 +414,8 @@ _ENUMS = {
     "model.backward": BACKWARDS,
     "train.dtype": ("float32", "float64"),
     "train.parallel": ("auto", "jit", "shard_map"),
+    "train.on_nonfinite": ("skip", "raise"),
+    "train.on_unconverged": ("apply", "skip", "raise"),
 }
 
 
@@ -408,6 +441,8 @@ def _check_value(value, tp, where: str, source: str):
             f"{type(value).__name__} {value!r}."
         )
     value = float(value) if tp is float else value
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{source}: key '{where}' must be a finite number, got {value!r}.")
     if where in _ENUMS and value not in _ENUMS[where]:
         raise ConfigError(
             f"{source}: key '{where}' must be one of {_ENUMS[where]}, got {value!r}."
@@ -468,6 +503,9 @@ def config_from_dict(raw: dict, overrides=(), *, source: str = "<dict>",
     (`["train.epochs=3", ...]`), into a `schema` (`Config`, or `TuneConfig` for
     `implicit-kit tune`)."""
     raw = _yaml(yaml.safe_dump(raw)) if raw is not None else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of sections (name, model, "
+                          f"train, ...), got {type(raw).__name__}.")
     for key, value in parse_overrides(overrides):
         _set(raw, key, value, f"{source} (command line)")
     return _build(schema, raw, "", source)
@@ -483,6 +521,8 @@ def load_config(path, overrides=(), *, schema=Config):
         raw = _yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return config_from_dict(raw, overrides, source=str(path), schema=schema)
 
 
@@ -537,9 +577,16 @@ def check_model_config(m: ModelConfig) -> None:
         raise ConfigError("key 'model.detach_start' false needs kind 'homoode' with "
                           f"init 'learned' or 'conditioned', got kind {m.kind!r}, init "
                           f"{init!r}.")
-    for key in ("hidden", "final", "groups", "adjoint_steps"):
+    for key in ("hidden", "final", "groups", "adjoint_steps", "augment"):
         if getattr(m, key) < 1:
             raise ConfigError(f"key 'model.{key}' must be positive, got {getattr(m, key)}.")
+    if m.max_steps is not None and not 1 <= m.max_steps <= 2**31 - 1:
+        raise ConfigError(f"key 'model.max_steps' must be a positive integer (at most "
+                          f"2**31 - 1) or null, got {m.max_steps}.")
+    for key in ("rtol", "atol", "backward_rtol"):
+        if getattr(m, key) is not None and getattr(m, key) < 0:
+            raise ConfigError(f"key 'model.{key}' must be a finite number >= 0, got "
+                              f"{getattr(m, key)}.")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"key 'model.dropout' must be in [0, 1), got {m.dropout}.")
 
@@ -574,6 +621,15 @@ def check_config(cfg: Config) -> None:
             "levels in [0, 1]) and true for the other kinds.")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"key 'optim.lr' must be positive, got {cfg.optim.lr}.")
+    for section, key in (("optim", "weight_decay"), ("optim", "clip"),
+                         ("optim", "final_lr_factor"), ("optim", "warmup_steps"),
+                         ("regularizers", "init_loss"), ("regularizers", "jacobian"),
+                         ("regularizers", "error_penalty")):
+        value = getattr(getattr(cfg, section), key)
+        if value < 0:
+            raise ConfigError(f"key '{section}.{key}' must be >= 0, got {value}.")
+    if cfg.train.seed < 0:
+        raise ConfigError(f"key 'train.seed' must be >= 0, got {cfg.train.seed}.")
     if cfg.optim.group and (cfg.optim.group_lr <= 0 or cfg.optim.group_every < 1):
         raise ConfigError(f"keys 'optim.group_lr' > 0 and 'optim.group_every' >= 1 are "
                           f"required, got {cfg.optim.group_lr}, {cfg.optim.group_every}.")

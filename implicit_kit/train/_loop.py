@@ -1,6 +1,7 @@
 """`fit`: the training loop (epochs, metrics, checkpoints, exact resume, data
 parallelism over all visible devices), and the evaluation of a checkpoint."""
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -29,6 +30,14 @@ from ._checkpoint import (
 from ._config import check_config, Config, config_from_dict, ConfigError
 from ._data import load_data, pad_eval
 from ._report import host_tree, peak_memory_mb, plot_history, Progress, to_host
+from ._rundir import (
+    check_writable,
+    Interrupts,
+    remove_stale_temporaries,
+    run_lock,
+    TrainingInterrupted,
+    write_error,
+)
 from ._step import make_optimiser, Steps
 
 
@@ -132,21 +141,81 @@ def _write_log(path, history):
     atomic_write(path, "".join(json.dumps(h) + "\n" for h in history).encode())
 
 
-def fit(cfg: Config, *, resume: bool = False, devices=None,
+class TrainingError(RuntimeError):
+    """A train step broke the run's failure policy (`train.on_nonfinite: raise`,
+    `train.on_unconverged: raise`); the message names the epoch and step."""
+
+
+def _load_resumable(existing, like, resume_valid: bool, main: bool):
+    """`(path, header, state)` of the newest checkpoint, or, where it is corrupt and
+    `resume_valid`, of the newest valid one (the newer corrupt files are renamed
+    `*.corrupt` by the main process)."""
+    try:
+        return (existing[-1], *load_checkpoint(existing[-1], like))
+    except CheckpointError as err:
+        newest_error = err
+    for i in range(len(existing) - 2, -1, -1):
+        try:
+            header, state = load_checkpoint(existing[i], like)
+        except CheckpointError:
+            continue
+        if not resume_valid:
+            raise CheckpointError(
+                f"{newest_error} The older checkpoint {existing[i].name} beside it is "
+                "valid: pass --resume-valid (`fit(..., resume_valid=True)`) to resume from "
+                "it; the corrupt files are then renamed *.corrupt."
+            ) from None
+        if main:
+            for bad in existing[i + 1:]:
+                bad.replace(bad.with_name(bad.name + ".corrupt"))
+        warnings.warn(f"resuming from {str(existing[i])!r}: {newest_error}",
+                      RuntimeWarning, stacklevel=3)
+        return existing[i], header, state
+    raise newest_error
+
+
+def fit(cfg: Config, *, resume: bool = False, resume_valid: bool = False,
+        force: bool = False, devices=None,
         callback: Callable[[dict], None] | None = None,
         step_callback: Callable[[int, int], None] | None = None) -> FitResult:
     """Train `cfg`; log, checkpoints and plots go to `cfg.train.checkpoint_dir`.
 
     - `resume`: continue from the newest checkpoint there (same config required, apart
-      from `train.progress`); the result equals an uninterrupted run's.
+      from `train.progress`, `train.checkpoint_dir` and `train.keep_checkpoints`: the
+      directory may be spelled otherwise, moved or copied); the result equals an
+      uninterrupted run's. If the newest checkpoint is corrupt, the error names the
+      newest valid one; `resume_valid=True` resumes from it.
+    - `force`: take over the run directory's lock (`run.lock`) although another run
+      holds it (only when that run is known to be gone, e.g. on another host). A lock
+      left by a dead process of this host is taken over without it.
     - `devices`: the devices to spread each batch over (default: all visible ones);
       the model is replicated, the batch axis sharded (`jax.sharding`).
     - `callback(row)` after each epoch; `step_callback(epoch, step)` after each step
       (e.g. to stop a run).
+
+    Failures are loud: a second run on a directory in use raises `RunDirError`; a
+    read-only or full disk raises `RunDirError` before training starts (a write test of
+    one checkpoint's size) or, if it fills later, when a checkpoint cannot be written
+    (the metrics log never lists an epoch without its checkpoint); SIGINT raises
+    `TrainingInterrupted` (a `KeyboardInterrupt`) at the next step, naming the last
+    checkpointed epoch; `train.on_nonfinite` / `train.on_unconverged: raise` raise
+    `TrainingError`.
     """
     check_config(cfg)  # before the checkpoint directory is looked at
+    run_dir = pathlib.Path(cfg.train.checkpoint_dir)
+    main = _is_main()
+    lock = run_lock(run_dir, force=force) if main else contextlib.nullcontext()
+    with lock, Interrupts() as interrupts:
+        return _fit(cfg, run_dir, main, interrupts, resume, resume_valid, devices,
+                    callback, step_callback)
+
+
+def _fit(cfg, run_dir, main, interrupts, resume, resume_valid, devices, callback,
+         step_callback):
     t = cfg.train
-    run_dir = pathlib.Path(t.checkpoint_dir)
+    if main:  # (the lock is held: no other run's temporary files are in flight)
+        remove_stale_temporaries(run_dir)
+        check_writable(run_dir)
     existing = list_checkpoints(run_dir)
     if existing and not resume:
         raise CheckpointError(
@@ -167,26 +236,34 @@ def fit(cfg: Config, *, resume: bool = False, devices=None,
     cfg_dict = cfg.to_dict()
     if resume:
         like = (params, opt_state, base_key)
-        header, (params, opt_state, base_key) = load_checkpoint(existing[-1], like)
+        path, header, (params, opt_state, base_key) = _load_resumable(
+            existing, like, resume_valid, main)
         diff = config_diff(header["config"], cfg_dict)
         if diff:
             raise ConfigError(
-                f"cannot resume from {str(existing[-1])!r}: the config differs at "
+                f"cannot resume from {str(path)!r}: the config differs at "
                 f"{', '.join(diff)}."
             )
         history = header["history"]
         start_epoch = header["epoch"]
-    params, opt_state = st.replicate((params, opt_state))
-    main = _is_main()
     log_path = run_dir / "metrics.jsonl"
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_log(log_path, history)
-        (run_dir / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+        # A full disk is found here, before the first step: a write of one checkpoint's
+        # size (the state's bytes).
+        state_bytes = sum(np.asarray(a).nbytes for a in jax.tree_util.tree_leaves(
+            (params, opt_state, base_key)) if eqx.is_array(a))
+        check_writable(run_dir, state_bytes + 4096)
+        try:
+            _write_log(log_path, history)
+            atomic_write(run_dir / "config.json", json.dumps(cfg_dict, indent=2).encode())
+        except OSError as err:
+            raise write_error(run_dir, "write metrics.jsonl and config.json", err) from None
+    params, opt_state = st.replicate((params, opt_state))
 
     x, y = st.train
     key = jr.wrap_key_data(base_key)
     compiled = None
+    done_epoch = start_epoch
     progress = Progress(t.progress and main, cfg.name, t.epochs, st.steps_per_epoch)
     for epoch in range(start_epoch + 1, t.epochs + 1):
         progress.start()
@@ -194,11 +271,14 @@ def fit(cfg: Config, *, resume: bool = False, devices=None,
         t0 = time.perf_counter()
         for i, (xb, yb) in enumerate(ik_data.batches(x, y, t.batch, seed=t.seed,
                                                      epoch=epoch)):
+            if interrupts.requested:
+                raise TrainingInterrupted(done_epoch, run_dir)
             step = (epoch - 1) * st.steps_per_epoch + i
             args = (params, opt_state, st.shard(xb), st.shard(yb), key, jnp.asarray(step))
             if compiled is None:  # compiled once; also gives the step's memory analysis
                 compiled = steps.train.lower(*args).compile()
             params, opt_state, m = compiled(*args)
+            _check_policy(cfg, m, epoch, i + 1, done_epoch, run_dir)
             acc_metrics.append(m)
             if progress.bar:
                 progress.update(epoch, i + 1,
@@ -218,26 +298,63 @@ def fit(cfg: Config, *, resume: bool = False, devices=None,
         history.append(row)
         state = host_tree((params, opt_state, base_key))
         if main:  # one process writes; every process resumes from it
-            _write_log(log_path, history)
-            save_checkpoint(run_dir, epoch, state,
-                            {"config": cfg_dict, "history": history,
-                             "num_params": st.num_params},
-                            keep=t.keep_checkpoints)
+            # The checkpoint first: the log never lists an epoch that has none.
+            try:
+                save_checkpoint(run_dir, epoch, state,
+                                {"config": cfg_dict, "history": history,
+                                 "num_params": st.num_params},
+                                keep=t.keep_checkpoints)
+                _write_log(log_path, history)
+            except OSError as err:
+                last = f"epoch {done_epoch}'s" if done_epoch else "no"
+                raise write_error(
+                    run_dir, f"write the checkpoint of epoch {epoch} ({last} checkpoint "
+                    "is the newest there; free space and continue with --resume)", err
+                ) from None
+        done_epoch = epoch
         _barrier(f"checkpoint {epoch}")
         progress.end(row)
-        if row.get("skipped_steps", 0) > 0:
+        if row.get("skipped_steps", 0) > 0:  # (unconverged steps applied: in the metrics)
             warnings.warn(
                 f"{cfg.name}, epoch {row['epoch']}: {row['skipped_steps']:.0%} of the train "
-                "steps were skipped because their gradient was not finite (a failed "
-                "backward solve, or a NaN in the loss); see `skipped_steps` in the metrics.",
-                RuntimeWarning, stacklevel=2)
+                f"steps were skipped (not applied): {row.get('nonfinite_steps', 0):.0%} had "
+                "a non-finite gradient (a forward solve that went non-finite or diverged, a "
+                "failed backward solve, or a NaN in the loss) and "
+                f"{row.get('unconverged_steps', 0):.0%} an unconverged forward solve "
+                f"(train.on_unconverged: {t.on_unconverged}). See `skipped_steps`, "
+                "`nonfinite_steps`, `unconverged_steps` in the metrics.",
+                RuntimeWarning, stacklevel=3)
         if callback is not None:
             callback(row)
+        if interrupts.requested:
+            raise TrainingInterrupted(done_epoch, run_dir)
     plots = plot_history(history, run_dir, cfg.name) if history and main else []
     if jax.process_count() > 1:  # the trained model as host arrays in every process
         params = jax.tree_util.tree_map(jnp.asarray, host_tree(params))
     return FitResult(eqx.combine(params, st.static), history, run_dir, dict(steps.traces),
                      st.num_params, plots)
+
+
+def _check_policy(cfg, m, epoch, step, done_epoch, run_dir) -> None:
+    """Raise `TrainingError` for a step that broke a `raise` policy (one device-to-host
+    read per step, only when such a policy is set; the step was not applied)."""
+    t = cfg.train
+    checks = []
+    if t.on_nonfinite == "raise":
+        checks.append(("nonfinite_steps", "its gradient was not finite (a forward solve "
+                       "that went non-finite or diverged, a failed backward solve, or a "
+                       "NaN in the loss)", "train.on_nonfinite"))
+    if t.on_unconverged == "raise":
+        checks.append(("unconverged_steps", "a forward solve stopped without converging "
+                       f"(failure rate {float(m['failure_rate']):.3f})",
+                       "train.on_unconverged"))
+    for name, why, key in checks:
+        if float(m[name]) > 0:
+            raise TrainingError(
+                f"{cfg.name}: epoch {epoch}, step {step}: {why}; the step was not applied "
+                f"and the run stops ({key}: raise). The newest checkpoint is epoch "
+                f"{done_epoch}'s in {str(run_dir)!r}."
+            )
 
 
 def evaluate_checkpoint(path, *, devices=None) -> dict:

@@ -173,15 +173,23 @@ class Steps:
         metrics["bwd_steps"] = jnp.where(none, jnp.nan, bwd.num_steps / xb.shape[0])
         metrics["bwd_failure_rate"] = jnp.where(none, jnp.nan,
                                                 bwd.num_failed / xb.shape[0])
-        # A step whose gradient is not finite (e.g. a failed backward solve, which
-        # `ImplicitAdjoint` reports as NaN rather than a silently wrong gradient) is
-        # skipped, not applied, and counted in the metrics.
+        # A step whose gradient is not finite (a forward solve that went non-finite or
+        # diverged, whose gradient is NaN; a failed backward solve; a NaN in the loss)
+        # is never applied: `train.on_nonfinite` skips it (counted) or has the loop
+        # raise. A step with an unconverged but finite forward solve follows
+        # `train.on_unconverged` (apply, skip, raise).
         finite = tree_allfinite(grads)
-        grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0), grads)
+        unconverged = finite & (metrics["failure_rate"] > 0)
+        apply = finite
+        if self.cfg.train.on_unconverged != "apply":
+            apply = apply & jnp.invert(unconverged)
+        grads = jax.tree_util.tree_map(lambda g: jnp.where(apply, g, 0), grads)
         updates, new_state = self.optimiser.update(grads, opt_state, params)
         new_params = eqx.apply_updates(params, updates)
-        metrics["skipped_steps"] = 1.0 - finite.astype(jnp.float32)
-        new_params, new_state = keep_if(finite, (new_params, new_state),
+        metrics["skipped_steps"] = 1.0 - apply.astype(jnp.float32)
+        metrics["nonfinite_steps"] = 1.0 - finite.astype(jnp.float32)
+        metrics["unconverged_steps"] = unconverged.astype(jnp.float32)
+        new_params, new_state = keep_if(apply, (new_params, new_state),
                                         (params, opt_state))
         return new_params, new_state, metrics
 
