@@ -10,12 +10,13 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 EXPECTED = ["01_equilibrium_and_implicit_gradients", "02_homotopy_and_homoode",
-            "03_hyperparameters", "04_training_a_deq_from_a_config", "05_monotone_dbm"]
+            "03_hyperparameters", "04_training_a_deq_from_a_config", "05_monotone_dbm",
+            "06_neural_ode_time_series"]
 
 pytestmark = [pytest.mark.notebooks, pytest.mark.slow]
 
 
-def test_the_five_notebooks_are_there():
+def test_the_six_notebooks_are_there():
     assert [p.stem for p in NOTEBOOKS] == EXPECTED
 
 

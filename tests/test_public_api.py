@@ -60,6 +60,7 @@ REFERENCE = {
     "AugmentedNeuralODE": "test_references.py::test_augmented_neural_ode_is_a_neural_ode_on_the_zero_padded_state",
     "HomoODE": "test_ode_models.py::test_exact_homoode_field_ends_at_the_deq_equilibrium",
     "ODESolve": "test_ode_models.py::test_every_adjoint_matches_direct_backprop",
+    "CNF": "test_cnf.py::test_exact_log_density_of_a_linear_flow_is_the_change_of_variables",
     "HopfieldLayer": "test_nn.py::test_hopfield_update_is_attention_and_layer_retrieves",
     "ModelStats": "test_contract.py::test_every_model_returns_the_same_stats_structure",
     "init_loss": "test_references.py::test_init_loss_is_the_huber_formula_and_trains_only_the_start",
@@ -184,6 +185,7 @@ EXCEPTIONS = {
     "StnSettings": "as Config",
     "DEQ_INITS": "a tuple of choices, checked by the bad-input tests",
     "HOMOODE_INITS": "a tuple of choices, checked by the bad-input tests",
+    "CNF_TRACES": "a tuple of choices, checked by test_a_bad_cnf_configuration_is_named",
     "METHODS": "a tuple of choices of hypergradient, each method tested against the "
                "closed form",
     "newton_step": "the one Newton step of NewtonKrylov and NewtonCorrector, tested "

@@ -6,6 +6,7 @@ from ._classifier import (
     ImageClassifier as ImageClassifier,
     Stem as Stem,
 )
+from ._cnf import CNF as CNF, CNF_TRACES as CNF_TRACES
 from ._deq import DEQ as DEQ, DEQ_INITS as DEQ_INITS
 from ._hopfield import HopfieldLayer as HopfieldLayer
 from ._init import init_loss as init_loss

@@ -22,6 +22,15 @@ from ._stats import ModelStats, no_residual
 _DISCRETE = (dfx.RecursiveCheckpointAdjoint, dfx.DirectAdjoint)
 
 
+def call_field(field, t, z, args):
+    """The one rule for the vector field of every ODE model: a diffrax term is evaluated
+    as diffrax does (`field.vf(t, z, args)`, time-dependent); any other callable is
+    autonomous, `field(z, args)`."""
+    if isinstance(field, dfx.AbstractTerm):
+        return field.vf(t, z, args)
+    return field(z, args)
+
+
 class ODESolve(eqx.Module):
     """How an ODE model integrates (shared by every ODE model).
 
@@ -60,116 +69,153 @@ class ODESolve(eqx.Module):
                 "`local_penalty=True` instead, which works with any adjoint."
             )
 
-    def __call__(self, field, z0, condition, t1, key):
-        """Integrate `dz/dt = field(z, condition)` from `z0` over `[0, t1]`; returns
-        `(z(t1), stats)`, a [`implicit_kit.models.ModelStats`][] (`residual` NaN) with
-        the penalties in its extras."""
+    def __call__(self, field, z0, condition, t1, key, *, t0=0.0, ts=None):
+        """Integrate the field from `z0` at `t0` to `t1`. Returns `(z(t1), stats)`, or
+        with `ts` (times in `[t0, t1]`, increasing) `(z(ts), stats)`: every leaf of the
+        state with a leading time axis, as diffrax's `SaveAt(ts=ts)`. `stats` is a
+        [`implicit_kit.models.ModelStats`][] (`residual` NaN) with the penalties in its
+        extras.
+
+        **The one rule for fields.** A diffrax term (`dfx.ODETerm(f)`, `f(t, y, args)`:
+        time-dependent, diffrax's convention) is integrated as it is, with `condition`
+        as its `args`; any other callable `g` is the autonomous shorthand
+        `dfx.ODETerm(lambda t, z, args: g(z, args))` (the classifier blocks' cells,
+        `g(z, condition)`)."""
+        def vf(t, z, args):
+            return call_field(args[0], t, z, args[1])
 
         # The field travels in `args` (not closed over): BacksolveAdjoint differentiates
         # only with respect to `y0`, `args` and the terms.
-        def vf(t, z, args):
-            return args[0](z, args[1])
 
         # Times in the state's dtype (float64 times would promote a float32 state).
         dtype = jnp.result_type(*jax.tree_util.tree_leaves(z0))
+        t0 = jnp.asarray(t0, dtype)
         t1 = jnp.asarray(t1, dtype)
         solver = self.solver
         if self.error_penalty:
             solver = ErrorEstimatePenalty(self.solver, self.rtol, self.atol)
-        ts = None
+        if ts is not None:
+            ts = jnp.asarray(ts, dtype)
+            if ts.ndim != 1 or ts.shape[0] == 0:
+                raise ValueError(f"`ts` must be a non-empty 1-D array of times, got shape "
+                                 f"{ts.shape}.")
+        main = dfx.SubSaveAt(t1=ts is None, ts=ts)
         if self.local_penalty:
             if key is None:
                 raise ValueError("`local_penalty=True` needs a `key` to sample the time.")
-            t_s = jr.uniform(key, (), minval=0.0, maxval=t1)
-            ts = jnp.stack([t_s.astype(dtype), t1])
-        saveat = dfx.SaveAt(t1=ts is None, ts=ts, solver_state=self.error_penalty)
+            t_s = jr.uniform(key, (), minval=t0, maxval=t1).astype(dtype)
+            saveat = dfx.SaveAt(subs=[main, dfx.SubSaveAt(ts=t_s[None])],
+                                solver_state=self.error_penalty)
+        else:
+            saveat = dfx.SaveAt(subs=main, solver_state=self.error_penalty)
         controller = self.stepsize_controller
         if controller is None:
             controller = dfx.PIDController(rtol=self.rtol, atol=self.atol)
         sol = dfx.diffeqsolve(
-            dfx.ODETerm(vf), solver, jnp.zeros((), dtype), t1, self.dt0, z0, (field, condition),
+            dfx.ODETerm(vf), solver, t0, t1, self.dt0, z0, (field, condition),
             saveat=saveat, stepsize_controller=controller,
             adjoint=self.adjoint, max_steps=self.max_steps, throw=False,
         )
-        # `sol.ys` has the state's structure with a leading time axis on every leaf (a
-        # pytree state: `sol.ys[-1]` was its last leaf, silently).
-        z1 = jax.tree_util.tree_map(lambda y: y[-1], sol.ys)
+        ys = sol.ys[0] if self.local_penalty else sol.ys
+        # Every leaf of `ys` has a leading time axis (of a pytree state, `ys[-1]` would
+        # be its last leaf, silently).
+        out = ys if ts is not None else jax.tree_util.tree_map(lambda y: y[-1], ys)
         num_steps = lax.stop_gradient(sol.stats["num_steps"])
         extras = {}
         if self.error_penalty:
             extras["error_penalty"] = sol.solver_state[1]
         if self.local_penalty:
             extras["local_error_penalty"] = local_error_penalty(
-                vf, self.solver, ts[0], jax.tree_util.tree_map(lambda y: y[0], sol.ys),
+                vf, self.solver, t_s, jax.tree_util.tree_map(lambda y: y[0], sol.ys[1]),
                 (field, condition), rtol=self.rtol,
                 atol=self.atol, t_end=t1, dt=self.dt0,
             )
         # diffrax's outcome promoted (max_steps_reached stays max_steps_reached).
-        stats = ModelStats(num_steps, count_nfe(self.solver, num_steps), no_residual(z1),
+        stats = ModelStats(num_steps, count_nfe(self.solver, num_steps), no_residual(out),
                            as_results(sol.result), extras)
-        return z1, stats
+        return out, stats
 
 
 class NeuralODE(eqx.Module):
-    r"""A Neural ODE $dz/dt = g(z)$ on $[0, t_1]$, $z(0)$ = the input; returns $z(t_1)$.
+    r"""A Neural ODE $dz/dt = g(t, z)$ from $z(t_0)$ = the input; returns $z(t_1)$, or
+    the trajectory $z(t)$ at the times `ts`.
 
     **Arguments:**
 
-    - `field`: the vector field module, called as `field(z, None)` (e.g.
+    - `field`: the vector field, under the one rule of
+        [`implicit_kit.models.ODESolve`][]: a diffrax term, `dfx.ODETerm(f)` with
+        `f(t, y, args)` (time-dependent, diffrax's convention: trajectory models), or a
+        module called `field(z, args)` (autonomous: the classifier blocks, e.g.
         `ik.nn.MLPField(...)`, `ik.nn.ConvCell(..., residual=False, inject=False)`).
-    - `t1`: the end time.
     - `ode`: an [`implicit_kit.models.ODESolve`][] (solver, tolerances, adjoint:
         `dfx.RecursiveCheckpointAdjoint()` (default, exact backprop through the solver)
         or `dfx.BacksolveAdjoint()` (continuous adjoint), penalties).
+    - `t0`, `t1`: the default interval (0 and 1).
 
-    Called on one sample: `model(z0, key=..., return_stats=True)` gives
-    `(z(t1), stats)`, a [`implicit_kit.models.ModelStats`][] (`nfe`: vector-field
-    evaluations; `residual`: NaN).
+    Called on one sample (`jax.vmap` over a batch of initial states):
+    `model(z0, ts=None, *, t0=None, t1=None, args=None, key=..., return_stats=False)`.
+    The state `z0` may be any pytree of arrays; the output has its structure. With
+    `ts` (increasing times), every leaf gets a leading time axis, as diffrax's
+    `SaveAt(ts=ts)`. The interval is `t0`/`t1` if given in the call, else the span of
+    `ts` (`ts[0]`, `ts[-1]`), else the model's. `args` is passed to the field (`None`
+    by default). With `return_stats=True`: `(out, stats)`, a
+    [`implicit_kit.models.ModelStats`][] of this trajectory (`num_steps`, `nfe`:
+    vector-field evaluations; `residual`: NaN).
     """
 
     field: Any
     ode: ODESolve = eqx.field(default_factory=ODESolve)
     t1: float = 1.0
+    t0: float = 0.0
 
-    def __call__(self, z0: Array, *, key: PRNGKeyArray | None = None,
-                 inference: bool = False, return_stats: bool = False,
-                 probe: Array | None = None):
+    def __call__(self, z0, ts: Array | None = None, *, t0=None, t1=None, args=None,
+                 key: PRNGKeyArray | None = None, inference: bool = False,
+                 return_stats: bool = False, probe: Array | None = None):
         """`probe` is accepted as by every model and unused: a Neural ODE has no implicit
         backward solve (its `ik.backward_stats` stay zero)."""
         del probe
+        if t0 is None:
+            t0 = self.t0 if ts is None else ts[0]
+        if t1 is None:
+            t1 = self.t1 if ts is None else ts[-1]
         kd, kp = (None, None) if key is None else jr.split(key)
         field = prepare(self.field, key=kd, inference=inference)
-        check_cell("NeuralODE", "field", lambda z, a: field(z, a), z0, None)
-        z1, stats = self.ode(field, z0, None, self.t1, kp)
-        return (z1, stats) if return_stats else z1
+        check_cell("NeuralODE", "field", lambda z, a: call_field(field, t0, z, a), z0, args)
+        out, stats = self.ode(field, z0, args, t1, kp, t0=t0, ts=ts)
+        return (out, stats) if return_stats else out
 
 
-def _augment(x: Array, augment: int) -> Array:
-    zeros = jnp.zeros((augment,) + x.shape[1:], x.dtype)
-    return jnp.concatenate([x, zeros], axis=0)
+def _augment(x, augment: int):
+    def one(leaf):
+        if jnp.ndim(leaf) == 0:
+            raise ValueError("`AugmentedNeuralODE` appends zeros along the first axis of "
+                             "each leaf of the state; got a scalar leaf.")
+        zeros = jnp.zeros((augment,) + jnp.shape(leaf)[1:], jnp.result_type(leaf))
+        return jnp.concatenate([leaf, zeros], axis=0)
+    return jax.tree_util.tree_map(one, x)
 
 
 class AugmentedNeuralODE(eqx.Module):
     r"""ANODE (Dupont, Doucet & Teh, 2019): the state is the input with `augment`
     zeros appended along the first axis (extra entries of a vector, extra channels of a
-    `(C, H, W)` map); returns the whole final state (input and augmented parts).
+    `(C, H, W)` map; of every leaf of a pytree input); returns the whole final state
+    (input and augmented parts, with the input's structure).
 
-    **Arguments:** `field` (on the augmented state), `augment`, `ode`, `t1`.
+    **Arguments:** `field` (on the augmented state, under the rule of
+    [`implicit_kit.models.NeuralODE`][]), `augment`, `ode`, `t1`, `t0`.
     """
 
     field: Any
     augment: int = eqx.field(static=True)
     ode: ODESolve = eqx.field(default_factory=ODESolve)
     t1: float = 1.0
+    t0: float = 0.0
 
-    def __call__(self, x: Array, *, key: PRNGKeyArray | None = None,
-                 inference: bool = False, return_stats: bool = False,
-                 probe: Array | None = None):
-        """As [`implicit_kit.models.NeuralODE`][] on the augmented input."""
-        del probe
-        node = NeuralODE(self.field, self.ode, self.t1)
-        return node(_augment(x, self.augment), key=key, inference=inference,
-                    return_stats=return_stats)
+    def __call__(self, x, ts: Array | None = None, **kwargs):
+        """As [`implicit_kit.models.NeuralODE`][] on the augmented input (the same
+        keywords)."""
+        node = NeuralODE(self.field, self.ode, self.t1, self.t0)
+        return node(_augment(x, self.augment), ts, **kwargs)
 
 
 HOMOODE_INITS = ("alternating", "zeros", "learned", "conditioned")
