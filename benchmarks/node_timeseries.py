@@ -105,17 +105,19 @@ def make_step(optim, predict):
 
 
 def paired(runs, rounds):
-    """Seconds·1e3 of each of two calls over `rounds` rounds, the order alternating (AB,
-    BA, ...) so that neither row always runs second. On these shared 2-core machines the
+    """Milliseconds of each call over `rounds` rounds, the order rotating each round so
+    that no row always runs in the same place. On these shared 2-core machines the
     minimum of a few-millisecond step drifts by ±5 % between identical rows; the median
-    of the per-round ratio B/A is the statistic that repeats (the rows' minima are kept
-    too)."""
+    of the per-round ratio to the first row is the statistic that repeats (the rows'
+    minima are kept too)."""
     for run in runs:
         for _ in range(3):
             run()
-    out = np.zeros((2, rounds))
+    n = len(runs)
+    out = np.zeros((n, rounds))
     for r in range(rounds):
-        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+        for k in range(n):
+            i = (k + r) % n
             t0 = time.perf_counter()
             runs[i]()
             out[i, r] = 1e3 * (time.perf_counter() - t0)
@@ -140,6 +142,9 @@ def main():
                 DiffraxNeuralODE(func), make_step(optim, lambda m, t, y0: m(t, y0))),
             "implicit_kit NeuralODE": (
                 implicit_kit_model(func, ts), make_step(optim, lambda m, t, y0: m(y0, t))),
+            # The control: a second copy of the diffrax row (its ratio is the noise).
+            "diffrax again (control)": (
+                DiffraxNeuralODE(func), make_step(optim, lambda m, t, y0: m(t, y0))),
         }
         losses, runs = {}, []
         for name, (model, step) in models.items():
@@ -148,11 +153,10 @@ def main():
             runs.append(lambda model=model, step=step, state=state:
                         jax.block_until_ready(step(ti, yi, model, state)))
         times = paired(runs, a.rounds)
-        ratio = float(np.median(times[1] / times[0]))
         for (name, _), t in zip(models.items(), times):
             rows.append({"row": name, "length": n, "ms": float(t.min()),
                          "median_ms": float(np.median(t)), "loss": losses[name],
-                         "paired_ratio": ratio})
+                         "paired_ratio": float(np.median(t / times[0]))})
     meta = {"device": str(jax.devices()[0]), "platform": platform.platform(),
             "jax": jax.__version__, "diffrax": dfx.__version__,
             "command": " ".join(["python"] + sys.argv), "cpus": os.cpu_count()}
@@ -165,9 +169,10 @@ def main():
     for r in rows:
         print(f"| {r['row']} | {r['length']} | {r['ms']:.2f} | {r['median_ms']:.2f} | "
               f"{r['loss']:.6g} |")
-    for r in rows[1::2]:
-        print(f"\nlength {r['length']}: implicit_kit / diffrax, median of the paired "
-              f"rounds = {r['paired_ratio']:.3f}x")
+    for r in rows:
+        if r["row"] != "diffrax (its example's NeuralODE)":
+            print(f"\nlength {r['length']}: {r['row']} / diffrax, median of the paired "
+                  f"rounds = {r['paired_ratio']:.3f}x")
 
 
 if __name__ == "__main__":

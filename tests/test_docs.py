@@ -107,6 +107,9 @@ def test_readme_examples_run_and_hold():
     want = -X.shape[0] * np.linalg.solve(xs.T @ xs, np.sign(w[support]))
     np.testing.assert_allclose(dw[support], want, rtol=1e-3)
     np.testing.assert_allclose(dw[~support], 0.0, atol=1e-6)
+    # the trajectory fit recovers the field that made the data
+    assert float(ns["fit_loss"]) < 1e-4
+    np.testing.assert_allclose(ns["node"].field.vector_field.a, ns["a_true"], atol=2e-2)
 
 
 def _summary(text):

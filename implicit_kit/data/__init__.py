@@ -11,6 +11,12 @@ from ._batch import (
     num_batches as num_batches,
 )
 from ._digits import load_digits as load_digits
+from ._lorenz import (
+    lorenz63 as lorenz63,
+    lorenz63_field as lorenz63_field,
+    LORENZ63_LYAPUNOV as LORENZ63_LYAPUNOV,
+    valid_prediction_time as valid_prediction_time,
+)
 from ._mnist_sample import (
     load_mnist_sample as load_mnist_sample,
     mnist_sample_path as mnist_sample_path,

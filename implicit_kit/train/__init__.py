@@ -30,6 +30,12 @@ from ._config import (
     TuneConfig as TuneConfig,
 )
 from ._data import load_data as load_data
+from ._forecast import (
+    check_forecast_config as check_forecast_config,
+    ForecastConfig as ForecastConfig,
+    ForecastSettings as ForecastSettings,
+    run_forecast as run_forecast,
+)
 from ._loop import (
     evaluate_checkpoint as evaluate_checkpoint,
     fit as fit,

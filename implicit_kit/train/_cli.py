@@ -12,6 +12,7 @@ import jax
 from ..hyper import format_table
 from ._checkpoint import atomic_write, CheckpointError
 from ._config import check_config, Config, ConfigError, load_config, StnConfig, TuneConfig
+from ._forecast import ForecastConfig, run_forecast
 from ._loop import evaluate_checkpoint, fit, TrainingError
 from ._report import plot_comparison, SUMMARY_FORMATS, summary_row
 from ._rundir import TrainingInterrupted
@@ -179,6 +180,11 @@ def _cmd_stn(a) -> int:
     return 0
 
 
+def _cmd_forecast(a) -> int:
+    run_forecast(load_config(a.config, a.overrides, schema=ForecastConfig))
+    return 0
+
+
 def _add_run_flags(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--resume-valid", action="store_true",
@@ -235,10 +241,15 @@ def main(argv=None) -> int:
     n.add_argument("config")
     n.add_argument("overrides", nargs="*", help="key.sub=value")
     n.set_defaults(fn=_cmd_stn)
+    fc = sub.add_parser("forecast", help="forecast Lorenz-63 with a Neural ODE against a "
+                        "persistence forecast and an MLP one-step map (a forecast config)")
+    fc.add_argument("config")
+    fc.add_argument("overrides", nargs="*", help="key.sub=value")
+    fc.set_defaults(fn=_cmd_forecast)
     # Overrides after an option (`train CONFIG --resume key=value`) are overrides too.
     a, extra = p.parse_known_args(argv)
     if extra:
-        if hasattr(a, "overrides") and a.command in ("train", "tune", "stn") and all(
+        if hasattr(a, "overrides") and a.command in ("train", "tune", "stn", "forecast") and all(
                 "=" in e and not e.startswith("-") for e in extra):
             a.overrides = list(a.overrides) + extra
         else:
