@@ -60,3 +60,22 @@ def test_forecast_cli_beats_persistence_and_writes_its_results(tmp_path, capsys)
     assert (out / "forecast.png").stat().st_size > 1000
     assert main(["forecast", "configs/lorenz63_forecast.yaml", "forecast.window=1"]) == 2
     assert "forecast.window must be in [2, train_length)" in capsys.readouterr().err
+
+
+def test_the_rnode_regularisers_shrink_the_field_s_kinetic_energy(tmp_path):
+    """`forecast.kinetic` and `forecast.jacobian` train through the RNODE augmented field:
+    with large weights the learned field moves the state less (its kinetic energy over
+    the training states is lower than without them, from the same seed and batches)."""
+    from implicit_kit.train import ForecastConfig, load_config, run_forecast
+
+    small = ["forecast.seeds=1", "forecast.steps=150", "forecast.train_trajectories=2",
+             "forecast.train_length=300", "forecast.test_trajectories=2",
+             "forecast.horizon=50"]
+    energy = {}
+    for name, extra in (("plain", []), ("rnode", ["forecast.kinetic=5.0",
+                                                  "forecast.jacobian=5.0"])):
+        cfg = load_config("configs/lorenz63_forecast.yaml",
+                          small + extra + [f"forecast.out_dir={tmp_path / name}"],
+                          schema=ForecastConfig)
+        energy[name] = run_forecast(cfg, log=lambda *a: None)["seeds"][0]["field_kinetic"]
+    assert energy["rnode"] < 0.7 * energy["plain"], energy

@@ -105,6 +105,9 @@ def test_shipped_configs_are_valid():
         if f.stem.endswith("_stn"):  # a config of `implicit-kit stn`
             ik.train.check_stn_config(load_config(f, schema=ik.train.StnConfig))
             continue
+        if f.stem.endswith("_forecast"):  # a config of `implicit-kit forecast`
+            ik.train.check_forecast_config(load_config(f, schema=ik.train.ForecastConfig))
+            continue
         cfg = load_config(f)
         if cfg.data.name in ("digits", "mnist_sample"):  # data that needs no files
             ik.train.check_config(cfg)
