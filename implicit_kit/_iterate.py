@@ -6,6 +6,7 @@ implicit adjoints) ends up in `run` below. A problem has a *kind*: `"fixed_point
 converts between the two with `G(y) = T(y) - y`.
 """
 
+import dataclasses
 from typing import Any
 
 import equinox as eqx
@@ -15,11 +16,13 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
+from jaxtyping import Array, PyTree
 
 from ._misc import struct_str, tree_allfinite, tree_where, zeros_like_struct
 from ._solution import as_results, RESULTS
 from .solvers._base import (
     AbstractImplicitSolver,
+    check_solver_state,
     KINDS,
     native_fn,
     solver_native_kind,
@@ -38,163 +41,222 @@ def residual_fn(fn, kind: str):
     return lambda y, args: g(y, args)[0]
 
 
+class _Carry(eqx.Module):
+    """The driver's loop state, one value per sample under vmap."""
+
+    y: PyTree  # the iterate (frozen once its sample stops or goes non-finite)
+    state: PyTree  # the array part of the solver's state
+    aux: PyTree
+    num_steps: Array
+    nfe: Array
+    done: Array  # this sample has stopped (converged or failed)
+    result: RESULTS
+    residual: Array  # the residual norm of the last step taken
+    residuals: Array  # `residual` after every step (`trace=True`), else empty
+    saved: PyTree  # the iterates after the steps in `save_at`, stacked
+    first_residual: Array  # the residual of the first step (to tell divergence)
+
+
+class _Loop(eqx.Module):
+    """One solve's fixed ingredients: what `_step` and `_finish` need besides the carry."""
+
+    fn: Any  # the problem's function, of kind `kind`
+    kind: str = eqx.field(static=True)
+    nfn: Any  # `fn` rewritten for the solver's native kind
+    solver: Any
+    args: PyTree
+    options: dict
+    static_state: Any
+    real: Any = eqx.field(static=True)  # the real dtype of the residuals
+    trace: bool = eqx.field(static=True)
+    save_at: tuple[int, ...] = eqx.field(static=True)
+    max_steps: int | None = eqx.field(static=True)
+
+    @property
+    def ours(self) -> bool:
+        return isinstance(self.solver, AbstractImplicitSolver)
+
+    @property
+    def freeze_state(self) -> bool:
+        # A solver whose `postprocess` reports stats read off its state (Fallback's index,
+        # NewtonKrylov's linear steps, the homotopy's ODE steps) has its state frozen once
+        # a sample stops (under vmap the loop runs on for the others). Other solvers'
+        # states are left unmasked: their histories are large and unused after the stop.
+        return self.ours and self.solver.stats_from_state
+
+    @property
+    def norm(self):
+        return self.solver.norm if hasattr(self.solver, "norm") else optx.two_norm
+
+
+def _init(loop: _Loop, y0, dynamic_init, aux_struct) -> _Carry:
+    n_trace = loop.max_steps if loop.trace else 0
+    inf = jnp.array(jnp.inf, loop.real)
+    return _Carry(
+        y=y0,
+        state=dynamic_init,
+        aux=zeros_like_struct(aux_struct),
+        num_steps=jnp.array(0),
+        nfe=jnp.array(0),
+        done=jnp.array(False),
+        result=RESULTS.successful,
+        residual=inf,
+        residuals=jnp.full((n_trace,), jnp.nan, loop.real),
+        saved=jtu.tree_map(
+            lambda x: jnp.broadcast_to(x, (len(loop.save_at),) + x.shape), y0
+        ),
+        first_residual=inf,
+    )
+
+
+def _step(loop: _Loop, c: _Carry) -> _Carry:
+    """One solver step, with per-sample semantics: a sample that has stopped keeps its
+    value and stats (outside vmap `done` is False here; under vmap it freezes the samples
+    that have stopped)."""
+    solver, tags = loop.solver, frozenset()
+    state = eqx.combine(loop.static_state, c.state)
+    new_y, new_state, new_aux, step_nfe = step_counted(
+        solver, loop.nfn, c.y, loop.args, loop.options, state, tags
+    )
+    terminate, step_result = solver.terminate(
+        loop.nfn, c.y, loop.args, loop.options, new_state, tags
+    )
+    if loop.ours:
+        step_result = solver.result_code(step_result, new_state)
+        new_residual = new_state.residual.astype(loop.real)
+    else:
+        step_result = as_results(step_result)
+        if loop.trace:
+            new_residual = loop.norm(residual_fn(loop.fn, loop.kind)(new_y, loop.args))
+            new_residual = new_residual.astype(loop.real)
+            step_nfe = step_nfe + 1
+        else:
+            new_residual = c.residual
+    finite = tree_allfinite(new_y)
+    step_result = RESULTS.where(finite, step_result, RESULTS.nonfinite)
+    stop = terminate | (step_result != RESULTS.successful)
+    done = c.done
+    y = tree_where(done | jnp.invert(finite), c.y, new_y)
+    residuals, saved = c.residuals, c.saved
+    if loop.trace:
+        residuals = jnp.where(done, residuals, residuals.at[c.num_steps].set(new_residual))
+    if loop.save_at:
+        hit = (jnp.array(loop.save_at, dtype=int) == c.num_steps + 1) & jnp.invert(done)
+        saved = jtu.tree_map(
+            lambda s, v: jnp.where(hit.reshape((-1,) + (1,) * v.ndim), v[None], s),
+            saved,
+            y,
+        )
+    new_dynamic, _ = eqx.partition(new_state, eqx.is_array)
+    if loop.freeze_state:  # its stats come from the state: a stopped sample's must not move
+        new_dynamic = tree_where(done, c.state, new_dynamic)
+    return _Carry(
+        y=y,
+        state=new_dynamic,
+        aux=tree_where(done, c.aux, new_aux),
+        num_steps=jnp.where(done, c.num_steps, c.num_steps + 1),
+        nfe=jnp.where(done, c.nfe, c.nfe + step_nfe),
+        done=done | stop,
+        result=RESULTS.where(done, c.result, step_result),
+        residual=jnp.where(done, c.residual, new_residual),
+        residuals=residuals,
+        saved=saved,
+        first_residual=jnp.where(c.num_steps == 0, new_residual, c.first_residual),
+    )
+
+
+def _steps(loop: _Loop, check_every: int):
+    """The loop body: `check_every` solver steps per loop test (one device-to-host round
+    trip on an accelerator per `check_every` steps). A sample that has converged or
+    reached `max_steps` is frozen for the remaining sub-steps (its solver state too where
+    stats are read off it), so values, step counts and stats equal those of
+    `check_every=1`."""
+    if check_every == 1:
+        return lambda c: _step(loop, c)
+
+    def sub(_, c: _Carry) -> _Carry:
+        frozen = c.done
+        if loop.max_steps is not None:
+            frozen = frozen | (c.num_steps >= loop.max_steps)
+        new = _step(loop, c)
+        kept = tree_where(frozen, c, new)
+        # (the solver state only where its stats come from it)
+        return kept if loop.freeze_state else dataclasses.replace(kept, state=new.state)
+
+    return lambda c: lax.fori_loop(0, check_every, sub, c)
+
+
+def _finish(loop: _Loop, c: _Carry):
+    """`(y, aux, stats, result)` from the final carry."""
+    # A solve stopped by `max_steps` whose residual grew by DIVERGENCE_FACTOR over its
+    # first step's has diverged (its last iterate is no approximation of a solution).
+    diverged = c.residual > DIVERGENCE_FACTOR * c.first_residual
+    result = RESULTS.where(
+        jnp.invert(c.done) & (c.result == RESULTS.successful),
+        RESULTS.where(diverged, RESULTS.nonlinear_divergence,
+                      RESULTS.nonlinear_max_steps_reached),
+        c.result,
+    )
+    final_state = eqx.combine(loop.static_state, c.state)
+    y, aux, extra = loop.solver.postprocess(
+        loop.nfn, c.y, c.aux, loop.args, loop.options, final_state, frozenset(), result
+    )
+    residual, nfe = c.residual, c.nfe
+    if not loop.ours and not loop.trace:
+        residual = loop.norm(residual_fn(loop.fn, loop.kind)(y, loop.args)).astype(loop.real)
+        nfe = nfe + 1
+    stats = {**extra, "num_steps": c.num_steps, "nfe": nfe, "residual": residual}
+    if loop.trace:
+        stats["residual_trace"] = c.residuals
+    if loop.save_at:
+        # A solve that stopped before a requested step reports its final iterate there.
+        late = jnp.array(loop.save_at, dtype=int) > c.num_steps
+        stats["iterates"] = jtu.tree_map(
+            lambda s, v: jnp.where(late.reshape((-1,) + (1,) * v.ndim), v[None], s),
+            c.saved,
+            y,
+        )
+    return y, aux, stats, result
+
+
 def _iterate(
     fn, kind, solver, y0, args, options, max_steps, trace, while_kind, checkpoints,
     save_at, check_every=1,
 ):
-    native = solver_native_kind(solver)
-    nfn = native_fn(fn, kind, native)
+    nfn = native_fn(fn, kind, solver_native_kind(solver))
     f_struct, aux_struct = eqx.filter_eval_shape(nfn, y0, args)
-    tags = frozenset()
-    init_state = solver.init(nfn, y0, args, options, f_struct, aux_struct, tags)
-    ours = isinstance(solver, AbstractImplicitSolver)
-    norm = solver.norm if hasattr(solver, "norm") else optx.two_norm
-    real = jnp.finfo(jnp.result_type(*jtu.tree_leaves(y0))).dtype
+    init_state = solver.init(nfn, y0, args, options, f_struct, aux_struct, frozenset())
+    check_solver_state(solver, init_state)
     dynamic_init, static_state = eqx.partition(init_state, eqx.is_array)
-    # A solver whose `postprocess` reports stats read off its state (Fallback's index,
-    # NewtonKrylov's linear steps, the homotopy's ODE steps) has its state frozen once a
-    # sample stops (under vmap the loop runs on for the others). Other solvers' states
-    # are left unmasked: their histories are large and unused after the stop.
-    freeze_state = ours and (type(solver).postprocess
-                             is not AbstractImplicitSolver.postprocess)
-    n_trace = max_steps if trace else 0
-    init_carry = (
-        y0,
-        dynamic_init,
-        zeros_like_struct(aux_struct),
-        jnp.array(0),
-        jnp.array(0),
-        jnp.array(False),
-        RESULTS.successful,
-        jnp.array(jnp.inf, real),
-        jnp.full((n_trace,), jnp.nan, real),
-        jtu.tree_map(lambda x: jnp.broadcast_to(x, (len(save_at),) + x.shape), y0),
-        jnp.array(jnp.inf, real),
+    loop = _Loop(
+        fn=fn, kind=kind, nfn=nfn, solver=solver, args=args, options=options,
+        static_state=static_state,
+        real=jnp.finfo(jnp.result_type(*jtu.tree_leaves(y0))).dtype,
+        trace=trace, save_at=save_at, max_steps=max_steps,
     )
-    save_idx = jnp.array(save_at, dtype=int)
 
-    def cond_fun(carry):
-        _, _, _, num_steps, _, done, *_ = carry
-        keep_going = jnp.invert(done)
+    def cond_fun(c: _Carry):
+        keep_going = jnp.invert(c.done)
         if max_steps is not None and while_kind == "lax":
-            keep_going = keep_going & (num_steps < max_steps)
+            keep_going = keep_going & (c.num_steps < max_steps)
         # Unbatched under vmap (any sample still running): the body masks the stopped
         # samples itself, so JAX need not select every carried array per sample (the
         # solver histories are large and their state of a stopped sample is unused).
         return eqxi.unvmap_any(keep_going)
 
-    def body_fun(carry):
-        (y, dynamic_state, aux, num_steps, nfe, done, result, residual, residuals, saved,
-         first_residual) = carry
-        state = eqx.combine(static_state, dynamic_state)
-        new_y, new_state, new_aux, step_nfe = step_counted(
-            solver, nfn, y, args, options, state, tags
-        )
-        terminate, step_result = solver.terminate(nfn, y, args, options, new_state, tags)
-        if ours:
-            step_result = solver.result_code(step_result, new_state)
-            new_residual = new_state.residual.astype(real)
-        else:
-            step_result = as_results(step_result)
-            if trace:
-                new_residual = norm(residual_fn(fn, kind)(new_y, args)).astype(real)
-                step_nfe = step_nfe + 1
-            else:
-                new_residual = residual
-        finite = tree_allfinite(new_y)
-        step_result = RESULTS.where(finite, step_result, RESULTS.nonfinite)
-        stop = terminate | (step_result != RESULTS.successful)
-        # Per-sample semantics: a sample that has stopped keeps its value and stats.
-        # (Outside vmap `done` is False here; under vmap it freezes converged samples.)
-        keep = done | jnp.invert(finite)
-        y = tree_where(keep, y, new_y)
-        aux = tree_where(done, aux, new_aux)
-        if trace:
-            residuals = jnp.where(
-                done, residuals, residuals.at[num_steps].set(new_residual)
-            )
-        if save_at:
-            hit = (save_idx == num_steps + 1) & jnp.invert(done)
-            saved = jtu.tree_map(
-                lambda s, v: jnp.where(hit.reshape((-1,) + (1,) * v.ndim), v[None], s),
-                saved,
-                y,
-            )
-        first_residual = jnp.where(num_steps == 0, new_residual, first_residual)
-        residual = jnp.where(done, residual, new_residual)
-        result = RESULTS.where(done, result, step_result)
-        num_steps = jnp.where(done, num_steps, num_steps + 1)
-        nfe = jnp.where(done, nfe, nfe + step_nfe)
-        new_dynamic, _ = eqx.partition(new_state, eqx.is_array)
-        if freeze_state:  # its stats come from the state: a stopped sample's must not move
-            new_dynamic = tree_where(done, dynamic_state, new_dynamic)
-        return (
-            y, new_dynamic, aux, num_steps, nfe, done | stop, result, residual, residuals,
-            saved, first_residual,
-        )
-
-    loop_body, loop_steps = body_fun, max_steps
-    if check_every > 1:
-        # k solver steps per loop iteration, one loop test (one device-to-host round trip
-        # on an accelerator) per k steps. A sample that has converged or reached
-        # `max_steps` is frozen for the remaining sub-steps (its solver state too where
-        # stats are read off it), so values, step counts and stats equal those of
-        # `check_every=1`.
-        def loop_body(carry):
-            def sub(_, c):
-                frozen = c[5]
-                if max_steps is not None:
-                    frozen = frozen | (c[3] >= max_steps)
-                new = body_fun(c)
-                # (the solver state, index 1, only where its stats come from it)
-                return tuple(n if i == 1 and not freeze_state else tree_where(frozen, o, n)
-                             for i, (o, n) in enumerate(zip(c, new)))
-
-            return lax.fori_loop(0, check_every, sub, carry)
-
-        if max_steps is not None:
-            loop_steps = -(-max_steps // check_every)
+    body = _steps(loop, check_every)
+    init = _init(loop, y0, dynamic_init, aux_struct)
     if while_kind == "lax":
-        carry = lax.while_loop(cond_fun, loop_body, init_carry)
+        carry = lax.while_loop(cond_fun, body, init)
     else:
+        loop_steps = max_steps
+        if check_every > 1 and max_steps is not None:
+            loop_steps = -(-max_steps // check_every)
         carry = eqxi.while_loop(
-            cond_fun,
-            loop_body,
-            init_carry,
-            max_steps=loop_steps,
-            kind=while_kind,
+            cond_fun, body, init, max_steps=loop_steps, kind=while_kind,
             checkpoints=checkpoints,
         )
-    (y, dynamic_state, aux, num_steps, nfe, done, result, residual, residuals, saved,
-     first_residual) = carry
-    # A solve stopped by `max_steps` whose residual grew by DIVERGENCE_FACTOR over its
-    # first step's has diverged (its last iterate is no approximation of a solution).
-    diverged = residual > DIVERGENCE_FACTOR * first_residual
-    result = RESULTS.where(
-        jnp.invert(done) & (result == RESULTS.successful),
-        RESULTS.where(diverged, RESULTS.nonlinear_divergence,
-                      RESULTS.nonlinear_max_steps_reached),
-        result,
-    )
-    final_state = eqx.combine(static_state, dynamic_state)
-    y, aux, extra = solver.postprocess(
-        nfn, y, aux, args, options, final_state, tags, result
-    )
-    if not ours and not trace:
-        residual = norm(residual_fn(fn, kind)(y, args)).astype(real)
-        nfe = nfe + 1
-    stats = {**extra, "num_steps": num_steps, "nfe": nfe, "residual": residual}
-    if trace:
-        stats["residual_trace"] = residuals
-    if save_at:
-        # A solve that stopped before a requested step reports its final iterate there.
-        late = save_idx > num_steps
-        stats["iterates"] = jtu.tree_map(
-            lambda s, v: jnp.where(late.reshape((-1,) + (1,) * v.ndim), v[None], s),
-            saved,
-            y,
-        )
-    return y, aux, stats, result
+    return _finish(loop, carry)
 
 
 def run(

@@ -239,3 +239,73 @@ def test_check_every_k_gives_the_results_and_stats_of_k_1(k):
                                    rtol=1e-12)
     with pytest.raises(ValueError, match="check_every"):
         ik.fixed_point(fn, jnp.zeros(6), (a, b), check_every=0)
+
+
+class _PlainState(eqx.Module):  # not an AbstractSolverState: no residual / scale declared
+    value: jax.Array
+
+
+def _picard_with(state_cls, counts_nfe):
+    class Custom(ik.solvers.AbstractFixedPointSolver):
+        rtol: float = 1e-6
+        atol: float = 1e-6
+        norm: object = staticmethod(jnp.linalg.norm)
+
+        def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+            start = dict(residual=jnp.asarray(jnp.inf), scale=jnp.asarray(jnp.inf),
+                         value=jnp.asarray(0.0), nfe=jnp.asarray(0))
+            return state_cls(**{k: start[k] for k in state_cls.__dataclass_fields__})
+
+        def step(self, fn, y, args, options, state, tags):
+            fy, aux = fn(y, args)
+            fields = dict(residual=jnp.linalg.norm(fy - y), scale=jnp.linalg.norm(y),
+                          value=jnp.linalg.norm(y))
+            if "nfe" in state_cls.__dataclass_fields__:
+                fields["nfe"] = state.nfe + 1
+            return fy, state_cls(**{k: fields[k] for k in state_cls.__dataclass_fields__}), aux
+
+    Custom.counts_nfe = counts_nfe
+    return Custom()
+
+
+class _Counting(ik.solvers.AbstractSolverState):
+    residual: jax.Array
+    scale: jax.Array
+    nfe: jax.Array
+
+
+class _NotCounting(ik.solvers.AbstractSolverState):
+    residual: jax.Array
+    scale: jax.Array
+
+
+def test_solver_protocol_is_checked_with_a_clear_error():
+    fn = lambda y, x: 0.5 * y + x  # noqa: E731
+    x = jnp.ones(3)
+    with pytest.raises(TypeError, match="Custom.init` must return an `implicit_kit.solvers"
+                                        ".AbstractSolverState"):
+        ik.fixed_point(fn, jnp.zeros(3), x, _picard_with(_PlainState, False))
+    with pytest.raises(TypeError, match="carries `nfe` but the solver declares `counts_nfe "
+                                        "= False`"):
+        ik.fixed_point(fn, jnp.zeros(3), x, _picard_with(_Counting, False))
+    with pytest.raises(TypeError, match="has no `nfe` but the solver declares `counts_nfe "
+                                        "= True`"):
+        ik.fixed_point(fn, jnp.zeros(3), x, _picard_with(_NotCounting, True))
+    # the declared forms run, and the nfe the driver reports follows the declaration
+    for state_cls, counts in ((_Counting, True), (_NotCounting, False)):
+        sol = ik.fixed_point(fn, jnp.zeros(3), x, _picard_with(state_cls, counts),
+                             max_steps=200)
+        np.testing.assert_allclose(sol.value, 2 * x, rtol=1e-5)
+        assert int(sol.stats["nfe"]) == int(sol.stats["num_steps"]) > 5
+    # overriding postprocess without saying whether it reads the final state
+    with pytest.raises(TypeError, match="overrides `postprocess`: set the class variable "
+                                        "`stats_from_state`"):
+        class _Bad(ik.Picard):
+            def postprocess(self, *args):
+                return super().postprocess(*args)
+
+    class _Good(ik.Picard):  # declared: accepted
+        stats_from_state = False
+
+        def postprocess(self, *args):
+            return super().postprocess(*args)

@@ -15,6 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # name -> "file::test" whose reference check covers it.
 REFERENCE = {
+    "AbstractSolverState": "test_driver.py::test_solver_protocol_is_checked_with_a_clear_error",
     # solves and adjoints
     "fixed_point": "test_adjoints.py::test_exact_gradient_closed_form_linear",
     "shard_batch": "test_parallel.py::test_shard_batch_equals_one_device",

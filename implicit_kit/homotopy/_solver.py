@@ -1,6 +1,7 @@
 """`HomotopySolver` (a forward solver for the shared driver) and `homotopy_solve`."""
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import diffrax as dfx
 import equinox as eqx
@@ -14,7 +15,7 @@ from .._adjoint import AbstractAdjoint, ImplicitAdjoint
 from .._fixed_point import fixed_point
 from .._misc import dtype_of, gmres, lowest_precision
 from .._solution import as_results, RESULTS, Solution
-from ..solvers._base import AbstractFixedPointSolver, init_residual
+from ..solvers._base import AbstractFixedPointSolver, AbstractSolverState, init_residual
 from ._homotopy import (
     AbstractHomotopy,
     FixedPointHomotopy,
@@ -28,7 +29,7 @@ def _default_controller():
     return dfx.PIDController(rtol=1e-6, atol=1e-8)
 
 
-class _HomotopyState(eqx.Module):
+class _HomotopyState(AbstractSolverState):
     residual: Float[Array, ""]
     scale: Float[Array, ""]
     nfe: Int[Array, ""]
@@ -74,6 +75,8 @@ class HomotopySolver(AbstractFixedPointSolver):
     rtol: float = 1e-5
     atol: float = 1e-6
     norm: Callable[[PyTree], Scalar] = optx.two_norm
+    counts_nfe: ClassVar[bool] = True
+    stats_from_state: ClassVar[bool] = True
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         residual, scale = init_residual(y)

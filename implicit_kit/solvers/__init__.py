@@ -4,6 +4,7 @@ from ._base import (
     AbstractFixedPointSolver as AbstractFixedPointSolver,
     AbstractImplicitSolver as AbstractImplicitSolver,
     AbstractRootSolver as AbstractRootSolver,
+    AbstractSolverState as AbstractSolverState,
 )
 from .anderson import Anderson as Anderson
 from .broyden import Broyden as Broyden

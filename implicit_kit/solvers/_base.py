@@ -9,11 +9,18 @@ a fixed-point map `T(y) = y` (subclass of `AbstractFixedPointSolver`) or a root 
 `G(y) = 0` (subclass of `AbstractRootSolver`); `native_fn` converts between the two with
 `G(y) = T(y) - y`.
 
-The state of every implicit_kit solver carries `residual`, the norm of `G` at the iterate
-the last `step` was taken from, and `scale`, the norm of that iterate: the termination test
-is `residual <= atol + rtol * scale`. A state may carry `nfe`, a running count of the
-evaluations of `fn` (a JVP through it counts as one); without it, the evaluations are
-counted as the calls of `fn` in one traced `step` (`step_counted`).
+The rules a solver of implicit_kit follows are declared on `AbstractImplicitSolver` and
+checked once, when the driver first initialises it (`check_solver_state`):
+
+- its state is an `AbstractSolverState`: `residual`, the norm of `G` at the iterate the last
+  `step` was taken from, and `scale`, the norm of that iterate (the termination test is
+  `residual <= atol + rtol * scale`);
+- `counts_nfe = True` declares that the state carries `nfe`, a running count of the
+  evaluations of `fn` (a JVP through it counts as one); otherwise the evaluations are
+  counted as the calls of `fn` in one traced `step` (`step_counted`);
+- `stats_from_state = True` declares that `postprocess` reads stats off the final state,
+  so the driver freezes the state of a sample once it stops (under vmap the loop runs on
+  for the others); a class that overrides `postprocess` must say which it is.
 """
 
 import math
@@ -53,13 +60,50 @@ def check_number(
         raise ValueError(f"`{what}` must be {expected}, got {value!r}.")
 
 
+class AbstractSolverState(eqx.Module):
+    """The state of an implicit_kit solver: what the driver reads after every step.
+
+    - `residual`: the norm of `G` at the iterate the last `step` was taken from (`inf`
+      before the first step, see `init_residual`).
+    - `scale`: the norm of that iterate.
+
+    A solver with `counts_nfe = True` also carries `nfe`, its running count of evaluations.
+    """
+
+    residual: AbstractVar[Float[Array, ""]]
+    scale: AbstractVar[Float[Array, ""]]
+
+
 class AbstractImplicitSolver(eqx.Module):
-    """Mixin for the solvers of implicit_kit: a tolerance test on `state.residual`."""
+    """Base of the solvers of implicit_kit: a tolerance test on `state.residual`.
+
+    A subclass defines `rtol`, `atol`, `norm`, the optimistix methods `init` and `step`
+    (returning an `AbstractSolverState`), and inherits `native` from
+    `AbstractFixedPointSolver` or `AbstractRootSolver`. Class variables it may set:
+
+    - `counts_nfe` (default `False`): its state carries `nfe`, a running count of
+      evaluations of `fn`, which the driver reports; otherwise the driver counts the calls
+      of `fn` in one traced step.
+    - `stats_from_state` (default `False`): its `postprocess` reports stats read off the
+      final state, which the driver then freezes per sample once the sample stops. A class
+      that overrides `postprocess` must set it (to `True` or `False`) in its own body.
+    """
 
     rtol: AbstractVar[float]
     atol: AbstractVar[float]
     norm: AbstractVar[Callable[[PyTree], Scalar]]
     native: AbstractClassVar[str]
+    counts_nfe: ClassVar[bool] = False
+    stats_from_state: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "postprocess" in cls.__dict__ and "stats_from_state" not in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__} overrides `postprocess`: set the class variable "
+                "`stats_from_state` in its body (True if `postprocess` reads stats off the "
+                "final state, so the driver freezes it per sample once a sample stops)."
+            )
 
     def __check_init__(self):
         # Run for every subclass (equinox calls each class's `__check_init__`).
@@ -154,10 +198,30 @@ def native_fn(fn, kind: str, native: str):
     return fixed_point_fn
 
 
+def check_solver_state(solver, state) -> None:
+    """Raise a `TypeError` naming the solver if its `init` broke the rules declared on
+    `AbstractImplicitSolver` (run once per solve, at trace time)."""
+    if not isinstance(solver, AbstractImplicitSolver):
+        return
+    name = type(solver).__name__
+    if not isinstance(state, AbstractSolverState):
+        raise TypeError(
+            f"`{name}.init` must return an `implicit_kit.solvers.AbstractSolverState` "
+            f"(with `residual` and `scale`), got {type(state).__name__}."
+        )
+    has_nfe = hasattr(state, "nfe")
+    if has_nfe != solver.counts_nfe:
+        raise TypeError(
+            f"{name}'s state {'carries' if has_nfe else 'has no'} `nfe` but the solver "
+            f"declares `counts_nfe = {solver.counts_nfe}`; they must agree."
+        )
+
+
 def step_counted(solver, fn, y, args, options, state, tags):
     """`solver.step(...)` and the number of evaluations of `fn` it made: the change of
-    the state's `nfe` counter if it keeps one, else the calls of `fn` in the traced step
-    (exact for solvers that call `fn` outside inner loops; a lower bound otherwise)."""
+    the state's `nfe` counter if the solver keeps one (`counts_nfe`), else the calls of
+    `fn` in the traced step (exact for solvers that call `fn` outside inner loops; a
+    lower bound otherwise)."""
     calls = [0]
 
     def counted(y, args):
@@ -165,7 +229,7 @@ def step_counted(solver, fn, y, args, options, state, tags):
         return fn(y, args)
 
     new_y, new_state, aux = solver.step(counted, y, args, options, state, tags)
-    if hasattr(new_state, "nfe"):
+    if isinstance(solver, AbstractImplicitSolver) and solver.counts_nfe:
         nfe = new_state.nfe - state.nfe
     else:
         nfe = jnp.array(calls[0])

@@ -7,7 +7,7 @@ import optimistix as optx
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from ._base import AbstractFixedPointSolver, init_residual
+from ._base import AbstractFixedPointSolver, AbstractSolverState, init_residual
 
 
 def spd_solve(A: Float[Array, "m m"], b: Float[Array, " m"]) -> Float[Array, " m"]:
@@ -31,7 +31,7 @@ def spd_solve(A: Float[Array, "m m"], b: Float[Array, " m"]) -> Float[Array, " m
     return jnp.stack([M[i][m] for i in range(m)])
 
 
-class _AndersonState(eqx.Module):
+class _AndersonState(AbstractSolverState):
     xs: Float[Array, "m n"]  # y_i + damping * g_i: what the step mixes
     gs: Float[Array, "m n"]  # g_i = T(y_i) - y_i
     gram: Float[Array, "m m"]

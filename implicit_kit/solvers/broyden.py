@@ -7,10 +7,10 @@ import optimistix as optx
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from ._base import AbstractRootSolver, init_residual
+from ._base import AbstractRootSolver, AbstractSolverState, init_residual
 
 
-class _BroydenState(eqx.Module):
+class _BroydenState(AbstractSolverState):
     us: Float[Array, "m n"]
     vs: Float[Array, "m n"]
     prev_y: Float[Array, " n"]

@@ -1,4 +1,5 @@
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import equinox.internal as eqxi
@@ -13,6 +14,7 @@ from .._solution import as_results, RESULTS
 from ._base import (
     AbstractFixedPointSolver,
     AbstractImplicitSolver,
+    AbstractSolverState,
     init_residual,
     native_fn,
     solver_native_kind,
@@ -20,7 +22,7 @@ from ._base import (
 )
 
 
-class _FallbackState(eqx.Module):
+class _FallbackState(AbstractSolverState):
     index: Int[Array, ""]  # the solver running now
     count: Int[Array, ""]  # its steps so far
     y0: PyTree  # where each later solver restarts
@@ -57,6 +59,8 @@ class Fallback(AbstractFixedPointSolver):
     rtol: float
     atol: float
     norm: Callable[[PyTree], Scalar]
+    counts_nfe: ClassVar[bool] = True
+    stats_from_state: ClassVar[bool] = True
 
     def __init__(self, *solvers, max_steps: int = 256):
         if len(solvers) < 2:

@@ -6,10 +6,10 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Float, PyTree, Scalar
 
-from ._base import AbstractFixedPointSolver, init_residual
+from ._base import AbstractFixedPointSolver, AbstractSolverState, init_residual
 
 
-class _FISTAState(eqx.Module):
+class _FISTAState(AbstractSolverState):
     previous: PyTree  # x_{k-1} = T(y_{k-1})
     t: Float[Array, ""]
     residual: Float[Array, ""]

@@ -6,10 +6,10 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from ._base import AbstractFixedPointSolver, init_residual
+from ._base import AbstractFixedPointSolver, AbstractSolverState, init_residual
 
 
-class _HalpernState(eqx.Module):
+class _HalpernState(AbstractSolverState):
     anchor: PyTree
     count: Int[Array, ""]  # steps since the anchor was set
     anchor_residual: Float[Array, ""]  # ||T(anchor) - anchor||

@@ -1,6 +1,6 @@
 from collections.abc import Callable
+from typing import ClassVar
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -9,7 +9,7 @@ import optimistix as optx
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
 from .._misc import gmres, tree_add
-from ._base import AbstractRootSolver, init_residual
+from ._base import AbstractRootSolver, AbstractSolverState, init_residual
 
 
 def newton_step(g_fn, y, linear_solver, damping=1.0):
@@ -27,7 +27,7 @@ def newton_step(g_fn, y, linear_solver, damping=1.0):
     return tree_add(y, delta, damping), g, aux, steps
 
 
-class _NewtonKrylovState(eqx.Module):
+class _NewtonKrylovState(AbstractSolverState):
     linear_steps: Int[Array, ""]
     nfe: Int[Array, ""]
     residual: Float[Array, ""]
@@ -60,6 +60,8 @@ class NewtonKrylov(AbstractRootSolver):
     )
     damping: float = 1.0
     norm: Callable[[PyTree], Scalar] = optx.two_norm
+    counts_nfe: ClassVar[bool] = True
+    stats_from_state: ClassVar[bool] = True
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         zero = jnp.array(0)

@@ -1,14 +1,13 @@
 from collections.abc import Callable
 
-import equinox as eqx
 import optimistix as optx
 from jaxtyping import Array, Float, PyTree, Scalar
 
 from .._misc import tree_add, tree_sub
-from ._base import AbstractFixedPointSolver, init_residual
+from ._base import AbstractFixedPointSolver, AbstractSolverState, init_residual
 
 
-class _PicardState(eqx.Module):
+class _PicardState(AbstractSolverState):
     residual: Float[Array, ""]
     scale: Float[Array, ""]
 

@@ -5,6 +5,7 @@ cocoercive case)."""
 
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -16,7 +17,7 @@ import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Scalar
 
 from .._misc import dtype_of
-from ._base import AbstractRootSolver
+from ._base import AbstractRootSolver, AbstractSolverState
 
 
 def finite_sum(component: Callable, n: int) -> Callable:
@@ -33,7 +34,7 @@ def finite_sum(component: Callable, n: int) -> Callable:
     return fn
 
 
-class _VRHalpernState(eqx.Module):
+class _VRHalpernState(AbstractSolverState):
     anchor: PyTree
     count: Int[Array, ""]
     anchor_residual: Float[Array, ""]
@@ -93,6 +94,7 @@ class VRHalpern(AbstractRootSolver):
     rtol: float = 1e-5
     atol: float = 1e-6
     norm: Callable[[PyTree], Scalar] = optx.two_norm
+    counts_nfe: ClassVar[bool] = True
     restart: float | None = eqx.field(static=True, default=0.9)
     seed: int = eqx.field(static=True, default=0)
 
