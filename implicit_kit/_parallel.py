@@ -1,53 +1,99 @@
 """Data parallelism without a global reduction per solver iteration: `shard_batch`."""
 
+import functools
 import importlib
+import importlib.metadata
+import itertools
 from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 
-# (module, name) of the helpers with which equinox and lineax compare array structures.
-_STRUCTURE_HELPERS = (
-    ("equinox._ad", "_strip_weak_dtype"),  # closure conversion (diffrax's adjoints)
-    ("lineax._misc", "strip_weak_dtype"),
-    ("lineax._solve", "strip_weak_dtype"),
-    ("lineax._operator", "strip_weak_dtype"),
-    ("lineax._solver.misc", "strip_weak_dtype"),
-)
-_PATCHED = set()
+# lineax issue #185. Inside `jax.shard_map` (jax >= 0.7), `jax.eval_shape` gives traced
+# arrays the manual mesh's sharding, while structures recorded elsewhere (a matrix
+# operator's, a closure-converted function's) have none. equinox and lineax compare
+# structures *with* their shardings, so any lineax solve on a matrix operator (LU, QR,
+# GMRES's inner least squares) and any closure-converted call (diffrax's checkpointed
+# adjoint) raise a spurious mismatch under `shard_map`.
+#
+# The workaround: their comparison helpers drop a sharding on a *manual* mesh axis (the
+# sharding a structure has only inside a `shard_map` body) and leave every other
+# structure as it is, so nothing changes outside `shard_map` bodies. It cannot be a
+# context around `shard_batch`'s call: equinox's primitives (lineax's solves) are traced
+# again when XLA lowers the program, at the caller's `jax.jit` compile, after
+# `shard_batch` has returned (measured: a context restoring the originals on exit fails
+# at lowering with "pytree does not match out_structure"). So it is installed by the
+# first `shard_batch` call, for the process, and only for the releases listed here.
+#
+# The (module, name) of each helper, per distribution, and the newest release of each
+# known to need it: `tests/test_parallel.py::test_the_dependency_patch_is_still_needed`
+# fails once an installed release no longer does (then drop it here); a newer release is
+# left unpatched, and that test tells whether it still needs the patch (then raise the
+# bound).
+_STRUCTURE_HELPERS = {
+    "equinox": ("0.13.8", (("equinox._ad", "_strip_weak_dtype"),)),  # closure conversion
+    "lineax": ("0.1.1", (("lineax._misc", "strip_weak_dtype"),
+                         ("lineax._solve", "strip_weak_dtype"),
+                         ("lineax._operator", "strip_weak_dtype"),
+                         ("lineax._solver.misc", "strip_weak_dtype"))),
+}
+_PATCHED = []  # (module, name, original) of the installed patches
 
 
-def _compare_structures_without_sharding() -> None:
-    """Inside `jax.shard_map` (jax >= 0.7), `jax.eval_shape` gives traced arrays the
-    manual mesh's sharding, while structures recorded elsewhere (a matrix operator's, a
-    closure-converted function's) have none. equinox (0.13) and lineax (0.1) compare
-    structures *with* their shardings, so any lineax solve on a matrix operator (LU, QR,
-    GMRES's inner least squares) and any closure-converted call (diffrax's checkpointed
-    adjoint) raise a spurious mismatch under `shard_map` (lineax issue #185). Their
-    helpers are made to compare shapes and dtypes only, as they did before arrays had
-    shardings; nothing else reads the sharding of these structures. Applied once, the
-    first time `shard_batch` runs; helpers that are gone (a later, fixed release) are
-    left alone."""
+def _release(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
 
-    def drop(tree):
-        return jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-            if type(x) is jax.ShapeDtypeStruct else x, tree)
 
-    for module_name, name in _STRUCTURE_HELPERS:
-        if (module_name, name) in _PATCHED:
+def _helpers_to_patch() -> list[tuple[object, str]]:
+    """The (module, name) pairs to patch for the installed releases: those of each
+    distribution whose installed version is at most the newest known to need it. A name
+    missing there is an error (the workaround would silently stop working)."""
+    found = []
+    for dist, (newest, names) in _STRUCTURE_HELPERS.items():
+        installed = importlib.metadata.version(dist)
+        if _release(installed) > _release(newest):
             continue
-        try:
+        for module_name, name in names:
             module = importlib.import_module(module_name)
-        except ImportError:  # pragma: no cover - a layout this shim does not know
-            continue
-        original = getattr(module, name, None)
-        if original is None:  # pragma: no cover
-            continue
-        setattr(module, name, lambda tree, original=original: original(drop(tree)))
-        _PATCHED.add((module_name, name))
+            if not callable(getattr(module, name, None)):
+                raise RuntimeError(
+                    f"implicit_kit.shard_batch works around lineax issue #185 by patching "
+                    f"`{module_name}.{name}`, which {dist} {installed} does not have; "
+                    "please report this with your versions of equinox and lineax."
+                )
+            found.append((module, name))
+    return found
+
+
+def _on_manual_mesh(sharding) -> bool:
+    axis_types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
+    return any(t == AxisType.Manual for t in axis_types)
+
+
+def _drop_manual_sharding(tree):
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+        if type(x) is jax.ShapeDtypeStruct and _on_manual_mesh(x.sharding) else x, tree)
+
+
+def _compare_structures_without_manual_sharding() -> None:
+    """Install the workaround for lineax issue #185 (see `_STRUCTURE_HELPERS`), once."""
+    if _PATCHED:
+        return
+    for module, name in _helpers_to_patch():
+        original = getattr(module, name)
+        patched = functools.wraps(original)(
+            lambda tree, f=original: f(_drop_manual_sharding(tree)))
+        _PATCHED.append((module, name, original))
+        setattr(module, name, patched)
 
 
 def shard_batch(fn: Callable, in_axes: int | None | Sequence[int | None] = 0, *,
@@ -79,9 +125,9 @@ def shard_batch(fn: Callable, in_axes: int | None | Sequence[int | None] = 0, *,
     backward solves, which then also run per device.
 
     (equinox and lineax compare array structures including their shardings, which
-    breaks lineax solves and diffrax's adjoints under `shard_map`, lineax issue #185;
-    the first call makes those comparisons ignore shardings, see
-    `_compare_structures_without_sharding`.)
+    breaks lineax solves and diffrax's adjoints under `shard_map`, lineax issue #185:
+    from the first call on, those comparisons ignore a sharding on a manual mesh axis,
+    which only a structure inside a `shard_map` body has; see `_STRUCTURE_HELPERS`.)
 
     ```python
     solve = jax.vmap(lambda x: ik.fixed_point(f, z0, x, ik.Anderson()).value)
@@ -111,7 +157,7 @@ def shard_batch(fn: Callable, in_axes: int | None | Sequence[int | None] = 0, *,
         )
 
     def wrapped(*args):
-        _compare_structures_without_sharding()
+        _compare_structures_without_manual_sharding()
         axes = in_axes if isinstance(in_axes, (list, tuple)) else (in_axes,) * len(args)
         if len(axes) != len(args):
             raise ValueError(
@@ -128,7 +174,8 @@ def shard_batch(fn: Callable, in_axes: int | None | Sequence[int | None] = 0, *,
                             f"{n}, which must divide evenly over the {size} devices."
                         )
         in_specs = tuple(spec(axis) for axis in axes)
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(axis_name),
-                             check_vma=False)(*args)
+        sharded = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(axis_name),
+                                check_vma=False)
+        return sharded(*args)
 
     return wrapped

@@ -99,6 +99,77 @@ def test_shard_batch_equals_one_device():
             assert float(value) < 1e-12 and float(grad) < 1e-10, line
 
 
+
+def test_the_dependency_patch_is_still_needed():
+    """The workaround for lineax issue #185 in `_parallel.py`. Before any `shard_batch`,
+    a lineax LU solve and diffrax's checkpointed adjoint under a plain `jax.shard_map`
+    still fail with the structure mismatch (when this fails, an installed release no
+    longer needs the patch: remove it from `_STRUCTURE_HELPERS`); after the first
+    `shard_batch` they run, and a structure on a non-manual mesh keeps its sharding
+    (nothing changes outside `shard_map` bodies)."""
+    out = _run_with_devices("""
+        import diffrax as dfx, jax, jax.numpy as jnp, lineax as lx, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        import implicit_kit as ik
+        from implicit_kit import _parallel
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        A = 2.0 * jnp.eye(3)
+
+        def lin(W, b):
+            op = lx.MatrixLinearOperator(W)
+            return jax.vmap(lambda b: lx.linear_solve(op, b, lx.LU()).value)(b)
+
+        def ode(W, y):
+            term = dfx.ODETerm(lambda t, y, W: -W @ y)
+            return jax.vmap(lambda y: dfx.diffeqsolve(
+                term, dfx.Dopri5(), 0.0, 1.0, 0.1, y, W,
+                stepsize_controller=dfx.PIDController(1e-6, 1e-6)).ys[-1])(y)
+
+        b = jnp.ones((2, 3))
+        for f in (lin, ode):
+            plain = jax.shard_map(f, mesh=mesh, in_specs=(P(), P("data")),
+                                  out_specs=P("data"), check_vma=False)
+            try:
+                jax.jit(jax.grad(lambda b: plain(A, b).sum()))(b)
+            except ValueError as e:
+                print(f.__name__, "STILL NEEDED", "out_structure" in str(e)
+                      or "structures do not match" in str(e) or "Closure" in str(e))
+            else:
+                print(f.__name__, "UPSTREAM FIXED")
+        assert not _parallel._PATCHED
+        for f, want in ((lin, 0.5), (ode, np.exp(-2.0))):
+            g = jax.jit(jax.grad(lambda b: ik.shard_batch(f, (None, 0))(A, b).sum()))(b)
+            print(f.__name__, "PATCHED ERR", float(jnp.max(jnp.abs(g - want))))
+        assert len(_parallel._PATCHED) == 5
+        kept = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=NamedSharding(mesh, P()))
+        assert lx._misc.strip_weak_dtype(kept).sharding == kept.sharding
+        print("OUTSIDE KEPT")
+    """, 2, timeout=300)
+    for name in ("lin", "ode"):
+        assert f"{name} STILL NEEDED True" in out, (
+            f"{name}: a plain shard_map no longer fails; the installed equinox/lineax may "
+            f"not need the patch of `_parallel._STRUCTURE_HELPERS` any more:\n{out}")
+    errs = [float(ln.split()[-1]) for ln in out.splitlines() if "PATCHED ERR" in ln]
+    assert len(errs) == 2 and max(errs) < 1e-5, out
+    assert "OUTSIDE KEPT" in out
+
+
+def test_the_dependency_patch_is_gated_on_versions(monkeypatch):
+    """A release newer than the newest known to need the patch is left alone; a helper
+    missing from a release that should have it is a loud error naming it."""
+    from implicit_kit import _parallel
+
+    assert _parallel._release("0.13.8") == (0, 13, 8) < _parallel._release("0.13.10rc1")
+    assert len(_parallel._helpers_to_patch()) == 5
+    monkeypatch.setattr(_parallel.importlib.metadata, "version", lambda dist: "99.0")
+    assert _parallel._helpers_to_patch() == []
+    monkeypatch.undo()
+    monkeypatch.setitem(_parallel._STRUCTURE_HELPERS, "lineax",
+                        ("0.1.1", (("lineax._misc", "no_such_helper"),)))
+    with pytest.raises(RuntimeError, match="lineax._misc.no_such_helper"):
+        _parallel._helpers_to_patch()
+
+
 def test_train_parallel_shard_map_step_equals_one_device():
     """One train step of a DEQ (implicit adjoint with the default backward, GMRES
     fallback included), a HomoODE and a monotone DEQ with `train.parallel: auto` (so
