@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._iterate import native_fn
-from ._misc import scalars_to_arrays, tree_add
+from ._misc import scalars_to_arrays, tree_add, tree_sub
 from ._solution import RESULTS
 
 
@@ -30,7 +30,7 @@ def adjoint_operators(fn, kind: str, y_star, args):
 
     if kind == "fixed_point":
         JT_T = lambda u: vjp(u)[0]
-        A = lambda u: jtu.tree_map(lambda a, b: a - b, u, vjp(u)[0])
+        A = lambda u: tree_sub(u, vjp(u)[0])
     else:
         JT_T = lambda u: tree_add(u, vjp(u)[0])
         A = lambda u: jtu.tree_map(jnp.negative, vjp(u)[0])

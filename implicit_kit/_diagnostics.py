@@ -10,6 +10,7 @@ from jaxtyping import Array, PyTree
 
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint, UnrolledAdjoint
 from ._fixed_point import fixed_point
+from ._misc import tree_vdot
 from ._root import root_find
 
 
@@ -103,7 +104,7 @@ def check_grad(
 
     def loss(a, adj):
         y = entry(fn, y0, a, solver, adjoint=adj, max_steps=max_steps).value
-        return sum(jnp.vdot(ci, yi) for ci, yi in zip(jtu.tree_leaves(c), jtu.tree_leaves(y)))
+        return tree_vdot(c, y)
 
     flat_a, unravel_a = ravel_pytree(args)
     direction = jr.normal(k2, flat_a.shape, flat_a.dtype)

@@ -26,7 +26,13 @@ def tree_add(a: PyTree, b: PyTree, scale=1.0) -> PyTree:
 
 
 def tree_sub(a: PyTree, b: PyTree) -> PyTree:
+    """`a - b` leaf by leaf."""
     return jtu.tree_map(lambda x, y: x - y, a, b)
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> Array:
+    """The inner product of two pytrees of the same structure (`jnp.vdot` per leaf)."""
+    return sum(jnp.vdot(x, y) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b)))
 
 
 def inexact_asarray(x):

@@ -31,6 +31,8 @@ import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, ArrayLike
 
+from ._misc import tree_sub, tree_vdot
+
 
 __all__ = [
     "fixed_point",
@@ -50,10 +52,6 @@ __all__ = [
 ]
 
 
-def _sub(a, b):
-    return jtu.tree_map(lambda u, v: u - v, a, b)
-
-
 def _step(x, g, step):
     return jtu.tree_map(lambda u, v: u - step * v, x, g)
 
@@ -71,13 +69,9 @@ def fixed_point(T: Callable) -> Callable:
     r"""$F(x, \theta) = T(x, \theta) - x$: a fixed point of `T(x, theta)`."""
 
     def optimality(x, theta):
-        return _sub(T(x, theta), x)
+        return tree_sub(T(x, theta), x)
 
     return optimality
-
-
-def _vdot(a, b):
-    return sum(jnp.vdot(u, v) for u, v in zip(jtu.tree_leaves(a), jtu.tree_leaves(b)))
 
 
 def _backtracking_step(f, prox, x, theta_f, theta_g, initial, shrink, max_backtracks):
@@ -95,9 +89,9 @@ def _backtracking_step(f, prox, x, theta_f, theta_g, initial, shrink, max_backtr
     gx = grad(x, theta_f)
 
     def curvature_too_high(eta):
-        d = _sub(prox(_step(x, gx, eta), theta_g, eta), x)
+        d = tree_sub(prox(_step(x, gx, eta), theta_g, eta), x)
         gz = grad(jtu.tree_map(jnp.add, x, d), theta_f)
-        return _vdot(_sub(gz, gx), d) > _vdot(d, d) / eta
+        return tree_vdot(tree_sub(gz, gx), d) > tree_vdot(d, d) / eta
 
     def cond(c):
         eta, k = c
@@ -182,7 +176,7 @@ def prox_gradient(f: Callable, prox: Callable, step: float = 1.0) -> Callable:
     `prox(y, theta_g, eta)` the proximal operator of $\eta g$."""
 
     def optimality(x, theta_f, theta_g):
-        return _sub(prox(_step(x, jax.grad(f)(x, theta_f), step), theta_g, step), x)
+        return tree_sub(prox(_step(x, jax.grad(f)(x, theta_f), step), theta_g, step), x)
 
     return optimality
 
@@ -193,7 +187,7 @@ def projected_gradient(f: Callable, projection: Callable, step: float = 1.0) -> 
     Euclidean projection onto it (e.g. from `optax.projections`)."""
 
     def optimality(x, theta_f, theta_c):
-        return _sub(projection(_step(x, jax.grad(f)(x, theta_f), step), theta_c), x)
+        return tree_sub(projection(_step(x, jax.grad(f)(x, theta_f), step), theta_c), x)
 
     return optimality
 
@@ -209,7 +203,7 @@ def mirror_descent(f: Callable, projection: Callable, mapping: Callable,
 
     def optimality(x, theta_f, theta_c):
         y = _step(mapping(x), jax.grad(f)(x, theta_f), step)
-        return _sub(projection(y, theta_c), x)
+        return tree_sub(projection(y, theta_c), x)
 
     return optimality
 

@@ -18,16 +18,12 @@ import lineax as lx
 from jaxtyping import Array, PyTree
 
 from .._adjoint import ImplicitAdjoint, NeumannAdjoint
-from .._misc import dtype_of, gmres
+from .._misc import dtype_of, gmres, tree_add
 from .._solution import backward_probe, backward_stats, RESULTS
 from .._solve import GivenForward, solve
 
 
 METHODS = ("cg", "gmres", "neumann", "unrolled")
-
-
-def _tree_axpy(a, x, y):
-    return jtu.tree_map(lambda xi, yi: a * xi + yi, x, y)
 
 
 def _check_float_tree(tree, name: str) -> None:
@@ -119,7 +115,7 @@ def hypergradient(
         def unrolled(h_):
             def body(w_, _):
                 g = jax.grad(lt)(w_, h_)
-                return _tree_axpy(-alpha, g, w_), None
+                return tree_add(w_, g, -alpha), None
 
             w_k, _ = lax.scan(body, w, None, length=k)
             return lv(w_k, h_)

@@ -34,7 +34,7 @@ import optimistix as optx
 from equinox import AbstractClassVar, AbstractVar
 from jaxtyping import Array, Float, PyTree, Scalar
 
-from .._misc import dtype_of
+from .._misc import dtype_of, tree_sub
 from .._solution import as_results, RESULTS
 
 
@@ -187,7 +187,7 @@ def native_fn(fn, kind: str, native: str):
 
         def root_fn(y, args):
             out, aux = fn(y, args)
-            return jtu.tree_map(lambda a, b: a - b, out, y), aux
+            return tree_sub(out, y), aux
 
         return root_fn
 

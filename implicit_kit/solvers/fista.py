@@ -6,6 +6,7 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Float, PyTree, Scalar
 
+from .._misc import tree_sub, tree_vdot
 from ._base import AbstractFixedPointSolver, AbstractSolverState, init_residual
 
 
@@ -14,10 +15,6 @@ class _FISTAState(AbstractSolverState):
     t: Float[Array, ""]
     residual: Float[Array, ""]
     scale: Float[Array, ""]
-
-
-def _vdot(a, b):
-    return sum(jnp.vdot(u, v) for u, v in zip(jtu.tree_leaves(a), jtu.tree_leaves(b)))
 
 
 class FISTA(AbstractFixedPointSolver):
@@ -56,12 +53,11 @@ class FISTA(AbstractFixedPointSolver):
 
     def step(self, fn, y, args, options, state, tags):
         x, aux = fn(y, args)
-        g = jtu.tree_map(lambda a, b: a - b, x, y)
+        g = tree_sub(x, y)
         residual = self.norm(g)
         t = state.t
         if self.restart:
-            uphill = _vdot(jtu.tree_map(lambda a, b: a - b, y, x),
-                           jtu.tree_map(lambda a, b: a - b, x, state.previous)) > 0
+            uphill = tree_vdot(tree_sub(y, x), tree_sub(x, state.previous)) > 0
             # also when the residual grew: a safeguard for maps that are contractions
             # without being averaged, where momentum alone can diverge
             t = jnp.where(uphill | (residual > state.residual), jnp.ones_like(t), t)

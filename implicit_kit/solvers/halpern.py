@@ -6,6 +6,7 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
+from .._misc import tree_sub
 from ._base import AbstractFixedPointSolver, AbstractSolverState, init_residual
 
 
@@ -59,7 +60,7 @@ class Halpern(AbstractFixedPointSolver):
 
     def step(self, fn, y, args, options, state, tags):
         fy, aux = fn(y, args)
-        g = jtu.tree_map(lambda a, b: a - b, fy, y)
+        g = tree_sub(fy, y)
         residual = self.norm(g)
         first = state.count == 0  # y is the anchor
         anchor_residual = jnp.where(first, residual, state.anchor_residual)

@@ -28,7 +28,10 @@ def make_optimiser(o: OptimConfig, total_steps: int, params=None
     if o.group_schedule == "cosine":
         lr = optax.cosine_decay_schedule(
             o.group_lr, max(-(-total_steps // o.group_every), 1), alpha=o.final_lr_factor)
-    group = every_k(getattr(optax, o.group_name)(learning_rate=lr), o.group_every)
+    # applied on steps 0, k, 2k, ... from that step's gradient (not accumulated: the
+    # HomoODE authors step their start point so), a zero update in between
+    group = optax.conditionally_mask(getattr(optax, o.group_name)(learning_rate=lr),
+                                     lambda count: count % o.group_every == 0)
     # labels as a function: a model's label tree is itself a callable Module, which
     # `multi_transform` would otherwise call on the parameters
     return optax.multi_transform({"main": main, "group": group}, lambda _: labels)
@@ -52,22 +55,6 @@ def group_labels(params, path: str):
         raise ConfigError(f"key 'optim.group': the model's {path!r} has no trainable "
                           "arrays (for HomoODE's start point use model.init: learned).")
     return eqx.tree_at(where, labels, jax.tree_util.tree_map(lambda _: "group", sub))
-
-
-def every_k(tx: optax.GradientTransformation, k: int) -> optax.GradientTransformation:
-    """`tx` applied on steps 0, k, 2k, ... from that step's gradient (not accumulated:
-    the HomoODE authors step their start point so), a zero update in between."""
-    def init(params):
-        return jnp.zeros((), jnp.int32), tx.init(params)
-
-    def update(grads, state, params=None):
-        count, inner = state
-        updates, new_inner = tx.update(grads, inner, params)
-        now = count % k == 0
-        updates = jax.tree_util.tree_map(lambda u: jnp.where(now, u, 0), updates)
-        return updates, (count + 1, keep_if(now, new_inner, inner))
-
-    return optax.GradientTransformation(init, update)
 
 
 def _optimiser(o: OptimConfig, total_steps: int) -> optax.GradientTransformation:
@@ -177,7 +164,10 @@ class Steps:
         # diverged, whose gradient is NaN; a failed backward solve; a NaN in the loss)
         # is never applied: `train.on_nonfinite` skips it (counted) or has the loop
         # raise. A step with an unconverged but finite forward solve follows
-        # `train.on_unconverged` (apply, skip, raise).
+        # `train.on_unconverged` (apply, skip, raise). (Not `optax.apply_if_finite`: it
+        # tests the updates, not the gradient, applies non-finite updates after
+        # `max_consecutive_errors`, and cannot skip the unconverged steps; one gate,
+        # `keep_if`, serves both policies.)
         finite = tree_allfinite(grads)
         unconverged = finite & (metrics["failure_rate"] > 0)
         apply = finite
