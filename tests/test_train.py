@@ -617,7 +617,12 @@ def test_summary_table_and_comparison_figure(tmp_path):
     """The demo's report reads the stats contract: one row per run with the same columns
     for every model, printed to 3 decimals (seconds to 0.1), and one figure with a point
     per model in each panel."""
-    from implicit_kit.train._report import plot_comparison, SUMMARY_FORMATS, summary_row
+    from implicit_kit.train._report import (
+        comparison_figure,
+        plot_comparison,
+        SUMMARY_FORMATS,
+        summary_row,
+    )
 
     def result(acc, nfe, steps, mb, seconds):
         hist = [{"epoch": e, "nfe": nfe + 1, "num_steps": steps + 1, "seconds": s,
@@ -638,6 +643,15 @@ def test_summary_table_and_comparison_figure(tmp_path):
     import matplotlib.image
 
     assert matplotlib.image.imread(path).shape[2] in (3, 4)
+    # two models at nearly the same point (the demo's Neural ODE and HomoODE rows) are
+    # told apart by the legend, not by labels printed on top of each other
+    rows.append(dict(rows[1], model="HomoODE + learned start", NFE=26.5))
+    fig = comparison_figure(rows)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [r["model"] for r in rows]
+    assert all(not ax.texts for ax in fig.axes)
+    markers = {tuple(c.get_paths()[0].vertices.ravel()[:6]) for c in fig.axes[0].collections}
+    assert len(markers) == len(rows)
 
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):

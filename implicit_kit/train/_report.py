@@ -149,25 +149,35 @@ def summary_row(name: str, result) -> dict:
     }
 
 
-def plot_comparison(rows: list[dict], path) -> pathlib.Path:
-    """One figure comparing the models of a summary table: test accuracy against
-    forward NFE and against peak memory, one labelled point per model."""
+def comparison_figure(rows: list[dict]):
+    """The figure of `plot_comparison`: test accuracy against forward NFE and against
+    peak memory, one marker per model (its own colour and shape) named in one legend
+    beside the panels, so that models at nearly the same point stay readable (labels
+    written beside the points printed on top of each other)."""
     from matplotlib.figure import Figure  # no pyplot state, no backend switch
 
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(10, 4))
+    fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2, sharey=True)
+    markers = "osD^vP*Xh<>p"
     for ax, key, label in ((axes[0], "NFE", "forward NFE per test sample"),
                            (axes[1], "peak MB", "peak memory of a train step (MB)")):
         for i, r in enumerate(rows):
-            ax.scatter(r[key], r["test acc"], color=f"C{i}", s=40)
-            ax.annotate(r["model"], (r[key], r["test acc"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
+            ax.scatter(r[key], r["test acc"], color=f"C{i}", s=60, alpha=0.8,
+                       marker=markers[i % len(markers)], label=r["model"])
         ax.set(xlabel=label)
         ax.grid(alpha=0.3)
     axes[0].set(ylabel="test accuracy", title="accuracy vs forward cost")
     axes[1].set(title="accuracy vs memory")
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    return fig
+
+
+def plot_comparison(rows: list[dict], path) -> pathlib.Path:
+    """`comparison_figure(rows)` saved to `path`."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = comparison_figure(rows)
     fig.savefig(path, dpi=110)
     return path
