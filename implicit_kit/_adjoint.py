@@ -8,6 +8,7 @@ $\bar\theta = (\partial T/\partial\theta)^\top u$ with $u = \bar y + J_T(y^*)^\t
 
 import abc
 import math
+from typing import ClassVar
 
 import equinox as eqx
 import equinox.internal as eqxi
@@ -23,7 +24,7 @@ from ._ad import implicit_vjp, stop_gradient
 from ._iterate import check_max_steps, run
 from ._misc import gmres, precision_floor, scalars_to_arrays, tree_sub, tree_where
 from ._solution import as_results, RESULTS
-from .solvers import Picard
+from .solvers import Anderson, Picard
 from .solvers._base import AbstractFixedPointSolver, check_number, native_fn
 
 
@@ -53,6 +54,34 @@ def backward_tolerance(forward: tuple[float, float] | None, dtype) -> tuple[floa
     rtol = jnp.where(jnp.isfinite(rtol), rtol, floor_rtol)
     atol = jnp.where(jnp.isfinite(atol), atol, floor_atol)
     return jnp.maximum(rtol, 10 * eps), jnp.maximum(atol, eps)
+
+
+class AbstractForward(eqx.Module):
+    """The forward solve of a problem as handed to an adjoint (the seam between them).
+
+    - `kind`: `"fixed_point"` or `"root"`, the form of `fn`.
+    - `max_steps`: the step cap of the solve, `None` for none (or unknown).
+    - `not_unrollable` (class variable): `None` if `UnrolledAdjoint` can differentiate
+      through the loop, else what this forward is, for its error message.
+    - `tolerance()`: `(rtol, atol)` of the forward solver, or `None` where it has none
+      (the backward tolerances follow it).
+    - `__call__(fn, y0, args, *, while_kind="lax", checkpoints=None)`: run the solve,
+      returning `(y, aux, stats, result)`; the adjoint chooses the loop (`while_kind`:
+      `"lax"`, or `"checkpointed"` with `checkpoints` for `UnrolledAdjoint`), as in
+      optimistix.
+    """
+
+    kind: eqx.AbstractVar[str]
+    max_steps: eqx.AbstractVar[int | None]
+    not_unrollable: ClassVar[str | None] = None
+
+    @abc.abstractmethod
+    def tolerance(self) -> tuple[float, float] | None:
+        """`(rtol, atol)` of the forward solver, or `None`."""
+
+    @abc.abstractmethod
+    def __call__(self, fn, y0, args, *, while_kind: str = "lax", checkpoints=None):
+        """`(y, aux, stats, result)` of the solve."""
 
 
 class AbstractAdjoint(eqx.Module):
@@ -96,6 +125,9 @@ def _backward_result(result):
     )
 
 
+_BACKWARD_SOLVERS = ("picard", "anderson", "gmres", "bicgstab", "cg")
+
+
 class ImplicitAdjoint(AbstractVJPAdjoint):
     r"""Exact gradients by the implicit function theorem (the default).
 
@@ -114,15 +146,19 @@ class ImplicitAdjoint(AbstractVJPAdjoint):
           function theorem holds (it runs only when some sample needs it). For roots,
           GMRES (CG where the operator is tagged symmetric positive definite, as in
           `ik.minimise`).
-        - an implicit_kit fixed-point solver (`Picard(...)`, `Anderson(...)`), run by the
-          same driver as the forward solve, with its own `rtol`/`atol`;
-        - or a lineax solver on the operator $I - J_T^\top$ (`lx.GMRES(...)`,
-          `lx.BiCGStab(...)`; `lx.CG` for symmetric positive definite problems).
-    - `rtol`, `atol`: the tolerances of the default `linear_solver`; unset, they follow
-        the forward solver's and the dtype (`backward_tolerance`: the forward solve's, no
-        tighter than 10 machine epsilons).
-    - `max_steps`: the step limit of a backward solve run by the driver (a lineax
-        solver has its own `max_steps`).
+        - a name, `"picard"`, `"anderson"` (fixed-point iteration on the adjoint, by the
+          same driver as the forward solve), `"gmres"`, `"bicgstab"` or `"cg"` (lineax, on
+          the operator $I - J_T^\top$): that solver alone, at the tolerances below;
+        - or a solver object, which brings its own tolerances: an implicit_kit
+          fixed-point solver (`Picard(rtol=...)`, `Anderson(...)`) or a lineax solver
+          (`lx.GMRES(rtol=..., atol=...)`, `lx.BiCGStab(...)`, `lx.CG(...)`, `lx.LU()`).
+    - `rtol`, `atol`: the tolerances of the backward solve, for `None` or a named
+        `linear_solver`; unset, they follow the forward solver's and the dtype
+        (the forward solve's, no tighter than 10 machine epsilons; with no forward
+        tolerance, as in `custom_root`, 1e-10 / 1e-12). Giving them with a solver object
+        is an error (the object has its own).
+    - `max_steps`: the step limit of the backward solve (of a lineax solver given as
+        an object: its own `max_steps`).
 
     The backward solve is never silently wrong: if it does not converge, `throw=True`
     (the entry point's) raises with `RESULTS.backward_max_steps_reached` /
@@ -131,45 +167,89 @@ class ImplicitAdjoint(AbstractVJPAdjoint):
     [`implicit_kit.backward_stats`][]).
     """
 
-    linear_solver: AbstractFixedPointSolver | lx.AbstractLinearSolver | None = None
+    linear_solver: (str | AbstractFixedPointSolver | lx.AbstractLinearSolver | None) = \
+        eqx.field(default=None, static=False)
     rtol: float | None = None
     atol: float | None = None
     max_steps: int = eqx.field(static=True, default=256)
-    krylov: lx.AbstractLinearSolver | None = eqx.field(default=None, repr=False)
 
     def __check_init__(self):
         for field in ("rtol", "atol"):
             check_number(f"ImplicitAdjoint({field}=...)", getattr(self, field), low=0.0)
         check_max_steps(self.max_steps, "ImplicitAdjoint(max_steps=...)")
-        if self.linear_solver is not None and not isinstance(
-            self.linear_solver, (AbstractFixedPointSolver, lx.AbstractLinearSolver)
-        ):
-            raise TypeError(
-                "`ImplicitAdjoint(linear_solver=...)` must be None, an implicit_kit "
-                "fixed-point solver (Picard, Anderson) or a lineax linear solver (lx.GMRES, "
-                f"lx.BiCGStab, lx.CG); got {type(self.linear_solver).__name__}."
-            )
+        solver = self.linear_solver
+        if isinstance(solver, str):
+            if solver not in _BACKWARD_SOLVERS:
+                raise ValueError(
+                    "`ImplicitAdjoint(linear_solver=...)` as a name must be one of "
+                    f"{', '.join(map(repr, _BACKWARD_SOLVERS))}; got {solver!r}."
+                )
+        elif solver is not None:
+            if not isinstance(solver, (AbstractFixedPointSolver, lx.AbstractLinearSolver)):
+                raise TypeError(
+                    "`ImplicitAdjoint(linear_solver=...)` must be None, a name "
+                    f"({', '.join(map(repr, _BACKWARD_SOLVERS))}), an implicit_kit "
+                    "fixed-point solver (Picard, Anderson) or a lineax linear solver "
+                    f"(lx.GMRES, lx.BiCGStab, lx.CG); got {type(solver).__name__}."
+                )
+            if self.rtol is not None or self.atol is not None:
+                raise ValueError(
+                    "`ImplicitAdjoint(rtol=..., atol=...)` are the tolerances of a default "
+                    "or named `linear_solver`; a solver object brings its own (set them on "
+                    f"the {type(solver).__name__}, or name the solver, e.g. "
+                    "`linear_solver=\"gmres\"`)."
+                )
 
     def with_defaults(self, tolerance, dtype, kind, tags):
-        if self.linear_solver is not None:
-            return self
+        solver = self.linear_solver
+        if solver is not None and not isinstance(solver, str):
+            return _ResolvedImplicitAdjoint(solver, None, self.max_steps)
         rtol, atol = backward_tolerance(tolerance, dtype)
         rtol = rtol if self.rtol is None else self.rtol
         atol = atol if self.atol is None else self.atol
         spd = {lx.symmetric_tag, lx.positive_semidefinite_tag} <= set(tags)
+        if solver is not None:
+            return _ResolvedImplicitAdjoint(
+                _named_solver(solver, rtol, atol, self.max_steps), None, self.max_steps)
         if kind == "root":
-            krylov = lx.CG(rtol=rtol, atol=atol) if spd else gmres(rtol=rtol, atol=atol)
-            return ImplicitAdjoint(krylov, rtol, atol, self.max_steps)
+            krylov = _named_solver("cg" if spd else "gmres", rtol, atol, None)
+            return _ResolvedImplicitAdjoint(krylov, None, self.max_steps)
         # The fallback's buffers are allocated in every compiled backward pass, used or
         # not: GMRES restarted every 10 steps keeps 11 vectors per sample, not 41.
         # (lineax's BiCGStab, with fewer, returns NaN when it converges in one step.)
         krylov = lx.CG(rtol=rtol, atol=atol) if spd else gmres(rtol=rtol, atol=atol,
                                                                 restart=10)
-        return ImplicitAdjoint(Picard(rtol=rtol, atol=atol), rtol, atol, self.max_steps,
-                               krylov)
+        return _ResolvedImplicitAdjoint(Picard(rtol=rtol, atol=atol), krylov,
+                                        self.max_steps)
 
     def solve_adjoint(self, JT_T, A, ybar, tags):
-        # (`linear_solver` is set here: `_solve.solve` resolves the defaults first.)
+        raise AssertionError("an `ImplicitAdjoint` is resolved (`with_defaults`) before "
+                             "it solves")
+
+
+def _named_solver(name, rtol, atol, max_steps):
+    """The backward solver called `name` (`ImplicitAdjoint(linear_solver=name)`)."""
+    if name == "picard":
+        return Picard(rtol=rtol, atol=atol)
+    if name == "anderson":
+        return Anderson(rtol=rtol, atol=atol)
+    if name == "gmres":
+        return gmres(rtol=rtol, atol=atol, max_steps=max_steps)
+    if name == "bicgstab":
+        return lx.BiCGStab(rtol=rtol, atol=atol, max_steps=max_steps)
+    return lx.CG(rtol=rtol, atol=atol, max_steps=max_steps)
+
+
+class _ResolvedImplicitAdjoint(AbstractVJPAdjoint):
+    """An `ImplicitAdjoint` with its settings filled in for one solve (`with_defaults`):
+    the solver of the adjoint equation, the Krylov solve tried where a fixed-point
+    `linear_solver` fails (`fallback`, or `None`), and the driver's step limit."""
+
+    linear_solver: AbstractFixedPointSolver | lx.AbstractLinearSolver
+    fallback: lx.AbstractLinearSolver | None
+    max_steps: int = eqx.field(static=True)
+
+    def solve_adjoint(self, JT_T, A, ybar, tags):
         linear_solver = self.linear_solver
         if isinstance(linear_solver, lx.AbstractLinearSolver):
             return _krylov_adjoint(linear_solver, A, ybar, tags)
@@ -183,14 +263,14 @@ class ImplicitAdjoint(AbstractVJPAdjoint):
         )
         u, _, stats, result = out
         out = (u, stats["num_steps"], stats["residual"], _backward_result(result))
-        if self.krylov is None:
+        if self.fallback is None:
             return out
         # Where fixed-point iteration on the adjoint failed, a Krylov solve on I - J^T
         # (run only if some sample needs it: the predicate is unbatched under vmap).
         failed = out[3] != RESULTS.successful
 
         def krylov(out):
-            u2, steps2, residual2, result2 = _krylov_adjoint(self.krylov, A, ybar, tags)
+            u2, steps2, residual2, result2 = _krylov_adjoint(self.fallback, A, ybar, tags)
             return (
                 tree_where(failed, u2, out[0]),
                 jnp.where(failed, out[1] + steps2, out[1]),
@@ -315,6 +395,10 @@ class UnrolledAdjoint(AbstractAdjoint):
 
     def apply(self, forward, fn, kind, y0, args, *, probe, throw, tags):
         del kind, probe, throw, tags
+        if forward.not_unrollable is not None:
+            raise ValueError(f"`UnrolledAdjoint` cannot unroll {forward.not_unrollable}.")
+        if forward.max_steps is None:
+            raise ValueError("`UnrolledAdjoint` needs an integer `max_steps`.")
         return forward(fn, y0, args, while_kind="checkpointed",
                        checkpoints=self.checkpoints)
 

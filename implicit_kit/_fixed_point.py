@@ -72,11 +72,9 @@ def fixed_point(
     if solver is None:
         solver = Anderson()
 
-    def factory(kind):
-        return Forward(kind, solver, options, max_steps, trace, tuple(save_iterates),
-                       check_every)
-
+    forward = Forward("fixed_point", solver, options, max_steps, trace,
+                      tuple(save_iterates), check_every)
     return solve(
-        fn, y0, args, "fixed_point", factory, has_aux=has_aux, adjoint=adjoint,
+        fn, y0, args, forward, has_aux=has_aux, adjoint=adjoint,
         throw=throw, probe=probe,
     )

@@ -1,5 +1,5 @@
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -9,7 +9,7 @@ import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, PyTree
 
-from ._adjoint import AbstractAdjoint
+from ._adjoint import AbstractAdjoint, AbstractForward
 from ._iterate import residual_fn
 from ._misc import dtype_of
 from ._solution import as_results, Solution
@@ -49,11 +49,9 @@ def root_find(
     if solver is None:
         solver = NewtonKrylov()
 
-    def factory(kind):
-        return Forward(kind, solver, options, max_steps, trace, (), check_every)
-
+    forward = Forward("root", solver, options, max_steps, trace, (), check_every)
     return solve(
-        fn, y0, args, "root", factory, has_aux=has_aux, adjoint=adjoint, throw=throw,
+        fn, y0, args, forward, has_aux=has_aux, adjoint=adjoint, throw=throw,
         probe=probe,
     )
 
@@ -70,22 +68,21 @@ class _NegGrad(eqx.Module):
         return jtu.tree_map(jnp.negative, grad), aux
 
 
-class _OptxMinimiseForward(eqx.Module):
+class _OptxMinimiseForward(AbstractForward):
     kind: str = eqx.field(static=True)
     solver: Any
     options: Any
     max_steps: int | None = eqx.field(static=True)
+    not_unrollable: ClassVar[str] = (
+        "an optimistix minimiser's loop (it unrolls implicit_kit's own): use "
+        "`ImplicitAdjoint`, or unroll optimistix yourself with "
+        "`optx.RecursiveCheckpointAdjoint`")
 
     def tolerance(self):
         return solver_tolerance(self.solver)
 
-    def __call__(self, fn, y0, args, while_kind="lax", checkpoints=None):
-        if while_kind != "lax":
-            raise ValueError(
-                "`UnrolledAdjoint` unrolls implicit_kit's own solver loop; with an "
-                "optimistix minimiser use `ImplicitAdjoint` (or unroll optimistix "
-                "yourself with `optx.RecursiveCheckpointAdjoint`)."
-            )
+    def __call__(self, fn, y0, args, *, while_kind="lax", checkpoints=None):
+        del while_kind, checkpoints  # (always "lax": `not_unrollable`)
         def loss(y, a):  # fn is _Prepared(_NegGrad(loss))
             value, aux = fn.fn.loss(fn.to_native(y), a)
             if fn.native is not None:  # the solve's working precision: `_solve.solve`
@@ -150,16 +147,13 @@ def minimise(
         if trace:
             raise ValueError("`trace=True` is not available with optimistix minimisers.")
 
-        def factory(kind):
-            return _OptxMinimiseForward(kind, solver, options, max_steps)
+        forward = _OptxMinimiseForward("root", solver, options, max_steps)
     else:
-
-        def factory(kind):
-            return Forward(kind, solver, options, max_steps, trace)
+        forward = Forward("root", solver, options, max_steps, trace)
 
     tags = frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})
     return solve(
-        scalar_loss, y0, args, "root", factory, has_aux=True, adjoint=adjoint,
+        scalar_loss, y0, args, forward, has_aux=True, adjoint=adjoint,
         throw=throw, probe=probe, tags=tags, name="grad(loss)", wrap=_NegGrad,
     )
 
@@ -200,8 +194,7 @@ def custom_root(
                 lambda y, a: optimality_fn(y, *a),
                 y_init,
                 tuple(args),
-                "root",
-                lambda kind: GivenForward(kind, solver_fn),
+                GivenForward("root", solver_fn),
                 has_aux=False,
                 adjoint=adjoint,
                 throw=throw,

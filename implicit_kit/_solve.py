@@ -2,7 +2,7 @@
 contract's stats, `throw`."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax.lax as lax
@@ -12,7 +12,7 @@ import optimistix as optx
 from jaxtyping import Array
 
 from ._ad import nan_gradient_where
-from ._adjoint import AbstractAdjoint, ImplicitAdjoint
+from ._adjoint import AbstractAdjoint, AbstractForward, ImplicitAdjoint
 from ._iterate import check_structure, residual_fn, run
 from ._misc import (
     inexact_asarray,
@@ -73,9 +73,9 @@ def _reachable_tolerance(forward, dtype):
     return eqx.tree_at(lambda f: f.solver, forward, solver)
 
 
-class Forward(eqx.Module):
-    """The forward solve of a problem, as handed to an adjoint: `forward(fn, y0, args)`
-    returns `(y, aux, stats, result)`."""
+class Forward(AbstractForward):
+    """The forward solve by an implicit_kit driver loop (`_iterate.run`): any solver of
+    `ik.solvers` or of optimistix's fixed-point and root solvers."""
 
     kind: str = eqx.field(static=True)
     solver: Any
@@ -89,9 +89,7 @@ class Forward(eqx.Module):
         """`(rtol, atol)` of the forward solver, or `None` where it has none."""
         return solver_tolerance(self.solver)
 
-    def __call__(self, fn, y0, args, while_kind="lax", checkpoints=None):
-        if while_kind != "lax" and self.max_steps is None:
-            raise ValueError("`UnrolledAdjoint` needs an integer `max_steps`.")
+    def __call__(self, fn, y0, args, *, while_kind="lax", checkpoints=None):
         return run(
             fn, self.kind, self.solver, y0, args, self.options,
             max_steps=self.max_steps, trace=self.trace, while_kind=while_kind,
@@ -103,8 +101,7 @@ def solve(
     fn,
     y0,
     args,
-    kind: str,
-    forward_factory,
+    forward: AbstractForward,
     *,
     has_aux: bool,
     adjoint: AbstractAdjoint | None,
@@ -154,7 +151,7 @@ def solve(
                 "`probe` must be a float array of shape (3,) (see `ik.backward_probe`); "
                 f"got {probe.dtype}{list(probe.shape)}."
             )
-    forward = forward_factory(kind)
+    kind = forward.kind
     if up is not None:
         forward = _reachable_tolerance(forward, lowest_precision(native_y0))
     # Unset tolerances of the backward solve follow the forward solve's and the dtype.
@@ -182,7 +179,7 @@ def solve(
                            RESULTS.nonfinite_args, result)
     result = RESULTS.where(poisoned & jnp.invert(tree_allfinite(y0)),
                            RESULTS.nonfinite_y0, result)
-    max_steps = getattr(forward, "max_steps", None)
+    max_steps = forward.max_steps
     stats = {**stats, "max_steps": jnp.array(-1 if max_steps is None else max_steps)}
     missing = [k for k in STATS_KEYS if k not in stats]
     assert not missing, f"a forward solve did not report {missing}"
@@ -192,7 +189,7 @@ def solve(
     return sol
 
 
-class GivenForward(eqx.Module):
+class GivenForward(AbstractForward):
     """A forward solve by a user's function `solver_fn(y0, *args) -> y` (any code, not
     differentiated): `custom_root`'s, and `ik.hyper.hypergradient`'s (whose solution is
     given). Its steps are unknown (0)."""
@@ -200,14 +197,13 @@ class GivenForward(eqx.Module):
     kind: str = eqx.field(static=True)
     solver_fn: Callable = eqx.field(static=True)
     max_steps: None = None
+    not_unrollable: ClassVar[str] = "a given solution (`custom_root`, `hypergradient`)"
 
     def tolerance(self):
         return None
 
-    def __call__(self, fn, y0, args, while_kind="lax", checkpoints=None):
-        if while_kind != "lax":
-            raise ValueError("`UnrolledAdjoint` cannot unroll a given solution "
-                             "(`custom_root`, `hypergradient`).")
+    def __call__(self, fn, y0, args, *, while_kind="lax", checkpoints=None):
+        del while_kind, checkpoints  # (always "lax": `not_unrollable`)
         # (the user's solver starts from y0 in its own dtypes, not the working precision)
         y = self.solver_fn(fn.to_native(y0), *args)
         y = jtu.tree_map(lambda a, b: jnp.asarray(a, b.dtype), y, y0)

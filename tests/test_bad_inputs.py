@@ -29,6 +29,21 @@ def test_trace_needs_an_integer_max_steps():
         ik.fixed_point(P.fn, P.y0, P.args, PICARD, trace=True, max_steps=None)
 
 
+def test_unrolled_adjoint_names_what_it_cannot_unroll():
+    # The forward protocol's `not_unrollable` / `max_steps`, checked by `UnrolledAdjoint`.
+    unrolled = ik.UnrolledAdjoint()
+    with pytest.raises(ValueError, match=r"`UnrolledAdjoint` needs an integer `max_steps`"):
+        ik.fixed_point(P.fn, P.y0, P.args, PICARD, adjoint=unrolled, max_steps=None)
+    cube_root = ik.custom_root(lambda y, a: y**3 - a, adjoint=unrolled)(
+        lambda y0, a: jnp.cbrt(a))
+    with pytest.raises(ValueError, match=r"cannot unroll a given solution"):
+        cube_root(jnp.ones(2), jnp.array([8.0, 27.0]))
+    import optimistix as optx
+    with pytest.raises(ValueError, match=r"cannot unroll an optimistix minimiser"):
+        ik.minimise(lambda y, a: jnp.sum((y - a) ** 2), jnp.zeros(2), jnp.ones(2),
+                    optx.BFGS(rtol=1e-6, atol=1e-6), adjoint=unrolled)
+
+
 def test_fallback_needs_two_solvers_and_a_positive_limit():
     with pytest.raises(ValueError, match=r"`Fallback\(...\)` needs at least two solvers, got 1"):
         ik.Fallback(PICARD)

@@ -1,4 +1,4 @@
-"""The stats and results contract (DESIGN.md), interoperability with optimistix, and the
+"""The stats and results contract (docs/design.md), interoperability with optimistix, and the
 default backward solve."""
 
 import diffrax as dfx
@@ -235,6 +235,41 @@ def test_default_adjoint_follows_a_tight_forward_solve():
     f32 = ik.ImplicitAdjoint().with_defaults((1e-10, 1e-12), jnp.float32, "fixed_point",
                                              frozenset())
     assert f32.linear_solver.rtol >= 10 * float(jnp.finfo(jnp.float32).eps)
+
+
+@pytest.mark.parametrize("name", ["picard", "anderson", "gmres", "bicgstab"])
+def test_a_named_backward_solver_follows_the_forward_tolerance(name):
+    # `ImplicitAdjoint("gmres")` etc.: the tolerances follow the forward solve's (and
+    # the dtype) whatever the solver, unless given on the adjoint; exact gradients.
+    resolved = ik.ImplicitAdjoint(name).with_defaults((1e-10, 1e-12), jnp.float64,
+                                                      "fixed_point", frozenset())
+    assert (resolved.linear_solver.rtol, resolved.linear_solver.atol) == (1e-10, 1e-12)
+    given = ik.ImplicitAdjoint(name, rtol=1e-7, atol=1e-9).with_defaults(
+        (1e-10, 1e-12), jnp.float64, "fixed_point", frozenset())
+    assert (given.linear_solver.rtol, given.linear_solver.atol) == (1e-7, 1e-9)
+    f32 = ik.ImplicitAdjoint(name).with_defaults((1e-10, 1e-12), jnp.float32,
+                                                 "fixed_point", frozenset())
+    assert f32.linear_solver.rtol >= 10 * float(jnp.finfo(jnp.float32).eps)
+    # z = A z + x: dL/dx = (I - A)^{-T} w, at the forward solve's tolerance 1e-11.
+    A = 0.4 * jr.normal(jr.key(3), (5, 5)) / jnp.sqrt(5.0)
+    w = jnp.arange(1.0, 6.0)
+    solver = ik.Anderson(rtol=1e-11, atol=1e-13)
+    g = jax.grad(lambda x: jnp.vdot(w, ik.fixed_point(
+        lambda z, x: A @ z + x, jnp.zeros(5), x, solver, max_steps=500,
+        adjoint=ik.ImplicitAdjoint(name)).value))(jnp.ones(5))
+    exact = jnp.linalg.solve((jnp.eye(5) - A).T, w)
+    assert float(jnp.max(jnp.abs(g - exact))) < 1e-9 * float(jnp.max(jnp.abs(exact)))
+
+
+def test_backward_tolerances_are_given_once():
+    with pytest.raises(ValueError, match=r"ImplicitAdjoint\(rtol=..., atol=...\).*GMRES"):
+        ik.ImplicitAdjoint(lx.GMRES(rtol=1e-6, atol=1e-6), rtol=1e-8)
+    with pytest.raises(ValueError, match="'picard', 'anderson', 'gmres'"):
+        ik.ImplicitAdjoint("lu")
+    # A solver object keeps its own settings.
+    own = ik.Picard(rtol=1e-4, atol=1e-4)
+    assert ik.ImplicitAdjoint(own).with_defaults(
+        (1e-10, 1e-12), jnp.float64, "fixed_point", frozenset()).linear_solver is own
 
 
 def test_default_adjoint_solves_where_fixed_point_iteration_cannot():

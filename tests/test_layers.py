@@ -1,4 +1,4 @@
-"""The package's layers point one way (DESIGN.md, "Layout"): no import cycles, no import
+"""The package's layers point one way (docs/design.md, "Layout"): no import cycles, no import
 from a higher layer, no function-local imports of the package, and every module imports
 on its own."""
 

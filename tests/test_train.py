@@ -348,6 +348,21 @@ def test_detach_start_config_lets_the_task_loss_train_the_start_network():
     assert norms[0] == 0.0 < norms[1]
 
 
+@pytest.mark.parametrize("backward", ["auto", "picard", "gmres"])
+def test_the_backward_keys_build_the_implicit_adjoint_from_public_api(backward):
+    """`model.backward` / `backward_rtol` / `max_steps` reach `ik.ImplicitAdjoint` as its
+    own arguments (its tolerances follow the forward solve's unless `backward_rtol`)."""
+    from implicit_kit.train._build import make_model
+
+    for extra, rtol in (([], None), (["model.backward_rtol=1e-5"], 1e-5)):
+        cfg = config_from_dict({"name": "x", "model": {
+            "kind": "deq", "hidden": 8, "adjoint": "implicit", "backward": backward,
+            "max_steps": 12}}, extra)
+        adjoint = make_model(cfg, in_channels=1, spatial=8).block.adjoint
+        assert adjoint == ik.ImplicitAdjoint(None if backward == "auto" else backward,
+                                             rtol=rtol, atol=rtol, max_steps=12)
+
+
 def test_downsample_average_pools_the_images():
     """`data.downsample: 2` gives the 2×2 means of the images (before normalisation);
     an image side it does not divide is an error naming the key."""

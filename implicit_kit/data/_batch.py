@@ -42,7 +42,7 @@ def num_batches(n: int, batch_size: int, drop_last: bool = True) -> int:
 
 def normalisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation of images `(N, C, H, W)` (computed on
-    the training split and applied to every split with [`normalise`][])."""
+    the training split and applied to every split with [`implicit_kit.data.normalise`][])."""
     if x.ndim != 4:
         raise ValueError(f"`x` must be images (N, C, H, W), got shape {x.shape}.")
     mean = x.mean(axis=(0, 2, 3), keepdims=True)[0]

@@ -156,7 +156,7 @@ def homotopy_solve(
 ) -> Solution:
     r"""Find $z = f(z)$ by following a homotopy path from `z0` (one path, no restart).
 
-    **Arguments:** (named as [`implicit_kit.HomotopySolver`][]'s)
+    **Arguments:** (named as [`implicit_kit.homotopy.HomotopySolver`][]'s)
 
     - `fn`: the map `fn(z, args) -> z'` (same structure as `z0`).
     - `z0`: the start point; `args`: differentiable arguments.

@@ -147,8 +147,8 @@ def hypergradient(
         tags = frozenset()
 
     def outer(h_, probe):
-        sol = solve(stationarity, w, (h_,), "root", lambda kind: GivenForward(
-            kind, lambda y0, *_: y0), has_aux=False, adjoint=adjoint, throw=throw,
+        sol = solve(stationarity, w, (h_,), GivenForward("root", lambda y0, *_: y0),
+                    has_aux=False, adjoint=adjoint, throw=throw,
             probe=probe, tags=tags, name="grad(inner_loss)")
         return lv(sol.value, h_)
 

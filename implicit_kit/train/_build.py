@@ -8,14 +8,12 @@ import jax.random as jr
 
 from .. import models, nn, solvers
 from .._adjoint import (
-    backward_tolerance,
     ImplicitAdjoint,
     JFBAdjoint,
     NeumannAdjoint,
     PhantomAdjoint,
     UnrolledAdjoint,
 )
-from .._misc import gmres
 from ._config import (
     check_model_config,
     Config,
@@ -33,26 +31,19 @@ _ODE_ADJOINTS = dict(zip(ODE_ADJOINTS, (dfx.RecursiveCheckpointAdjoint,
                                         dfx.BacksolveAdjoint)))
 
 
-def _implicit_adjoint(m: ModelConfig, dtype) -> ImplicitAdjoint:
-    """The `implicit` adjoint of the config: `backward_rtol` or else the forward
-    tolerance (`backward_tolerance`, the rule of `ImplicitAdjoint()` itself); the step
-    cap `max_steps` when the config sets one."""
+def _implicit_adjoint(m: ModelConfig) -> ImplicitAdjoint:
+    """The `implicit` adjoint of the config: the `backward` solver (`auto`: the default
+    of `ImplicitAdjoint()`) at `backward_rtol`, or else at the forward tolerance (the rule
+    of `ImplicitAdjoint` itself); the step cap `max_steps` when the config sets one."""
     steps = {} if m.max_steps is None else {"max_steps": m.max_steps}
-    if m.backward == "auto":
-        return ImplicitAdjoint(rtol=m.backward_rtol, atol=m.backward_rtol, **steps)
-    rtol, atol = backward_tolerance((m.rtol, m.atol), dtype)
-    if m.backward_rtol is not None:
-        rtol = atol = m.backward_rtol
-    if m.backward == "picard":
-        return ImplicitAdjoint(solvers.Picard(rtol=rtol, atol=atol), **steps)
-    return ImplicitAdjoint(gmres(rtol=rtol, atol=atol, restart=20,
-                                 max_steps=m.max_steps or 256))
+    return ImplicitAdjoint(None if m.backward == "auto" else m.backward,
+                           rtol=m.backward_rtol, atol=m.backward_rtol, **steps)
 
 
-def _deq_adjoint(m: ModelConfig, dtype):
+def _deq_adjoint(m: ModelConfig):
     name = m.adjoint or "implicit"
     return {
-        "implicit": lambda: _implicit_adjoint(m, dtype),
+        "implicit": lambda: _implicit_adjoint(m),
         "phantom": lambda: PhantomAdjoint(k=m.adjoint_steps),
         "jfb": lambda: JFBAdjoint(),
         "neumann": lambda: NeumannAdjoint(k=m.adjoint_steps),
@@ -61,9 +52,9 @@ def _deq_adjoint(m: ModelConfig, dtype):
 
 
 def build_model(m: ModelConfig, *, in_channels: int, classes: int, spatial: int, key,
-                error_penalty: bool = False, dtype="float32"):
+                error_penalty: bool = False):
     """The classifier for config `m` on `(in_channels, spatial, spatial)` images (the
-    stem halves the spatial size), for training in `dtype`; for kind `mondbm`, the
+    stem halves the spatial size); for kind `mondbm`, the
     `ik.models.MonotoneDBM` of the images."""
     check_model_config(m)
     steps = {} if m.max_steps is None else {"max_steps": m.max_steps}
@@ -76,20 +67,20 @@ def build_model(m: ModelConfig, *, in_channels: int, classes: int, spatial: int,
         return models.MonotoneDBM.image(
             (spatial, spatial), bins=m.bins, hidden=m.hidden, group=m.group,
             classes=classes, m=m.monotone_m, monotone=m.monotone, key=key,
-            alpha=m.alpha, solver=solver, adjoint=_implicit_adjoint(m, dtype),
+            alpha=m.alpha, solver=solver, adjoint=_implicit_adjoint(m),
             observed=m.observed, recon_weight=m.recon_weight, gamma=m.focal_gamma,
             **steps)
     if m.kind == "deq":
         cell = nn.ConvCell(h, groups=g, dropout=m.dropout, residual=m.residual, key=kb)
         solver = _DEQ_SOLVERS[m.solver or "anderson"](rtol=m.rtol, atol=m.atol)
-        block = models.DEQ(cell, (h, s, s), solver, _deq_adjoint(m, dtype),
+        block = models.DEQ(cell, (h, s, s), solver, _deq_adjoint(m),
                            init=m.init or "zeros", **steps)
         channels = h
     elif m.kind == "mondeq":
         block = models.MonotoneDEQ.conv(
             h, h, (s, s), m.monotone_m, key=kb,
             solver=models.PeacemanRachford(rtol=m.rtol, atol=m.atol),
-            adjoint=_implicit_adjoint(m, dtype), **steps,
+            adjoint=_implicit_adjoint(m), **steps,
         )
         channels = h
     else:
@@ -128,7 +119,7 @@ def build_model(m: ModelConfig, *, in_channels: int, classes: int, spatial: int,
 def make_model(cfg: Config, in_channels: int, spatial: int, classes: int = 10):
     model = build_model(cfg.model, in_channels=in_channels, classes=classes,
                         spatial=spatial, key=jr.key(cfg.train.seed),
-                        error_penalty=cfg.regularizers.error_penalty > 0, dtype=cfg.train.dtype)
+                        error_penalty=cfg.regularizers.error_penalty > 0)
     dtype = jnp.dtype(cfg.train.dtype)
     return jax.tree_util.tree_map(
         lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, model)
