@@ -94,10 +94,11 @@ def run_arm(arm, seed, a, train, test):
     def step(model, state, xb, yb, key, it):
         def loss_fn(params):
             m = eqx.combine(params, rest)
-            logits, st = jax.vmap(lambda u, k: m(u, key=k))(xb, jr.split(key, xb.shape[0]))
+            logits, st = jax.vmap(lambda u, k: m(u, key=k, return_stats=True))(
+                xb, jr.split(key, xb.shape[0]))
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
             if "error_penalty" in st:
-                loss = loss + pen_weight(it) * jnp.mean(st.extras["error_penalty"])
+                loss = loss + pen_weight(it) * jnp.mean(st.error_penalty)
             return loss, st
 
         params, rest = eqx.partition(model, main_spec)
@@ -118,11 +119,11 @@ def run_arm(arm, seed, a, train, test):
 
     @eqx.filter_jit
     def evaluate(model):
-        logits, st = jax.vmap(lambda u: model(u, inference=True))(xt)
+        logits, st = jax.vmap(lambda u: model(u, inference=True, return_stats=True))(xt)
         acc = jnp.mean(jnp.argmax(logits, -1) == yt)
         gap = (ik.models.init_loss(jnp.broadcast_to(model.block.initial_point(),
-                                                    st.extras["z_end"].shape),
-                                   st.extras["z_end"])
+                                                    st.z_end.shape),
+                                   st.z_end)
                if arm.startswith("homoode") else jnp.nan)
         return acc, jnp.mean(st.nfe), gap
 
@@ -140,7 +141,7 @@ def run_arm(arm, seed, a, train, test):
                                           jr.fold_in(key, 10_000 + it), jnp.asarray(it))
             nfe_train.append(st.nfe)
             if is_start is not None and it % a.init_every == 0:
-                model, init_state = init_step(model, init_state, st.extras["z_end"])
+                model, init_state = init_step(model, init_state, st.z_end)
             it += 1
         jax.block_until_ready(loss)
         secs = time.perf_counter() - t0

@@ -32,7 +32,7 @@ def measure(model, x):
     def one(image):
         h = model.stem(image)
         z1, st = model.block(h, inference=True, return_stats=True)
-        z0 = st.extras["z0"]
+        z0 = st.z0
         euler = z0 + prepare(model.block.module, key=None, inference=True)(z0, h)
         return rms(h), rms(z0), rms(z1), rms(z1 - z0), rms(z1 - euler) / rms(z1 - z0)
 

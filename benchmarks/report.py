@@ -959,7 +959,7 @@ ODE with at most 0.7× its forward NFE, on both datasets. Arms:
 
 - `_authors`: the authors' start-point recipe exactly (a learned shared start point
   trained by the smooth-L1 init loss alone, on its own SGD at 0.02, cosine, every 20
-  steps: `optim.group: block.z0`);
+  steps: `optim.separate: block.z0`);
 - `_errpen`: the "Opening the Blackbox" error-estimate penalty (weight 1, dopri5);
 - `_conditioned`: a start point predicted from the stem features by a small conv net,
   detached in the solve and trained by the init loss (`init: conditioned`);

@@ -20,7 +20,7 @@ import lineax as lx
 import optimistix as optx
 import optimistix.internal as optxi
 
-from ._ad import implicit_vjp, stop_gradient
+from ._custom_vjp import implicit_vjp, stop_gradient
 from ._iterate import check_max_steps, run
 from ._misc import gmres, precision_floor, scalars_to_arrays, tree_sub, tree_where
 from ._solution import as_results, RESULTS

@@ -11,8 +11,8 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array
 
-from ._ad import nan_gradient_where
 from ._adjoint import AbstractAdjoint, AbstractForward, ImplicitAdjoint
+from ._custom_vjp import nan_gradient_where
 from ._iterate import check_structure, residual_fn, run
 from ._misc import (
     inexact_asarray,

@@ -35,7 +35,7 @@ from ._misc import tree_sub, tree_vdot
 
 
 __all__ = [
-    "fixed_point",
+    "fixed_point_condition",
     "kkt",
     "eq_qp",
     "mirror_descent",
@@ -65,8 +65,9 @@ def stationarity(f: Callable) -> Callable:
     return optimality
 
 
-def fixed_point(T: Callable) -> Callable:
-    r"""$F(x, \theta) = T(x, \theta) - x$: a fixed point of `T(x, theta)`."""
+def fixed_point_condition(T: Callable) -> Callable:
+    r"""$F(x, \theta) = T(x, \theta) - x$: the optimality condition of a fixed point of
+    `T(x, theta)` (a condition for `ik.custom_root`; `ik.fixed_point` is the solve)."""
 
     def optimality(x, theta):
         return tree_sub(T(x, theta), x)

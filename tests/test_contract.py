@@ -150,6 +150,33 @@ def test_every_model_returns_the_same_stats_structure():
             assert float(jnp.max(st.residual)) < 1e-3, name
 
 
+def test_every_model_follows_the_call_contract():
+    """`AbstractImplicitModel`: every model is called as `model(x, *, key, inference,
+    return_stats, probe)`, returns its output alone by default and `(output, stats)`
+    with `return_stats=True` (the same output); a subclass that breaks the signature is
+    refused when it is defined."""
+    models = _models()
+    x = jnp.linspace(-0.5, 0.5, 4)
+    probe = ik.backward_probe()
+    for name, model in models.items():
+        assert isinstance(model, ik.models.AbstractImplicitModel), name
+        out = model(x, key=jr.key(0), inference=True)
+        out2, st = model(x, key=jr.key(0), inference=True, return_stats=True, probe=probe)
+        np.testing.assert_allclose(out, out2, err_msg=name)
+        assert isinstance(st, ik.models.ModelStats), name
+    with pytest.raises(TypeError, match=r"return_stats=False.*call contract"):
+        class Bad(ik.models.AbstractImplicitModel):
+            def __call__(self, x, *, key=None, inference=False, return_stats=True,
+                         probe=None):
+                return x
+    with pytest.raises(TypeError, match=r"probe=None"):
+        class Short(ik.models.AbstractImplicitModel):
+            def __call__(self, x, *, key=None, inference=False, return_stats=False):
+                return x
+    assert issubclass(ik.models.MonotoneDBM, ik.models.AbstractImplicitModel)
+    assert issubclass(ik.models.ImageClassifier, ik.models.AbstractImplicitModel)
+
+
 def test_homoode_exact_honours_its_ode_or_refuses_it():
     cell = ik.nn.MLPCell(4, 4, norm="spectral", spectral_scale=0.5, key=jr.key(0))
     x = jnp.linspace(-0.5, 0.5, 4)

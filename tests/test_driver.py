@@ -1,5 +1,7 @@
 """The shared driver: transforms, per-sample semantics under vmap, results and errors."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -204,6 +206,8 @@ def test_check_every_k_gives_the_results_and_stats_of_k_1(k):
     scales = jnp.array([0.2, 0.6, 1.0, 1.3])  # Anderson: 12, 14, 16, 17 steps to converge
     for solver in (ik.Anderson(rtol=1e-10, atol=1e-10), ik.Picard(rtol=1e-10, atol=1e-10),
                    ik.NewtonKrylov(rtol=1e-10, atol=1e-10), ik.Halpern(rtol=1e-8, atol=1e-8)):
+        # (jitted: one compilation per `every`, not one per call)
+        @functools.partial(jax.jit, static_argnums=1)
         def solve(s, every, solver=solver):
             return ik.fixed_point(fn, jnp.zeros(6), (s * a, b), solver, max_steps=15,
                                   throw=False, trace=True, check_every=every)

@@ -362,7 +362,7 @@ def test_bad_yaml_and_values_are_refused_by_name(tmp_path, text, overrides, matc
     ("model.max_steps=-3", r"'model\.max_steps' must be a positive integer"),
     ("model.max_steps=0", r"'model\.max_steps' must be a positive integer"),
     ("model.rtol=-1e-3", r"'model\.rtol' must be a finite number >= 0"),
-    ("model.backward_rtol=-1.0", r"'model\.backward_rtol' must be a finite number >= 0"),
+    ("model.adjoint_rtol=-1.0", r"'model\.adjoint_rtol' must be a finite number >= 0"),
     ("optim.weight_decay=-0.1", r"'optim\.weight_decay' must be >= 0"),
     ("regularizers.jacobian=-1.0", r"'regularizers\.jacobian' must be >= 0"),
     ("train.on_nonfinite=ignore", r"'train\.on_nonfinite' must be one of"),

@@ -17,7 +17,7 @@ LAYERS = {
     "_solution": 0, "_misc": 0, "data": 0, "_parallel": 0,
     "solvers": 1, "nn": 1, "optimality": 1,
     "_iterate": 2,
-    "_ad": 3, "_adjoint": 3,
+    "_custom_vjp": 3, "_adjoint": 3,
     "_solve": 4,
     "_fixed_point": 5, "_root": 5,
     "homotopy": 6, "_diagnostics": 6,

@@ -176,7 +176,7 @@ def test_learned_and_skip_inits_train_and_cut_forward_steps():
             deq, head = model
             z, st = jax.vmap(lambda x: deq(x, return_stats=True))(xs)
             pred = jax.vmap(head)(z)[:, 0]
-            return jnp.mean((pred - ys) ** 2) + ik.models.init_loss(st.extras["z0"], z)
+            return jnp.mean((pred - ys) ** 2) + ik.models.init_loss(st.z0, z)
 
         @eqx.filter_jit
         def step(model, state):

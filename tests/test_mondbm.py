@@ -253,7 +253,8 @@ def test_image_task_clamps_the_observed_pixels_and_reports_the_imputation():
     model = _f64(eqx.tree_at(lambda m: m.solver, model, ik.Anderson(rtol=1e-12, atol=1e-12)))
     x = jr.uniform(jr.key(1), (1, 4, 4), jnp.float64)
     mask = jnp.zeros((4, 4), bool).at[1:3].set(True)
-    logits, st = eqx.filter_jit(lambda m, x: m(x, observed_mask=mask))(model, x)
+    logits, st = eqx.filter_jit(lambda m, x: m(x, observed_mask=mask, return_stats=True))(
+        model, x)
     levels = model.bin(x)
     np.testing.assert_array_equal(levels, jnp.clip(jnp.floor(x[0] * 3), 0, 2))
     q, pre, _ = model.infer((jax.nn.one_hot(levels, 3, axis=0), None, None),
@@ -266,15 +267,15 @@ def test_image_task_clamps_the_observed_pixels_and_reports_the_imputation():
     np.testing.assert_allclose(mean_img[1:3], centres[levels[1:3]])
     free = ~mask
     want = float(jnp.sum(jnp.where(free, (mean_img - x[0]) ** 2, 0)) / free.sum())
-    assert float(st.extras["metrics"]["imputation_mse"]) == pytest.approx(want)
+    assert float(st.metrics["imputation_mse"]) == pytest.approx(want)
     ce = -jnp.take_along_axis(jax.nn.log_softmax(pre[0], 0), levels[None], 0)[0]
     p = jnp.exp(-ce)
     focal = float(jnp.sum(jnp.where(free, (1 - p) ** 2 * ce, 0)) / free.sum())
-    assert float(st.extras["aux_loss"]) == pytest.approx(focal)
+    assert float(st.aux_loss) == pytest.approx(focal)
     np.testing.assert_allclose(ik.models.focal_loss(pre[0], levels, 2.0), (1 - p) ** 2 * ce)
     np.testing.assert_allclose(ik.models.focal_loss(pre[0], levels, 0.0), ce)
     # a key draws about the observed fraction
-    masks = jax.vmap(lambda k: model(x, key=k)[1].extras["observed_mask"])(
+    masks = jax.vmap(lambda k: model(x, key=k, return_stats=True)[1].extras["observed_mask"])(
         jr.split(jr.key(2), 200))
     assert float(masks.mean()) == pytest.approx(0.4, abs=0.03)
 

@@ -239,6 +239,11 @@ def test_hopfield_update_is_attention_and_layer_retrieves():
     layer = ik.models.HopfieldLayer(beta=32.0)
     query = x[:, 5] + 0.3 * jr.normal(jr.key(3), (32,)) / jnp.sqrt(32.0)
     np.testing.assert_allclose(layer(query, x), x[:, 5], atol=1e-6)
+    # A model's rule: failures reported in its stats (throw=False), not raised.
+    _, st = layer(query, x, return_stats=True)
+    assert bool(st.result == ik.RESULTS.successful) and float(st.residual) < 1e-5
+    _, st = ik.models.HopfieldLayer(beta=2.0, max_steps=1)(query, x, return_stats=True)
+    assert bool(st.result == ik.RESULTS.nonlinear_max_steps_reached)
     # Implicit gradient at a metastable point matches finite differences.
     layer = ik.models.HopfieldLayer(beta=2.0, solver=ik.Picard(rtol=1e-13, atol=1e-14),
                                 max_steps=500)

@@ -131,7 +131,7 @@ def test_models_train_on_digits(kind):
 
     def loss_fn(model, xb, yb, key):
         keys = jr.split(key, xb.shape[0])
-        logits, st = jax.vmap(lambda a, k: model(a, key=k))(xb, keys)
+        logits, st = jax.vmap(lambda a, k: model(a, key=k, return_stats=True))(xb, keys)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
         return loss, st
 
@@ -143,7 +143,7 @@ def test_models_train_on_digits(kind):
 
     @eqx.filter_jit
     def accuracy(model, xs, ys):
-        logits, st = jax.vmap(lambda a: model(a, inference=True))(xs)
+        logits, st = jax.vmap(lambda a: model(a, inference=True, return_stats=True))(xs)
         return jnp.mean(jnp.argmax(logits, -1) == ys), st
 
     acc0, _ = accuracy(model, xt, yt)
@@ -173,7 +173,7 @@ def test_learned_start_gets_gradient_only_from_its_objective():
 
     def objective(m):
         z_end, st = m(x, return_stats=True)
-        return ik.models.init_loss(st.extras["z0"], z_end)
+        return ik.models.init_loss(st.z0, z_end)
 
     g_init = eqx.filter_grad(objective)(model)
     assert float(jnp.max(jnp.abs(g_init.z0))) > 0
@@ -199,7 +199,7 @@ def test_conditioned_start_is_its_networks_output_and_trained_only_by_its_object
 
     def objective(m, x):
         z_end, st = m(x, return_stats=True)
-        return ik.models.init_loss(st.extras["z0"], z_end)
+        return ik.models.init_loss(st.z0, z_end)
 
     g_init, g_x = eqx.filter_grad(objective)(model, x), jax.grad(
         lambda x: objective(model, x))(x)
@@ -287,7 +287,7 @@ def test_error_penalties_gradients_match_finite_differences():
 
         def pen(p):
             model = eqx.combine(unravel(p), rest)
-            return model(z0, key=jr.key(3), return_stats=True)[1].extras[name]
+            return getattr(model(z0, key=jr.key(3), return_stats=True)[1], name)
 
         g = jax.grad(pen)(flat)
         assert float(jnp.linalg.norm(g)) > 0
@@ -315,7 +315,7 @@ def test_error_penalty_gradient_is_finite_when_an_error_estimate_is_zero():
     ode = ik.models.ODESolve(error_penalty=True)
 
     def loss(f, cs):
-        pen = jax.vmap(lambda c: ode(f, jnp.ones(3), c, 1.0, None)[1].extras["error_penalty"])(cs)
+        pen = jax.vmap(lambda c: ode(f, jnp.ones(3), c, 1.0, None)[1].error_penalty)(cs)
         return jnp.sum(pen)
 
     f = Field(jr.normal(jr.key(0), (3, 3)))

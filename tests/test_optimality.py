@@ -279,7 +279,7 @@ def test_fixed_point_condition_gradient_matches_the_linear_closed_form():
     a = jnp.asarray(rng.normal(size=(4, 4)) / 4)
     b = jnp.asarray(rng.normal(size=4))
     t = lambda z, th: th[0] * a @ z + th[1]  # noqa: E731
-    solve = ik.custom_root(opt.fixed_point(t))(
+    solve = ik.custom_root(opt.fixed_point_condition(t))(
         lambda z0, th: jnp.linalg.solve(jnp.eye(4) - th[0] * a, th[1]))
     theta = 0.8
     z = solve(jnp.zeros(4), (theta, b))

@@ -64,6 +64,7 @@ REFERENCE = {
     "CNF": "test_cnf.py::test_exact_log_density_of_a_linear_flow_is_the_change_of_variables",
     "HopfieldLayer": "test_nn.py::test_hopfield_update_is_attention_and_layer_retrieves",
     "ModelStats": "test_contract.py::test_every_model_returns_the_same_stats_structure",
+    "AbstractImplicitModel": "test_contract.py::test_every_model_follows_the_call_contract",
     "init_loss": "test_references.py::test_init_loss_is_the_huber_formula_and_trains_only_the_start",
     "alternating_start": "test_references.py::test_alternating_start_group_count_and_count_params",
     "group_count": "test_references.py::test_alternating_start_group_count_and_count_params",
@@ -97,6 +98,7 @@ REFERENCE = {
     "kinetic_jacobian_field": "test_ode_models.py::test_kinetic_and_jacobian_channels",
     # optimality conditions and proximal operators
     "stationarity": "test_optimality.py::test_ridge_stationarity_gradient_matches_the_closed_form",
+    "fixed_point_condition": "test_optimality.py::test_fixed_point_condition_gradient_matches_the_linear_closed_form",
     "prox_gradient": "test_optimality.py::test_lasso_gradient_on_its_support_matches_the_closed_form",
     "projected_gradient": "test_optimality.py::test_projection_onto_the_simplex_jacobian_is_sparsemax",
     "mirror_descent": "test_optimality.py::test_mirror_descent_on_the_simplex_gives_the_softmax_jacobian",

@@ -106,7 +106,7 @@ def test_error_penalty_is_the_sum_of_scaled_error_times_step():
         total += _scaled(y, y1, err, rtol, atol) * h
         y = y1
     np.testing.assert_allclose(z1, y, rtol=1e-12)
-    np.testing.assert_allclose(st.extras["error_penalty"], total, rtol=1e-10)
+    np.testing.assert_allclose(st.error_penalty, total, rtol=1e-10)
     # The public solver wrapper on its own, in a plain diffrax solve.
     sol = dfx.diffeqsolve(
         dfx.ODETerm(lambda t, z, w: jnp.tanh(3 * w @ z)),

@@ -81,11 +81,11 @@ def test_fixed_point_correction_value_and_gradient():
 
     def correction(w):
         _, st = deq((w, x), return_stats=True)
-        its = st.extras["iterates"]
+        its = st.iterates
         return ik.regularizers.fixed_point_correction(fn, its, (w, x), loss_fn, 0.5)
 
     _, st = deq((w, x), return_stats=True)
-    its = st.extras["iterates"]
+    its = st.iterates
     weights = jnp.array([0.25, 0.5, 1.0])
     manual = lambda w: sum(wt * loss_fn(fn(its[i], (w, x))) for i, wt in enumerate(weights))
     np.testing.assert_allclose(correction(w), manual(w) / weights.sum(), rtol=1e-13)

@@ -231,12 +231,35 @@ def test_a_checkpoint_from_before_train_parallel_resumes_with_jit():
     # the keys added since (data.downsample, the optimiser group) read as their defaults
     cfg = ik.train.config_from_dict({"name": "x", "model": {"kind": "deq"}}).to_dict()
     stored = {**cfg, "data": {k: v for k, v in cfg["data"].items() if k != "downsample"},
-              "optim": {k: v for k, v in cfg["optim"].items() if not k.startswith("group")}}
+              "optim": {k: v for k, v in cfg["optim"].items() if not k.startswith("separate")}}
     assert config_diff(stored, cfg) == []
     assert config_diff(old, {**new, "train": {"epochs": 2, "parallel": "auto"}}) == [
         "train.parallel"]
     assert config_diff(new, {"train": {"epochs": 2, "parallel": "jit"},
                              "optim": {"lr": 0.2}}) == ["optim.lr"]
+
+
+def test_renamed_keys_are_named_in_configs_and_migrated_in_checkpoints():
+    """`model.groups`, `model.backward(_rtol)` and `optim.group*` were renamed: a user
+    config with an old name is an error naming the new one; a checkpoint's stored
+    config with the old names compares equal to (and rebuilds as) the renamed one."""
+    from implicit_kit.train._checkpoint import config_diff
+    from implicit_kit.train._config import migrate_config, RENAMED_KEYS
+
+    with pytest.raises(ConfigError, match="'model.groups' was renamed to 'model.norm_groups'"):
+        config_from_dict({"name": "x", "model": {"kind": "deq", "groups": 4}})
+    with pytest.raises(ConfigError, match="'optim.group_lr' was renamed to 'optim.separate_lr'"):
+        config_from_dict({"name": "x", "model": {"kind": "deq"}, "optim": {"group_lr": 0.1}})
+    cfg = config_from_dict({"name": "x", "model": {
+        "kind": "deq", "norm_groups": 4, "linear_solver": "gmres", "adjoint_rtol": 1e-4},
+        "optim": {"separate": "block.z0", "separate_every": 3}}).to_dict()
+    stored = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
+    for old, new in RENAMED_KEYS.items():
+        (s_old, k_old), (s_new, k_new) = old.split("."), new.split(".")
+        stored[s_old][k_old] = stored[s_new].pop(k_new)
+    assert config_diff(stored, cfg) != []
+    assert config_diff(migrate_config(stored), cfg) == []
+    assert config_from_dict(migrate_config(stored)).to_dict() == cfg
 
 
 @pytest.mark.slow
@@ -254,10 +277,10 @@ def test_mnist_sample_config_trains_from_the_cli(tmp_path, capsys):
 
 
 def test_a_separately_optimised_group_steps_every_k_from_that_steps_gradient():
-    """`optim.group`: the leaves under the path follow their own SGD (cosine over the
+    """`optim.separate`: the leaves under the path follow their own SGD (cosine over the
     group's own steps) on steps 0, k, 2k from that step's gradient and stay put in
     between; the other leaves follow Adam exactly as without a group; a missing path
-    or a part without arrays is an error naming `optim.group`."""
+    or a part without arrays is an error naming `optim.separate`."""
     import equinox as eqx
     import optax
 
@@ -276,8 +299,9 @@ def test_a_separately_optimised_group_steps_every_k_from_that_steps_gradient():
             return self.head * x
 
     params = Net(Block(jnp.ones(3), jnp.zeros(2)), jnp.full(2, 0.5))
-    o = OptimConfig(name="adam", lr=0.1, schedule="constant", group="block.z0",
-                    group_name="sgd", group_lr=0.2, group_every=3, final_lr_factor=0.01)
+    o = OptimConfig(name="adam", lr=0.1, schedule="constant", separate="block.z0",
+                    separate_optimiser="sgd", separate_lr=0.2, separate_every=3,
+                    final_lr_factor=0.01)
     tx = make_optimiser(o, 9, params)
     ref = optax.adam(0.1)
     state, ref_state = tx.init(params), ref.init((params.block.w, params.head))
@@ -295,17 +319,17 @@ def test_a_separately_optimised_group_steps_every_k_from_that_steps_gradient():
         np.testing.assert_allclose(new.block.w, main[0], rtol=1e-6)
         np.testing.assert_allclose(new.head, main[1], rtol=1e-6)
         p = new
-    with pytest.raises(ConfigError, match="optim.group"):
-        make_optimiser(OptimConfig(group="block.start"), 9, params)
-    with pytest.raises(ConfigError, match="optim.group.*model.init: learned"):
-        make_optimiser(OptimConfig(group="block.z0"), 9, eqx.tree_at(
+    with pytest.raises(ConfigError, match="optim.separate"):
+        make_optimiser(OptimConfig(separate="block.start"), 9, params)
+    with pytest.raises(ConfigError, match="optim.separate.*model.init: learned"):
+        make_optimiser(OptimConfig(separate="block.z0"), 9, eqx.tree_at(
             lambda n: n.block.z0, params, None, is_leaf=lambda x: x is None))
 
 
 @pytest.mark.slow
 def test_fit_steps_the_group_with_its_own_optimiser_only(tmp_path):
     """In `fit`, HomoODE's learned start point trained by the init loss: the main Adam
-    moves it; put in `optim.group` with a negligible group rate it does not move, while
+    moves it; put in `optim.separate` with a negligible group rate it does not move, while
     the main optimiser still trains the field."""
     import equinox as eqx
 
@@ -320,7 +344,7 @@ def test_fit_steps_the_group_with_its_own_optimiser_only(tmp_path):
     init = make_model(_cfg(tmp_path, kind="homoode", model={"init": "learned"}), 1, 8).block
     z0 = init.z0
     plain = run("plain")
-    grouped = run("grouped", group="block.z0", group_lr=1e-30, group_every=3)
+    grouped = run("grouped", separate="block.z0", separate_lr=1e-30, separate_every=3)
     assert float(jnp.max(jnp.abs(plain.block.z0 - z0))) > 1e-3
     np.testing.assert_allclose(grouped.block.z0, z0, atol=1e-12)
     moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(
@@ -340,23 +364,23 @@ def test_detach_start_config_lets_the_task_loss_train_the_start_network():
     norms = []
     for detach in ("true", "false"):
         cfg = config_from_dict({"name": "x", "model": {
-            "kind": "homoode", "hidden": 8, "groups": 4, "init": "conditioned"}},
+            "kind": "homoode", "hidden": 8, "norm_groups": 4, "init": "conditioned"}},
             [f"model.detach_start={detach}"])
         model = make_model(cfg, in_channels=1, spatial=8)
-        g = eqx.filter_grad(lambda m: jnp.sum(m(x)[0] ** 2))(model)
+        g = eqx.filter_grad(lambda m: jnp.sum(m(x) ** 2))(model)
         norms.append(float(jnp.max(jnp.abs(g.block.init_net.layers[0].weight))))
     assert norms[0] == 0.0 < norms[1]
 
 
 @pytest.mark.parametrize("backward", ["auto", "picard", "gmres"])
-def test_the_backward_keys_build_the_implicit_adjoint_from_public_api(backward):
-    """`model.backward` / `backward_rtol` / `max_steps` reach `ik.ImplicitAdjoint` as its
-    own arguments (its tolerances follow the forward solve's unless `backward_rtol`)."""
+def test_the_adjoint_keys_build_the_implicit_adjoint_from_public_api(backward):
+    """`model.linear_solver` / `adjoint_rtol` / `max_steps` reach `ik.ImplicitAdjoint` as
+    its own arguments (its tolerances follow the forward solve's unless `adjoint_rtol`)."""
     from implicit_kit.train._build import make_model
 
-    for extra, rtol in (([], None), (["model.backward_rtol=1e-5"], 1e-5)):
+    for extra, rtol in (([], None), (["model.adjoint_rtol=1e-5"], 1e-5)):
         cfg = config_from_dict({"name": "x", "model": {
-            "kind": "deq", "hidden": 8, "adjoint": "implicit", "backward": backward,
+            "kind": "deq", "hidden": 8, "adjoint": "implicit", "linear_solver": backward,
             "max_steps": 12}}, extra)
         adjoint = make_model(cfg, in_channels=1, spatial=8).block.adjoint
         assert adjoint == ik.ImplicitAdjoint(None if backward == "auto" else backward,

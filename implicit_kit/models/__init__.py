@@ -1,5 +1,6 @@
 """Implicit models (all `eqx.Module`, called on one sample; `jax.vmap` over a batch)."""
 
+from ._base import AbstractImplicitModel as AbstractImplicitModel
 from ._classifier import (
     group_count as group_count,
     Head as Head,
@@ -9,7 +10,6 @@ from ._classifier import (
 from ._cnf import CNF as CNF, CNF_TRACES as CNF_TRACES
 from ._deq import DEQ as DEQ, DEQ_INITS as DEQ_INITS
 from ._hopfield import HopfieldLayer as HopfieldLayer
-from ._init import init_loss as init_loss
 from ._mondbm import focal_loss as focal_loss, MonotoneDBM as MonotoneDBM
 from ._mondeq import (
     ForwardBackward as ForwardBackward,
@@ -24,4 +24,5 @@ from ._ode import (
     NeuralODE as NeuralODE,
     ODESolve as ODESolve,
 )
+from ._start_loss import init_loss as init_loss
 from ._stats import ModelStats as ModelStats

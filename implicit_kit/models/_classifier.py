@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, PRNGKeyArray
 
+from ._base import AbstractImplicitModel
 from ._shapes import check_input
 
 
@@ -63,15 +64,16 @@ class Head(eqx.Module):
         return self.linear(jnp.mean(h, axis=(1, 2)))
 
 
-class ImageClassifier(eqx.Module):
+class ImageClassifier(AbstractImplicitModel):
     """`head(block(stem(x)))`: the backbone shared by every implicit model so that they
     are compared on equal terms (as the HomoODE paper does). `block` is any implicit
     model called as `block(features, key=..., inference=..., return_stats=True)`:
     `DEQ`, `MonotoneDEQ`, `NeuralODE`, `AugmentedNeuralODE`, `HomoODE`.
 
-    Returns `(logits, stats)`: the block's per-sample
+    Returns the logits, or with `return_stats=True` `(logits, stats)`: the block's
+    per-sample
     [`implicit_kit.models.ModelStats`][], with `z_end` (the detached block output, for a
-    learned initial point's `init_loss`) added to its extras.
+    learned initial point's `init_loss`) set.
 
     Build with `ImageClassifier.build(block_factory, in_channels, classes, hidden,
     final, key=...)`: the paper's sizes are hidden 64, final 256 (CIFAR-10); the digits
@@ -94,10 +96,18 @@ class ImageClassifier(eqx.Module):
                    Head(out, final, classes, groups, key=k2))
 
     def __call__(self, x: Array, *, key: PRNGKeyArray | None = None,
-                 inference: bool = False, probe: Array | None = None):
+                 inference: bool = False, return_stats: bool = False,
+                 probe: Array | None = None):
         """`probe`: an `ik.backward_probe()`, passed on to the block (every model takes
         one) to read its implicit backward solve's statistics."""
         check_input("ImageClassifier", x, (self.stem.conv1.in_channels, None, None))
         z, stats = self.block(self.stem(x), key=key, inference=inference, return_stats=True,
                               probe=probe)
-        return self.head(z), stats.with_extras(z_end=jax.lax.stop_gradient(z))
+        if not return_stats:
+            return self.head(z)
+        return self.head(z), stats.replace(z_end=jax.lax.stop_gradient(z))
+
+    def jacobian_frobenius(self, x: Array, z: Array, *, key: PRNGKeyArray) -> Array:
+        """The block's Jacobian regulariser at its output `z` for the image `x` (a `DEQ`
+        block: `DEQ.jacobian_frobenius` on the stem's features)."""
+        return self.block.jacobian_frobenius(z, self.stem(x), key=key)

@@ -142,5 +142,5 @@ def _add(a: ModelStats, b: ModelStats) -> ModelStats:
     """The stats of two solves in sequence: steps and evaluations add up, the outcome is
     the first failure."""
     result = RESULTS.where(a.result == RESULTS.successful, b.result, a.result)
-    return ModelStats(a.num_steps + b.num_steps, a.nfe + b.nfe, a.residual, result,
-                      {**a.extras, **b.extras})
+    return a.replace(num_steps=a.num_steps + b.num_steps, nfe=a.nfe + b.nfe,
+                     result=result)

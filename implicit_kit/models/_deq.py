@@ -10,7 +10,9 @@ from jaxtyping import Array, PRNGKeyArray
 
 from .._fixed_point import fixed_point
 from ..nn import prepare
+from ..regularizers import jacobian_frobenius
 from ..solvers import Anderson
+from ._base import AbstractImplicitModel
 from ._shapes import check_cell, ONE_SAMPLE
 from ._stats import ModelStats
 
@@ -18,7 +20,7 @@ from ._stats import ModelStats
 DEQ_INITS = ("zeros", "learned", "skip")
 
 
-class DEQ(eqx.Module):
+class DEQ(AbstractImplicitModel):
     r"""A deep equilibrium model: returns $z^* = f(z^*, x)$ for a cell $f$.
 
     Call it on one sample (`jax.vmap` it over a batch: each sample stops on its own and
@@ -122,8 +124,8 @@ class DEQ(eqx.Module):
 
         `key` draws the dropout masks (needed when the cell has dropout, unless
         `inference`). With `return_stats=True` returns `(z*, stats)`, a
-        [`implicit_kit.models.ModelStats`][] with extras `z0` (the initial point, with
-        its gradient) and `iterates` if requested.
+        [`implicit_kit.models.ModelStats`][] with `z0` (the initial point, with its
+        gradient) and `iterates` if requested.
         """
         cell = prepare(self.cell, key=key, inference=inference)
         z0 = self.initial_point(x)
@@ -140,7 +142,12 @@ class DEQ(eqx.Module):
         )
         if not return_stats:
             return sol.value
-        extras = {"z0": z0}
-        if self.save_iterates:
-            extras["iterates"] = sol.stats["iterates"]
-        return sol.value, ModelStats.from_solution(sol, **extras)
+        iterates = sol.stats["iterates"] if self.save_iterates else None
+        return sol.value, ModelStats.from_solution(sol, z0=z0, iterates=iterates)
+
+    def jacobian_frobenius(self, z: Array, x: Array, *, key: PRNGKeyArray) -> Array:
+        """The Hutchinson estimate of the squared Frobenius norm of the cell's Jacobian
+        in `z` at `(z, x)` (the Jacobian regulariser of Bai et al. 2021; see
+        `ik.regularizers.jacobian_frobenius`), with the cell in inference mode."""
+        cell = prepare(self.cell, key=None, inference=True)
+        return jacobian_frobenius(cell, z, x, key=key)

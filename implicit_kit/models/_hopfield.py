@@ -8,6 +8,7 @@ from jaxtyping import Array, Float
 from .._fixed_point import fixed_point
 from ..nn import hopfield_update
 from ..solvers import Picard
+from ._stats import ModelStats
 
 
 class HopfieldLayer(eqx.Module):
@@ -19,21 +20,29 @@ class HopfieldLayer(eqx.Module):
 
     - `beta`: the inverse temperature (hflayers' default is $1/\sqrt{d}$).
     - `solver`, `adjoint`, `max_steps`, `throw`: as for [`implicit_kit.fixed_point`][]
-        (default `Picard(rtol=1e-6, atol=1e-8)`: the update is a CCCP step).
+        (default `Picard(rtol=1e-6, atol=1e-8)`: the update is a CCCP step). As in every
+        model, `throw=False` by default: a failed retrieval is reported in the stats
+        (`return_stats=True`).
     """
 
     beta: float
     solver: Any = None
     adjoint: Any = None
     max_steps: int = eqx.field(static=True, default=256)
-    throw: bool = eqx.field(static=True, default=True)
+    throw: bool = eqx.field(static=True, default=False)
 
-    def __call__(self, query: Float[Array, " d"], patterns: Float[Array, "d n"]) -> Array:
+    def __call__(self, query: Float[Array, " d"], patterns: Float[Array, "d n"], *,
+                 return_stats: bool = False, probe: Array | None = None):
+        """The retrieved pattern for `query` from the columns of `patterns`; with
+        `return_stats=True`, `(pattern, stats)` (a `ModelStats`)."""
         solver = Picard(rtol=1e-6, atol=1e-8) if self.solver is None else self.solver
         sol = fixed_point(
             lambda xi, a: hopfield_update(xi, a[0], a[1]), query, (patterns, self.beta),
             solver, adjoint=self.adjoint, max_steps=self.max_steps, throw=self.throw,
+            probe=probe,
         )
-        return sol.value
+        if not return_stats:
+            return sol.value
+        return sol.value, ModelStats.from_solution(sol)
 
 

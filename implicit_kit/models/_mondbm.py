@@ -18,6 +18,7 @@ from .._adjoint import ImplicitAdjoint
 from .._fixed_point import fixed_point
 from ..nn import HollowCoupling, prox_softmax, Tier
 from ..solvers import Anderson
+from ._base import AbstractImplicitModel
 from ._stats import ModelStats
 
 
@@ -45,7 +46,7 @@ def focal_loss(logits: Array, labels: Array, gamma: float = 2.0, axis: int = 0) 
     return -((1 - jnp.exp(lp)) ** gamma) * lp
 
 
-class MonotoneDBM(eqx.Module):
+class MonotoneDBM(AbstractImplicitModel):
     r"""A monotone deep Boltzmann machine: categorical variables in tiers
     (`ik.nn.Tier`), the coupling `ik.nn.HollowCoupling` (symmetric, hollow,
     $I - W \succeq mI$) and a bias per variable and category; mean-field inference
@@ -150,16 +151,16 @@ class MonotoneDBM(eqx.Module):
         return jnp.clip(jnp.floor(x * bins), 0, bins - 1).astype(jnp.int32)
 
     def __call__(self, x: Array, *, key: PRNGKeyArray | None = None,
-                 inference: bool = False, return_stats: bool = True, probe=None,
+                 inference: bool = False, return_stats: bool = False, probe=None,
                  observed_mask: Array | None = None):
         """The image task on one image `x` `(1, H, W)` with levels in [0, 1]: observe
         the pixels of `observed_mask` (`(H, W)` booleans; default a random `observed`
         fraction drawn from `key`), infer the rest and the label. Returns the label
-        logits and (`return_stats=True`) the `ModelStats`, whose extras hold
-        `aux_loss` (the weighted focal reconstruction loss over the unobserved pixels),
-        `metrics` (`imputation_mse`: the squared error of the marginal mean intensity on
-        the unobserved pixels; `pixel_acc`), `pixels` (the marginal mean image) and
-        `observed_mask`."""
+        logits and (`return_stats=True`) the `ModelStats`, with `aux_loss` (the weighted
+        focal reconstruction loss over the unobserved pixels), `metrics`
+        (`imputation_mse`: the squared error of the marginal mean intensity on the
+        unobserved pixels; `pixel_acc`) and `extras` `pixels` (the marginal mean image)
+        and `observed_mask`."""
         del inference  # no stochastic layers: the key only draws the observed pixels
         pix = self.tiers[0]
         bins = pix.group
@@ -185,8 +186,8 @@ class MonotoneDBM(eqx.Module):
             "imputation_mse": jnp.sum(free * (mean_img - truth) ** 2) / nfree,
             "pixel_acc": jnp.sum(free * (jnp.argmax(q[0], 0) == levels)) / nfree,
         }
-        stats = ModelStats.from_solution(sol, aux_loss=self.recon_weight * recon,
-                                         metrics=metrics,
-                                         pixels=jax.lax.stop_gradient(mean_img),
-                                         observed_mask=observed_mask)
+        stats = ModelStats.from_solution(
+            sol, aux_loss=self.recon_weight * recon, metrics=metrics,
+            extras={"pixels": jax.lax.stop_gradient(mean_img),
+                    "observed_mask": observed_mask})
         return logits, stats

@@ -21,6 +21,7 @@ from .._fixed_point import fixed_point
 from .._solution import Solution
 from ..nn import MonotoneConv, MonotoneLinear
 from ..solvers import Picard
+from ._base import AbstractImplicitModel
 from ._shapes import check_input
 from ._stats import ModelStats
 
@@ -109,7 +110,7 @@ class PeacemanRachford(_Splitting):
         return eqx.tree_at(lambda s: s.value, sol, jax.nn.relu(sol.value))
 
 
-class MonotoneDEQ(eqx.Module):
+class MonotoneDEQ(AbstractImplicitModel):
     r"""monDEQ: the unique equilibrium $z^* = \mathrm{ReLU}(Wz^* + Ux + b)$ with
     $W = (1-m)I - A^\top A + B - B^\top$ (so $I - W \succeq mI$ for any weights), found
     by operator splitting (`ik.models.PeacemanRachford`, converging for every step
@@ -153,8 +154,8 @@ class MonotoneDEQ(eqx.Module):
     def state_shape(self) -> tuple[int, ...]:
         return self.layer.state_shape
 
-    def __call__(self, x: Array, *, return_stats: bool = False, probe=None, key=None,
-                 inference: bool = False):
+    def __call__(self, x: Array, *, key=None, inference: bool = False,
+                 return_stats: bool = False, probe=None):
         del key, inference  # no stochastic layers
         check_input("MonotoneDEQ", x, self.layer.input_shape)
         sol = self.solver.solve(

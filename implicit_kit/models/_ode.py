@@ -16,6 +16,7 @@ from .._solution import as_results
 from ..homotopy import count_nfe, FixedPointHomotopy, homotopy_solve
 from ..nn import prepare
 from ..regularizers import ErrorEstimatePenalty, local_error_penalty
+from ._base import AbstractImplicitModel
 from ._shapes import check_cell
 from ._stats import ModelStats, no_residual
 
@@ -122,22 +123,22 @@ class ODESolve(eqx.Module):
         # be its last leaf, silently).
         out = ys if ts is not None else jax.tree_util.tree_map(lambda y: y[-1], ys)
         num_steps = lax.stop_gradient(sol.stats["num_steps"])
-        extras = {}
+        penalties = {}
         if self.error_penalty:
-            extras["error_penalty"] = sol.solver_state[1]
+            penalties["error_penalty"] = sol.solver_state[1]
         if self.local_penalty:
-            extras["local_error_penalty"] = local_error_penalty(
+            penalties["local_error_penalty"] = local_error_penalty(
                 vf, self.solver, t_s, jax.tree_util.tree_map(lambda y: y[0], sol.ys[1]),
                 (field, condition), rtol=self.rtol,
                 atol=self.atol, t_end=t1, dt=self.dt0,
             )
         # diffrax's outcome promoted (max_steps_reached stays max_steps_reached).
         stats = ModelStats(num_steps, count_nfe(self.solver, num_steps), no_residual(out),
-                           as_results(sol.result), extras)
+                           as_results(sol.result), **penalties)
         return out, stats
 
 
-class NeuralODE(eqx.Module):
+class NeuralODE(AbstractImplicitModel):
     r"""A Neural ODE $dz/dt = g(t, z)$ from $z(t_0)$ = the input; returns $z(t_1)$, or
     the trajectory $z(t)$ at the times `ts`.
 
@@ -196,7 +197,7 @@ def _augment(x, augment: int):
     return jax.tree_util.tree_map(one, x)
 
 
-class AugmentedNeuralODE(eqx.Module):
+class AugmentedNeuralODE(AbstractImplicitModel):
     r"""ANODE (Dupont, Doucet & Teh, 2019): the state is the input with `augment`
     zeros appended along the first axis (extra entries of a vector, extra channels of a
     `(C, H, W)` map; of every leaf of a pytree input); returns the whole final state
@@ -212,11 +213,14 @@ class AugmentedNeuralODE(eqx.Module):
     t1: float = 1.0
     t0: float = 0.0
 
-    def __call__(self, x, ts: Array | None = None, **kwargs):
+    def __call__(self, x, ts: Array | None = None, *, t0=None, t1=None, args=None,
+                 key: PRNGKeyArray | None = None, inference: bool = False,
+                 return_stats: bool = False, probe: Array | None = None):
         """As [`implicit_kit.models.NeuralODE`][] on the augmented input (the same
         keywords)."""
         node = NeuralODE(self.field, self.ode, self.t1, self.t0)
-        return node(_augment(x, self.augment), ts, **kwargs)
+        return node(_augment(x, self.augment), ts, t0=t0, t1=t1, args=args, key=key,
+                    inference=inference, return_stats=return_stats, probe=probe)
 
 
 HOMOODE_INITS = ("alternating", "zeros", "learned", "conditioned")
@@ -245,7 +249,7 @@ def alternating_start(shape: tuple[int, ...], dtype=None) -> Array:
     return out if dtype is None else out.astype(dtype)
 
 
-class HomoODE(eqx.Module):
+class HomoODE(AbstractImplicitModel):
     r"""HomoODE (Ding, Cui, Wang & Shi, NeurIPS 2023): an equilibrium found by a
     homotopy-continuation ODE from a start point $z_0$ that does not depend on the input,
     with the input $x$ as the condition injected at every evaluation.
@@ -405,4 +409,4 @@ class HomoODE(eqx.Module):
             stats = ModelStats.from_solution(sol)
         if not return_stats:
             return z1
-        return z1, stats.with_extras(z0=z0)
+        return z1, stats.replace(z0=z0)

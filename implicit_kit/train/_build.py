@@ -32,12 +32,12 @@ _ODE_ADJOINTS = dict(zip(ODE_ADJOINTS, (dfx.RecursiveCheckpointAdjoint,
 
 
 def _implicit_adjoint(m: ModelConfig) -> ImplicitAdjoint:
-    """The `implicit` adjoint of the config: the `backward` solver (`auto`: the default
-    of `ImplicitAdjoint()`) at `backward_rtol`, or else at the forward tolerance (the rule
+    """The `implicit` adjoint of the config: the `linear_solver` (`auto`: the default
+    of `ImplicitAdjoint()`) at `adjoint_rtol`, or else at the forward tolerance (the rule
     of `ImplicitAdjoint` itself); the step cap `max_steps` when the config sets one."""
     steps = {} if m.max_steps is None else {"max_steps": m.max_steps}
-    return ImplicitAdjoint(None if m.backward == "auto" else m.backward,
-                           rtol=m.backward_rtol, atol=m.backward_rtol, **steps)
+    return ImplicitAdjoint(None if m.linear_solver == "auto" else m.linear_solver,
+                           rtol=m.adjoint_rtol, atol=m.adjoint_rtol, **steps)
 
 
 def _deq_adjoint(m: ModelConfig):
@@ -61,7 +61,7 @@ def build_model(m: ModelConfig, *, in_channels: int, classes: int, spatial: int,
     kb, kc = jr.split(key)
     s = (spatial + 1) // 2
     h = m.hidden
-    g = models.group_count(h, m.groups)
+    g = models.group_count(h, m.norm_groups)
     if m.kind == "mondbm":
         solver = _DEQ_SOLVERS[m.solver or "anderson"](rtol=m.rtol, atol=m.atol)
         return models.MonotoneDBM.image(
@@ -96,7 +96,7 @@ def build_model(m: ModelConfig, *, in_channels: int, classes: int, spatial: int,
             channels = h
         elif m.kind == "anode":
             channels = h + m.augment
-            field = nn.ConvCell(channels, groups=models.group_count(channels, m.groups),
+            field = nn.ConvCell(channels, groups=models.group_count(channels, m.norm_groups),
                                 residual=False, inject=False, dropout=m.dropout, key=kb)
             block = models.AugmentedNeuralODE(field, m.augment, ode)
         else:
@@ -112,7 +112,7 @@ def build_model(m: ModelConfig, *, in_channels: int, classes: int, spatial: int,
             channels = h
     return models.ImageClassifier.build(
         block, in_channels=in_channels, classes=classes, hidden=h, final=m.final,
-        block_channels=channels, groups=m.groups, key=kc,
+        block_channels=channels, groups=m.norm_groups, key=kc,
     )
 
 

@@ -122,9 +122,9 @@ def load_checkpoint(path, like) -> tuple[dict, object]:
 _RESUME_FREE = ("train.progress", "train.checkpoint_dir", "train.keep_checkpoints")
 # Keys added after checkpoints were first written, with the value that reproduces what a
 # checkpoint without the key was trained with (its run resumes exactly with that value).
-_ADDED_KEYS = {"train.parallel": "jit", "data.downsample": 1, "optim.group": "",
-               "optim.group_name": "sgd", "optim.group_lr": 0.02,
-               "optim.group_schedule": "cosine", "optim.group_every": 1,
+_ADDED_KEYS = {"train.parallel": "jit", "data.downsample": 1, "optim.separate": "",
+               "optim.separate_optimiser": "sgd", "optim.separate_lr": 0.02,
+               "optim.separate_schedule": "cosine", "optim.separate_every": 1,
                "model.detach_start": True, "train.on_nonfinite": "skip",
                "train.on_unconverged": "apply"}
 

@@ -72,7 +72,7 @@ DEQ_SOLVERS = ("anderson", "picard", "broyden")
 ODE_SOLVERS = ("dopri5", "tsit5", "bosh3", "heun", "euler")
 DEQ_ADJOINTS = ("implicit", "phantom", "jfb", "neumann", "unrolled")
 ODE_ADJOINTS = ("checkpoint", "backsolve")
-BACKWARDS = ("auto", "picard", "gmres")
+LINEAR_SOLVERS = ("auto", "picard", "gmres")
 INITS = {"deq": DEQ_INITS, "homoode": HOMOODE_INITS}
 
 
@@ -85,17 +85,18 @@ class ModelConfig:
       between the shared stem and head), or `mondbm`: the monotone deep Boltzmann
       machine `ik.models.MonotoneDBM.image` (pixels, a hidden tier and the label as
       categorical variables; joint imputation and classification, no stem or head).
-    - `hidden`, `final`, `groups`: stem/block channels, head width, GroupNorm groups.
+    - `hidden`, `final`, `norm_groups`: stem/block channels, head width, GroupNorm groups.
     - `solver`: DEQ forward solver (`anderson`, `picard`, `broyden`); ODE models:
       a diffrax solver name (`dopri5`, `tsit5`, `bosh3`, `heun`, `euler`).
     - `adjoint`: DEQ `implicit`, `phantom`, `jfb`, `neumann`, `unrolled`; ODE models
       `checkpoint` (exact backprop through the solver) or `backsolve`.
     - `adjoint_steps`: k of phantom/neumann.
-    - `backward`: the linear solve of the DEQ `implicit` adjoint: `auto` (default,
+    - `linear_solver`: the linear solve of the DEQ `implicit` adjoint (as
+      `ik.ImplicitAdjoint(linear_solver=...)`): `auto` (default,
       `ik.ImplicitAdjoint()`'s: fixed-point iteration on the adjoint, GMRES where that
       fails), `picard` (fixed-point iteration only, converges when the Jacobian's
       spectral radius is below 1) or `gmres` (lineax GMRES on `I - Jᵀ`);
-      `backward_rtol` its tolerance (also of the monDEQ's backward splitting), by
+      `adjoint_rtol` its tolerance (also of the monDEQ's backward splitting), by
       default the forward `rtol`/`atol`, no tighter than the dtype can reach.
     - `rtol`, `atol`, `max_steps`: forward tolerances and step cap (default: the
       model's, 256 solver steps or 4096 ODE steps).
@@ -119,12 +120,12 @@ class ModelConfig:
     kind: str
     hidden: int = 16
     final: int = 32
-    groups: int = 8
+    norm_groups: int = 8
     solver: str | None = None
     adjoint: str | None = None
     adjoint_steps: int = 5
-    backward: str = "auto"
-    backward_rtol: float | None = None
+    linear_solver: str = "auto"
+    adjoint_rtol: float | None = None
     rtol: float = 1e-3
     atol: float = 1e-3
     max_steps: int | None = None
@@ -171,11 +172,11 @@ class OptimConfig:
       `lr * final_lr_factor`) or `warmup_cosine` (`warmup_steps`);
     - `weight_decay`: decoupled, added to the update; `clip`: global-norm clipping
       (0 = off).
-    - A separately optimised parameter group: `group`, the dotted attribute path of a
+    - A separately optimised part of the model: `separate`, the dotted attribute path of a
       part of the model (e.g. `block.z0`, HomoODE's learned start point; "" = none),
-      is stepped by its own optax optimiser `group_name` at `group_lr` (cosine-annealed
-      to `group_lr * final_lr_factor` over its own steps with `group_schedule:
-      cosine`), only every `group_every` steps, from that step's gradient (the HomoODE
+      is stepped by its own optax optimiser `separate_optimiser` at `separate_lr` (cosine-annealed
+      to `separate_lr * final_lr_factor` over its own steps with `separate_schedule:
+      cosine`), only every `separate_every` steps, from that step's gradient (the HomoODE
       authors' recipe: SGD, 0.02, every 20 iterations); the main optimiser never
       touches it."""
 
@@ -186,11 +187,11 @@ class OptimConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     clip: float = 0.0
-    group: str = ""
-    group_name: str = "sgd"
-    group_lr: float = 0.02
-    group_schedule: str = "cosine"
-    group_every: int = 1
+    separate: str = ""
+    separate_optimiser: str = "sgd"
+    separate_lr: float = 0.02
+    separate_schedule: str = "cosine"
+    separate_every: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,8 +411,8 @@ _ENUMS = {
     "model.kind": MODEL_KINDS,
     "data.name": ("digits", "mnist_sample", "mnist", "fashion_mnist", "cifar10", "svhn"),
     "optim.schedule": ("constant", "cosine", "warmup_cosine"),
-    "optim.group_schedule": ("constant", "cosine"),
-    "model.backward": BACKWARDS,
+    "optim.separate_schedule": ("constant", "cosine"),
+    "model.linear_solver": LINEAR_SOLVERS,
     "train.dtype": ("float32", "float64"),
     "train.parallel": ("auto", "jit", "shard_map"),
     "train.on_nonfinite": ("skip", "raise"),
@@ -450,6 +451,31 @@ def _check_value(value, tp, where: str, source: str):
     return value
 
 
+# Keys renamed since checkpoints were first written (old -> new). A user's config with an
+# old name is an error naming the new one; a checkpoint's stored config is migrated
+# (`migrate_config`) so that its run resumes and evaluates as before.
+RENAMED_KEYS = {
+    "model.groups": "model.norm_groups",
+    "model.backward": "model.linear_solver",
+    "model.backward_rtol": "model.adjoint_rtol",
+    "optim.group": "optim.separate",
+    "optim.group_name": "optim.separate_optimiser",
+    "optim.group_lr": "optim.separate_lr",
+    "optim.group_schedule": "optim.separate_schedule",
+    "optim.group_every": "optim.separate_every",
+}
+
+
+def migrate_config(raw: dict) -> dict:
+    """A stored config dict (a checkpoint's) with the keys of `RENAMED_KEYS` renamed."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for old, new in RENAMED_KEYS.items():
+        (section, key), (_, new_key) = old.split("."), new.split(".")
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section][new_key] = out[section].pop(key)
+    return out
+
+
 def _build(cls, raw, prefix: str, source: str):
     if not isinstance(raw, dict):
         raise ConfigError(
@@ -461,6 +487,9 @@ def _build(cls, raw, prefix: str, source: str):
     for key in raw:
         if key not in fields:
             where = f"{prefix}.{key}" if prefix else str(key)
+            if where in RENAMED_KEYS:
+                raise ConfigError(f"{source}: key '{where}' was renamed to "
+                                  f"'{RENAMED_KEYS[where]}'.")
             raise ConfigError(
                 f"{source}: unknown key '{where}'; expected one of {sorted(fields)}."
             )
@@ -542,11 +571,11 @@ def check_model_config(m: ModelConfig) -> None:
     if m.kind == "deq":
         _choice(m.solver, DEQ_SOLVERS, "anderson", "solver", m.kind)
         _choice(m.adjoint, DEQ_ADJOINTS, "implicit", "adjoint", m.kind)
-        _choice(m.backward, BACKWARDS, "auto", "backward", m.kind)
+        _choice(m.linear_solver, LINEAR_SOLVERS, "auto", "linear_solver", m.kind)
     elif m.kind == "mondbm":
         _choice(m.solver, DEQ_SOLVERS, "anderson", "solver", m.kind)
         _choice(m.adjoint, ("implicit",), "implicit", "adjoint", m.kind)
-        _choice(m.backward, BACKWARDS, "auto", "backward", m.kind)
+        _choice(m.linear_solver, LINEAR_SOLVERS, "auto", "linear_solver", m.kind)
         if not 0.0 < m.monotone_m < 1.0:
             raise ConfigError(f"key 'model.monotone_m' must be in (0, 1) for kind 'mondbm', "
                               f"got {m.monotone_m}.")
@@ -566,7 +595,7 @@ def check_model_config(m: ModelConfig) -> None:
     else:
         _choice(m.solver, ("peaceman_rachford",), "peaceman_rachford", "solver", m.kind)
         _choice(m.adjoint, ("implicit",), "implicit", "adjoint", m.kind)
-        _choice(m.backward, ("auto", "picard"), "auto", "backward", m.kind)
+        _choice(m.linear_solver, ("auto", "picard"), "auto", "linear_solver", m.kind)
     if m.kind in INITS:
         _choice(m.init, INITS[m.kind], INITS[m.kind][0], "init", m.kind)
     elif m.init is not None:
@@ -577,13 +606,13 @@ def check_model_config(m: ModelConfig) -> None:
         raise ConfigError("key 'model.detach_start' false needs kind 'homoode' with "
                           f"init 'learned' or 'conditioned', got kind {m.kind!r}, init "
                           f"{init!r}.")
-    for key in ("hidden", "final", "groups", "adjoint_steps", "augment"):
+    for key in ("hidden", "final", "norm_groups", "adjoint_steps", "augment"):
         if getattr(m, key) < 1:
             raise ConfigError(f"key 'model.{key}' must be positive, got {getattr(m, key)}.")
     if m.max_steps is not None and not 1 <= m.max_steps <= 2**31 - 1:
         raise ConfigError(f"key 'model.max_steps' must be a positive integer (at most "
                           f"2**31 - 1) or null, got {m.max_steps}.")
-    for key in ("rtol", "atol", "backward_rtol"):
+    for key in ("rtol", "atol", "adjoint_rtol"):
         if getattr(m, key) is not None and getattr(m, key) < 0:
             raise ConfigError(f"key 'model.{key}' must be a finite number >= 0, got "
                               f"{getattr(m, key)}.")
@@ -630,9 +659,9 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"key '{section}.{key}' must be >= 0, got {value}.")
     if cfg.train.seed < 0:
         raise ConfigError(f"key 'train.seed' must be >= 0, got {cfg.train.seed}.")
-    if cfg.optim.group and (cfg.optim.group_lr <= 0 or cfg.optim.group_every < 1):
-        raise ConfigError(f"keys 'optim.group_lr' > 0 and 'optim.group_every' >= 1 are "
-                          f"required, got {cfg.optim.group_lr}, {cfg.optim.group_every}.")
+    if cfg.optim.separate and (cfg.optim.separate_lr <= 0 or cfg.optim.separate_every < 1):
+        raise ConfigError(f"keys 'optim.separate_lr' > 0 and 'optim.separate_every' >= 1 are "
+                          f"required, got {cfg.optim.separate_lr}, {cfg.optim.separate_every}.")
     for key in ("upsample", "downsample"):
         if getattr(cfg.data, key) < 1:
             raise ConfigError(f"key 'data.{key}' must be positive, got "

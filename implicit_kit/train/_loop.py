@@ -27,7 +27,7 @@ from ._checkpoint import (
     read_header,
     save_checkpoint,
 )
-from ._config import check_config, Config, config_from_dict, ConfigError
+from ._config import check_config, Config, config_from_dict, ConfigError, migrate_config
 from ._data import load_data, pad_eval
 from ._report import host_tree, peak_memory_mb, plot_history, Progress, to_host
 from ._rundir import (
@@ -238,7 +238,7 @@ def _fit(cfg, run_dir, main, interrupts, resume, resume_valid, devices, callback
         like = (params, opt_state, base_key)
         path, header, (params, opt_state, base_key) = _load_resumable(
             existing, like, resume_valid, main)
-        diff = config_diff(header["config"], cfg_dict)
+        diff = config_diff(migrate_config(header["config"]), cfg_dict)
         if diff:
             raise ConfigError(
                 f"cannot resume from {str(path)!r}: the config differs at "
@@ -361,7 +361,7 @@ def evaluate_checkpoint(path, *, devices=None) -> dict:
     """Rebuild the model from a checkpoint's own config (the same setup as `fit`) and
     evaluate it on the test split."""
     header, _ = read_header(path)
-    cfg = config_from_dict(header["config"], source=str(path))
+    cfg = config_from_dict(migrate_config(header["config"]), source=str(path))
     check_config(cfg)
     st = _setup(cfg, devices)
     like = (st.params, st.optimiser.init(st.params), jr.key_data(jr.key(0)))

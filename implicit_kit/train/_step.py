@@ -10,28 +10,26 @@ from .._misc import keep_if, tree_allfinite
 from .._parallel import shard_batch
 from .._solution import backward_probe, backward_stats
 from ..models import init_loss, ModelStats
-from ..nn import prepare
-from ..regularizers import jacobian_frobenius
 from ._config import Config, ConfigError, OptimConfig
 
 
 def make_optimiser(o: OptimConfig, total_steps: int, params=None
                    ) -> optax.GradientTransformation:
     """The config's `optim` section as an optax optimiser over `total_steps` steps; with
-    `optim.group`, the parameters of that part of `params` (the model's floating
-    arrays) get their own optimiser, stepped every `group_every` steps."""
+    `optim.separate`, the parameters of that part of `params` (the model's floating
+    arrays) get their own optimiser, stepped every `separate_every` steps."""
     main = _optimiser(o, total_steps)
-    if not o.group:
+    if not o.separate:
         return main
-    labels = group_labels(params, o.group)
-    lr = o.group_lr
-    if o.group_schedule == "cosine":
+    labels = group_labels(params, o.separate)
+    lr = o.separate_lr
+    if o.separate_schedule == "cosine":
         lr = optax.cosine_decay_schedule(
-            o.group_lr, max(-(-total_steps // o.group_every), 1), alpha=o.final_lr_factor)
+            o.separate_lr, max(-(-total_steps // o.separate_every), 1), alpha=o.final_lr_factor)
     # applied on steps 0, k, 2k, ... from that step's gradient (not accumulated: the
     # HomoODE authors step their start point so), a zero update in between
-    group = optax.conditionally_mask(getattr(optax, o.group_name)(learning_rate=lr),
-                                     lambda count: count % o.group_every == 0)
+    group = optax.conditionally_mask(getattr(optax, o.separate_optimiser)(learning_rate=lr),
+                                     lambda count: count % o.separate_every == 0)
     # labels as a function: a model's label tree is itself a callable Module, which
     # `multi_transform` would otherwise call on the parameters
     return optax.multi_transform({"main": main, "group": group}, lambda _: labels)
@@ -39,7 +37,7 @@ def make_optimiser(o: OptimConfig, total_steps: int, params=None
 
 def group_labels(params, path: str):
     """`"group"` on the leaves of `params` under the dotted attribute `path`, `"main"`
-    elsewhere (raises `ConfigError` naming `optim.group` if the path does not exist)."""
+    elsewhere (raises `ConfigError` naming `optim.separate` if the path does not exist)."""
     def where(tree):
         for name in path.split("."):
             tree = getattr(tree, name)
@@ -49,10 +47,10 @@ def group_labels(params, path: str):
     try:
         sub = where(labels)
     except AttributeError as err:
-        raise ConfigError(f"key 'optim.group': the model has no part {path!r} ({err}).") \
+        raise ConfigError(f"key 'optim.separate': the model has no part {path!r} ({err}).") \
             from None
     if not jax.tree_util.tree_leaves(sub):
-        raise ConfigError(f"key 'optim.group': the model's {path!r} has no trainable "
+        raise ConfigError(f"key 'optim.separate': the model's {path!r} has no trainable "
                           "arrays (for HomoODE's start point use model.init: learned).")
     return eqx.tree_at(where, labels, jax.tree_util.tree_map(lambda _: "group", sub))
 
@@ -75,8 +73,28 @@ def _optimiser(o: OptimConfig, total_steps: int) -> optax.GradientTransformation
     return optax.chain(*parts)
 
 
-def _learned_init(cfg: Config) -> bool:
-    return cfg.model.init in ("learned", "skip", "conditioned")
+def loss_terms(cfg: Config) -> list:
+    """The terms the config adds to the task loss, chosen once from the config (outside
+    `jit`): each `term(model, stats, xb, key)` returns a scalar read off the typed
+    fields of the batch's `ModelStats`."""
+    reg = cfg.regularizers
+    terms = []
+    # a model's own loss term, wherever the model has one (MonotoneDBM: the imputation)
+    terms.append(lambda model, st, xb, key: 0.0 if st.aux_loss is None
+                 else jnp.mean(st.aux_loss))
+    learned_start = cfg.model.init in ("learned", "skip", "conditioned")
+    if learned_start and reg.init_loss > 0:
+        terms.append(lambda model, st, xb, key: reg.init_loss * init_loss(st.z0, st.z_end))
+    if reg.error_penalty > 0:
+        terms.append(lambda model, st, xb, key: reg.error_penalty
+                     * jnp.mean(st.error_penalty))
+    if reg.jacobian > 0:
+        def jacobian(model, st, xb, key):
+            keys = jr.split(key, xb.shape[0])
+            return reg.jacobian * jnp.mean(jax.vmap(
+                lambda x, z, k: model.jacobian_frobenius(x, z, key=k))(xb, st.z_end, keys))
+        terms.append(jacobian)
+    return terms
 
 
 def _contract_metrics(st: ModelStats) -> dict:
@@ -95,6 +113,7 @@ class Steps:
 
     def __init__(self, cfg: Config, static, optimiser, mesh=None):
         self.cfg, self.static, self.optimiser = cfg, static, optimiser
+        self.terms = loss_terms(cfg)
         self.traces = {"train": 0, "eval": 0}
         self.train = jax.jit(self._train, donate_argnums=(0, 1))
         self.eval = jax.jit(self._eval)
@@ -112,38 +131,28 @@ class Steps:
         def batch(params, probe, xb, keys):
             model = eqx.combine(params, self.static)
             if probe is None:
-                return jax.vmap(lambda x, k: model(x, key=k, inference=True))(xb, keys)
-            return jax.vmap(lambda x, k: model(x, key=k, probe=probe))(xb, keys)
+                return jax.vmap(lambda x, k: model(x, key=k, inference=True,
+                                                   return_stats=True))(xb, keys)
+            return jax.vmap(lambda x, k: model(x, key=k, return_stats=True,
+                                               probe=probe))(xb, keys)
 
         if self.mesh is not None:  # the probe's cotangent is summed over the devices
             batch = shard_batch(batch, (None, None, 0, 0), mesh=self.mesh)
         return batch(params, probe, xb, keys)
 
     def _loss(self, params, probe, xb, yb, key):
-        cfg = self.cfg
         model = eqx.combine(params, self.static)
         keys = jr.split(key, xb.shape[0] + 1)
         logits, st = self._apply(params, probe, xb, keys[1:])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
         total = loss
-        if "aux_loss" in st.extras:  # a model's own loss term (MonotoneDBM: imputation)
-            total = total + jnp.mean(st.extras["aux_loss"])
-        reg = cfg.regularizers
-        if _learned_init(cfg) and reg.init_loss > 0:
-            total = total + reg.init_loss * init_loss(st.extras["z0"], st.extras["z_end"])
-        if reg.error_penalty > 0:
-            total = total + reg.error_penalty * jnp.mean(st.extras["error_penalty"])
-        if reg.jacobian > 0:
-            cell = prepare(model.block.cell, key=None, inference=True)
-            feats = jax.vmap(model.stem)(xb)
-            jac = jax.vmap(lambda z, f, k: jacobian_frobenius(cell, z, f, key=k))(
-                st.extras["z_end"], feats, jr.split(keys[0], xb.shape[0]))
-            total = total + reg.jacobian * jnp.mean(jac)
+        for term in self.terms:
+            total = total + term(model, st, xb, keys[0])
         metrics = {
             "loss": loss,
             "acc": jnp.mean(jnp.argmax(logits, -1) == yb),
             **{k: jnp.mean(v) for k, v in _contract_metrics(st).items()},
-            **{k: jnp.mean(v) for k, v in st.extras.get("metrics", {}).items()},
+            **{k: jnp.mean(v) for k, v in st.metrics.items()},
         }
         return total, metrics
 
@@ -197,6 +206,6 @@ class Steps:
             "loss": jnp.sum(w * ce),
             "acc": jnp.sum(w * (jnp.argmax(logits, -1) == yb)),
             **{k: jnp.sum(w * v) for k, v in _contract_metrics(st).items()},
-            **{k: jnp.sum(w * v) for k, v in st.extras.get("metrics", {}).items()},
+            **{k: jnp.sum(w * v) for k, v in st.metrics.items()},
         }
         return sums
