@@ -83,8 +83,8 @@ class _OptxMinimiseForward(AbstractForward):
 
     def __call__(self, fn, y0, args, *, while_kind="lax", checkpoints=None):
         del while_kind, checkpoints  # (always "lax": `not_unrollable`)
-        def loss(y, a):  # fn is _Prepared(_NegGrad(loss))
-            value, aux = fn.fn.loss(fn.to_native(y), a)
+        def loss(y, a):  # the loss inside `fn` (`solve(..., wrap=_NegGrad)`)
+            value, aux = fn.unwrap(_NegGrad).loss(fn.to_native(y), a)
             if fn.native is not None:  # the solve's working precision: `_solve.solve`
                 value = jnp.asarray(value).astype(dtype_of(y))
             return value, aux

@@ -49,6 +49,16 @@ class _Prepared(eqx.Module):
         return jtu.tree_unflatten(
             treedef, [x.astype(d) for x, d in zip(leaves, self.native)])
 
+    def unwrap(self, cls):
+        """The wrapper of type `cls` that `solve` put around the user's function (its
+        `wrap=` argument), whatever else wraps it: the seam through which a forward
+        reaches what it needs of the original problem (an optimistix minimiser's
+        scalar loss)."""
+        f = self.fn
+        while not isinstance(f, cls):
+            f = f.fn
+        return f
+
     def __call__(self, y, args):
         out = self.fn(self.to_native(y), args)
         out, aux = out if self.has_aux else (out, None)
