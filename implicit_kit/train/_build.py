@@ -1,54 +1,20 @@
 """From a config to an `ik.models.ImageClassifier` (shared stem and head)."""
 
-import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 
-from .. import models, nn, solvers
-from .._adjoint import (
-    ImplicitAdjoint,
-    JFBAdjoint,
-    NeumannAdjoint,
-    PhantomAdjoint,
-    UnrolledAdjoint,
-)
+from .. import models, nn
 from ._config import (
     check_model_config,
     Config,
+    DEQ_ADJOINTS,
     DEQ_SOLVERS,
     ModelConfig,
     ODE_ADJOINTS,
     ODE_SOLVERS,
 )
-
-
-_DEQ_SOLVERS = dict(zip(DEQ_SOLVERS, (solvers.Anderson, solvers.Picard, solvers.Broyden)))
-_ODE_SOLVERS = dict(zip(ODE_SOLVERS, (dfx.Dopri5, dfx.Tsit5, dfx.Bosh3, dfx.Heun,
-                                      dfx.Euler)))
-_ODE_ADJOINTS = dict(zip(ODE_ADJOINTS, (dfx.RecursiveCheckpointAdjoint,
-                                        dfx.BacksolveAdjoint)))
-
-
-def _implicit_adjoint(m: ModelConfig) -> ImplicitAdjoint:
-    """The `implicit` adjoint of the config: the `linear_solver` (`auto`: the default
-    of `ImplicitAdjoint()`) at `adjoint_rtol`, or else at the forward tolerance (the rule
-    of `ImplicitAdjoint` itself); the step cap `max_steps` when the config sets one."""
-    steps = {} if m.max_steps is None else {"max_steps": m.max_steps}
-    return ImplicitAdjoint(None if m.linear_solver == "auto" else m.linear_solver,
-                           rtol=m.adjoint_rtol, atol=m.adjoint_rtol, **steps)
-
-
-def _deq_adjoint(m: ModelConfig):
-    name = m.adjoint or "implicit"
-    return {
-        "implicit": lambda: _implicit_adjoint(m),
-        "phantom": lambda: PhantomAdjoint(k=m.adjoint_steps),
-        "jfb": lambda: JFBAdjoint(),
-        "neumann": lambda: NeumannAdjoint(k=m.adjoint_steps),
-        "unrolled": lambda: UnrolledAdjoint(),
-    }[name]()
 
 
 def build_model(m: ModelConfig, *, in_channels: int, classes: int, spatial: int, key,
@@ -63,30 +29,30 @@ def build_model(m: ModelConfig, *, in_channels: int, classes: int, spatial: int,
     h = m.hidden
     g = models.group_count(h, m.norm_groups)
     if m.kind == "mondbm":
-        solver = _DEQ_SOLVERS[m.solver or "anderson"](rtol=m.rtol, atol=m.atol)
+        solver = DEQ_SOLVERS[m.solver or "anderson"](rtol=m.rtol, atol=m.atol)
         return models.MonotoneDBM.image(
             (spatial, spatial), bins=m.bins, hidden=m.hidden, group=m.group,
             classes=classes, m=m.monotone_m, monotone=m.monotone, key=key,
-            alpha=m.alpha, solver=solver, adjoint=_implicit_adjoint(m),
+            alpha=m.alpha, solver=solver, adjoint=DEQ_ADJOINTS["implicit"](m),
             observed=m.observed, recon_weight=m.recon_weight, gamma=m.focal_gamma,
             **steps)
     if m.kind == "deq":
         cell = nn.ConvCell(h, groups=g, dropout=m.dropout, residual=m.residual, key=kb)
-        solver = _DEQ_SOLVERS[m.solver or "anderson"](rtol=m.rtol, atol=m.atol)
-        block = models.DEQ(cell, (h, s, s), solver, _deq_adjoint(m),
+        solver = DEQ_SOLVERS[m.solver or "anderson"](rtol=m.rtol, atol=m.atol)
+        block = models.DEQ(cell, (h, s, s), solver, DEQ_ADJOINTS[m.adjoint or "implicit"](m),
                            init=m.init or "zeros", **steps)
         channels = h
     elif m.kind == "mondeq":
         block = models.MonotoneDEQ.conv(
             h, h, (s, s), m.monotone_m, key=kb,
             solver=models.PeacemanRachford(rtol=m.rtol, atol=m.atol),
-            adjoint=_implicit_adjoint(m), **steps,
+            adjoint=DEQ_ADJOINTS["implicit"](m), **steps,
         )
         channels = h
     else:
         ode = models.ODESolve(
-            solver=_ODE_SOLVERS[m.solver or "dopri5"](), rtol=m.rtol, atol=m.atol,
-            adjoint=_ODE_ADJOINTS[m.adjoint or "checkpoint"](),
+            solver=ODE_SOLVERS[m.solver or "dopri5"](), rtol=m.rtol, atol=m.atol,
+            adjoint=ODE_ADJOINTS[m.adjoint or "checkpoint"](),
             error_penalty=error_penalty, **steps,
         )
         if m.kind == "node":

@@ -15,11 +15,19 @@ import types
 import typing
 from typing import Any
 
+import diffrax as dfx
 import jax
 import optax
 import yaml
 
-from .. import data as ik_data
+from .. import data as ik_data, solvers
+from .._adjoint import (
+    ImplicitAdjoint,
+    JFBAdjoint,
+    NeumannAdjoint,
+    PhantomAdjoint,
+    UnrolledAdjoint,
+)
 from ..models import DEQ_INITS, HOMOODE_INITS
 
 
@@ -66,13 +74,35 @@ class ConfigError(ValueError):
 
 
 MODEL_KINDS = ("node", "anode", "deq", "mondeq", "homoode", "mondbm")
-# The choices of the config, by name (`_build` maps each name to its class).
 ODE_KINDS = ("node", "anode", "homoode")
-DEQ_SOLVERS = ("anderson", "picard", "broyden")
-ODE_SOLVERS = ("dopri5", "tsit5", "bosh3", "heun", "euler")
-DEQ_ADJOINTS = ("implicit", "phantom", "jfb", "neumann", "unrolled")
-ODE_ADJOINTS = ("checkpoint", "backsolve")
+# The choices of the config, each defined once: the allowed values are the keys (the
+# validation and its messages read them), the values what `_build` makes of them.
+DEQ_SOLVERS = {"anderson": solvers.Anderson, "picard": solvers.Picard,
+               "broyden": solvers.Broyden}
+ODE_SOLVERS = {"dopri5": dfx.Dopri5, "tsit5": dfx.Tsit5, "bosh3": dfx.Bosh3,
+               "heun": dfx.Heun, "euler": dfx.Euler}
+ODE_ADJOINTS = {"checkpoint": dfx.RecursiveCheckpointAdjoint,
+                "backsolve": dfx.BacksolveAdjoint}
+# `model.linear_solver`: `auto` is `ImplicitAdjoint()`'s default, the others its names.
 LINEAR_SOLVERS = ("auto", "picard", "gmres")
+
+
+def _implicit(m) -> ImplicitAdjoint:
+    # the `linear_solver` at `adjoint_rtol`, or else at the forward tolerance (the rule
+    # of `ImplicitAdjoint` itself); the step cap `max_steps` when the config sets one
+    steps = {} if m.max_steps is None else {"max_steps": m.max_steps}
+    return ImplicitAdjoint(None if m.linear_solver == "auto" else m.linear_solver,
+                           rtol=m.adjoint_rtol, atol=m.adjoint_rtol, **steps)
+
+
+# each built from the `model` section
+DEQ_ADJOINTS = {
+    "implicit": _implicit,
+    "phantom": lambda m: PhantomAdjoint(k=m.adjoint_steps),
+    "jfb": lambda m: JFBAdjoint(),
+    "neumann": lambda m: NeumannAdjoint(k=m.adjoint_steps),
+    "unrolled": lambda m: UnrolledAdjoint(),
+}
 INITS = {"deq": DEQ_INITS, "homoode": HOMOODE_INITS}
 
 
@@ -409,7 +439,7 @@ _ENUMS = {
     "tune.dtype": ("float32", "float64"),
     "stn.dtype": ("float32", "float64"),
     "model.kind": MODEL_KINDS,
-    "data.name": ("digits", "mnist_sample", "mnist", "fashion_mnist", "cifar10", "svhn"),
+    "data.name": ik_data.DATASETS,
     "optim.schedule": ("constant", "cosine", "warmup_cosine"),
     "optim.separate_schedule": ("constant", "cosine"),
     "model.linear_solver": LINEAR_SOLVERS,
