@@ -126,6 +126,12 @@ class PeerWatchdog:
             except TimeoutError:
                 self._lost(peer, f"no heartbeat for {self.timeout:g} s")
                 return
+            except ConnectionResetError:
+                # A peer killed with bytes unread in its socket resets the connection
+                # (RST) instead of closing it (EOF): the same event.
+                if not self._stopping.is_set() and peer not in self._finished:
+                    self._lost(peer, "it exited or was killed")
+                return
             except OSError as err:
                 if self._stopping.is_set():
                     return
