@@ -167,8 +167,7 @@ class ImplicitAdjoint(AbstractVJPAdjoint):
     [`implicit_kit.backward_stats`][]).
     """
 
-    linear_solver: (str | AbstractFixedPointSolver | lx.AbstractLinearSolver | None) = \
-        eqx.field(default=None, static=False)
+    linear_solver: str | AbstractFixedPointSolver | lx.AbstractLinearSolver | None = None
     rtol: float | None = None
     atol: float | None = None
     max_steps: int = eqx.field(static=True, default=256)

@@ -372,6 +372,34 @@ def test_detach_start_config_lets_the_task_loss_train_the_start_network():
     assert norms[0] == 0.0 < norms[1]
 
 
+def test_the_config_s_loss_terms_read_the_typed_stats():
+    """`regularizers.init_loss` and `regularizers.jacobian` become loss terms chosen from
+    the config: their values are the regularisers computed by hand from the model's
+    `ModelStats` (the Hutchinson estimate at the DEQ's end point, on the stem's features,
+    with the cell in inference mode)."""
+    import jax.random as jr
+
+    from implicit_kit.nn import prepare
+    from implicit_kit.train._build import make_model
+    from implicit_kit.train._step import loss_terms
+
+    cfg = config_from_dict({"name": "x", "model": {
+        "kind": "deq", "hidden": 8, "init": "learned", "adjoint": "phantom",
+        "max_steps": 8}, "regularizers": {"init_loss": 0.5, "jacobian": 0.3}})
+    model = make_model(cfg, in_channels=1, spatial=8)
+    xb = jnp.asarray(np.random.default_rng(0).normal(size=(3, 1, 8, 8)), jnp.float32)
+    _, st = jax.vmap(lambda x: model(x, inference=True, return_stats=True))(xb)
+    key = jr.key(5)
+    aux, init, jac = (t(model, st, xb, key) for t in loss_terms(cfg))
+    assert aux == 0.0  # no model loss term: a DEQ has no aux_loss
+    np.testing.assert_allclose(init, 0.5 * ik.models.init_loss(st.z0, st.z_end), rtol=1e-6)
+    cell = prepare(model.block.cell, key=None, inference=True)
+    by_hand = [ik.regularizers.jacobian_frobenius(cell, z, model.stem(x), key=k)
+               for x, z, k in zip(xb, st.z_end, jr.split(key, 3))]
+    np.testing.assert_allclose(jac, 0.3 * np.mean(by_hand), rtol=1e-5)
+    assert float(jac) > 0
+
+
 @pytest.mark.parametrize("backward", ["auto", "picard", "gmres"])
 def test_the_adjoint_keys_build_the_implicit_adjoint_from_public_api(backward):
     """`model.linear_solver` / `adjoint_rtol` / `max_steps` reach `ik.ImplicitAdjoint` as

@@ -140,7 +140,7 @@ class CNF(eqx.Module):
 
 def _add(a: ModelStats, b: ModelStats) -> ModelStats:
     """The stats of two solves in sequence: steps and evaluations add up, the outcome is
-    the first failure."""
+    the first failure. (A CNF's solves carry no penalties: `CNF` refuses them.)"""
     result = RESULTS.where(a.result == RESULTS.successful, b.result, a.result)
     return a.replace(num_steps=a.num_steps + b.num_steps, nfe=a.nfe + b.nfe,
                      result=result)
