@@ -4,6 +4,12 @@
 import time
 
 
+# The DEQ benchmark's rows that the targets compare (deq_train_step.py makes them,
+# renderers.py finds them).
+IK_DEFAULT = "implicit_kit Anderson(m=5) + ImplicitAdjoint(Picard), vmap (default)"
+IK_PICARD = "implicit_kit Picard + ImplicitAdjoint(Picard), vmap"
+
+
 def timeit(fn, repeats):
     """Milliseconds per call: the minimum over `repeats` timed calls after warm-up (the
     shared 2-core CPU machines are noisy; the minimum is the most repeatable statistic,

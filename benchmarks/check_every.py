@@ -15,22 +15,13 @@ import argparse
 import json
 import pathlib
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
+from deq_train_step import ik_solve, jax_train_step, make_problem, RTOL
 
 import implicit_kit as ik
-
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from deq_train_step import (  # noqa: E402
-    ik_solve,
-    jax_train_step,
-    make_problem,
-    RTOL,
-)
 
 
 def solve_with(k):

@@ -4,7 +4,7 @@ Workload (issue "Core"): x in R^64, z in R^256, f(z, x) = tanh(W z + U x + b) wi
 ||W||_2 = 0.9 at init, a linear readout to 10 classes, cross-entropy, batch 256, Anderson
 (m=5) to relative residual 1e-4 (max 50), implicit backward to 1e-4 (max 50), one SGD step.
 
-Sections (all in one run, written to benchmarks/RESULTS.md with the command):
+Sections (all in one run):
 - `main`: ms per train step (with `--rounds R`, the median over R separate processes),
   forward/backward steps, memory, ratio to the floor (a jit-compiled chain of the same
   number of bare matmul+tanh ops at the same shapes). Each peer appears out of the box
@@ -22,15 +22,14 @@ Sections (all in one run, written to benchmarks/RESULTS.md with the command):
 Optional peers are skipped with a message when not installed
 (`pip install ".[bench]"`).
 
-Run: python benchmarks/deq_train_step.py [--quick] [--rounds R] [--out benchmarks/RESULTS.md]
+Run: python benchmarks/deq_train_step.py [--quick] [--rounds R] [--json PATH]
+(the tables are printed; `benchmarks/report.py` stores and renders them in RESULTS.md)
 """
 
 import argparse
 import json
 import os
-import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,8 @@ import lineax as lx
 import numpy as np
 import optax
 import optimistix as optx
-from _common import interleaved, timeit
+from _common import IK_DEFAULT, IK_PICARD, interleaved, timeit
+from renderers import deq_tables
 
 import implicit_kit as ik
 
@@ -611,44 +611,8 @@ def main_rounds(rounds, repeats, include_peers):
     return out
 
 
-IK_DEFAULT = "implicit_kit Anderson(m=5) + ImplicitAdjoint(Picard), vmap (default)"
-IK_PICARD = "implicit_kit Picard + ImplicitAdjoint(Picard), vmap"
 EMPTY = dict(fwd_mean=None, fwd_max=None, bwd_mean=None, mem=None, mem_kind="", loss=None)
 PEERS = ("hand-written JAX", "optimistix", "jaxopt", "TorchDEQ")
-
-
-def best_row(rows, peer, contains=""):
-    """The fastest row of `peer` whose name contains `contains`, among its configurations
-    that compute the exact implicit gradient (not TorchDEQ's phantom-gradient default)."""
-    cands = [r for r in rows if r["name"].startswith(peer) and contains in r["name"]
-             and r["ms"] is not None and "inexact" not in r["name"]]
-    return min(cands, key=lambda r: r["ms"]) if cands else None
-
-
-def targets(rows):
-    """Issue 18 §1's like-for-like targets, each a dict: `what` (the comparison),
-    `ours`/`peer_ms` (ms), `peer` (the peer's fastest row), `ratio` (as the goal states
-    it), `faster` (the peer's time over ours), `goal`, `met`."""
-    by = {r["name"]: r for r in rows}
-    out = []
-    for ours, peer, contains, goal, what in [
-        (IK_DEFAULT, "jaxopt", "AndersonAcceleration", "≤ 1.0×",
-         "default (Anderson, vmap) / jaxopt's best Anderson"),
-        (IK_PICARD, "optimistix", "", "≤ 1.0×",
-         "Picard (vmap) / optimistix's best fixed-point iteration"),
-        (IK_DEFAULT, "TorchDEQ", "", "≥ 3×",
-         "TorchDEQ's best / default (Anderson, vmap)"),
-    ]:
-        b = best_row(rows, peer, contains)
-        if b is None or ours not in by:
-            continue
-        o = by[ours]
-        faster = b["ms"] / o["ms"]
-        ratio = faster if goal.startswith("≥") else 1 / faster
-        met = ratio >= 3.0 if goal.startswith("≥") else ratio <= 1.0
-        out.append(dict(what=what, ours=o["ms"], peer=b["name"], peer_ms=b["ms"],
-                        ratio=ratio, faster=faster, goal=goal, met=met))
-    return out
 
 
 def hard_section(hidden, repeats):
@@ -714,106 +678,6 @@ def memory_section():
     return out
 
 
-# --------------------------------------------------------------------------- report
-def fmt_bytes(b):
-    return "—" if b is None else f"{b / 2**20:.1f} MiB"
-
-
-def fmt_rel(v):
-    return "—" if v is None else f"{v:.1e}"
-
-
-def fmt(v, p=1):
-    return "—" if v is None else f"{v:.{p}f}"
-
-
-def report(results, command):
-    dev = jax.devices()[0]
-    lines = [
-        "## DEQ train step (issue: Core)",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Device: {dev.platform} ({dev.device_kind}), {os.cpu_count()} CPU cores, "
-        f"jax {jax.__version__}, Python {platform.python_version()}, "
-        f"{time.strftime('%Y-%m-%d')}.",
-        "",
-        "Workload: x ∈ R^64, z ∈ R^256, f(z,x) = tanh(Wz + Ux + b), ‖W‖₂ = 0.9, linear "
-        "readout to 10 classes, cross-entropy, batch 256, forward to relative residual "
-        "1e-4 (max 50), implicit backward to 1e-4 (max 50), one SGD step. Time: minimum "
-        "over repeats after warm-up, the JAX rows timed interleaved (float32; full-precision "
-        "matmuls on GPU, no TF32)"
-        + (f"; the median over {results['rounds']} separate processes, their range in "
-           "brackets" if results.get("rounds") else "") + "; "
-        "steps are per-sample means (max in brackets); the gradient column is the relative "
-        "difference of the row's gradient of W from the default row's. Memory: "
-        "XLA's compile-time temp+argument+output bytes for JAX rows; TorchDEQ: "
-        "torch.cuda.max_memory_allocated on GPU, not measured on CPU.",
-        "",
-        "| implementation | ms / step | × floor | fwd steps | bwd steps | memory | stops | "
-        "gradient vs default |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results["main"]:
-        fwd = "—" if r["fwd_mean"] is None else f"{r['fwd_mean']:.1f} ({r['fwd_max']})"
-        spread = "" if not r.get("ms_rounds") else \
-            f" ({min(r['ms_rounds']):.2f}–{max(r['ms_rounds']):.2f})"
-        lines.append(
-            f"| {r['name']} | {fmt(r['ms'], 2)}{spread} | {fmt(r['vs_floor'], 2)} | {fwd} | "
-            f"{fmt(r['bwd_mean'])} | {fmt_bytes(r['mem'])} | {r['stop']} | "
-            f"{fmt_rel(r.get('grad_rel_diff'))} |")
-    t = targets(results["main"])
-    if t:
-        lines += ["", "Like-for-like targets against each peer at its best (the fastest of its "
-                  "exact-gradient rows above):", "",
-                  "| target | implicit_kit ms | peer at its best | peer ms | ratio | goal |",
-                  "|---|---|---|---|---|---|"]
-        for r in t:
-            lines.append(f"| {r['what']} | {r['ours']:.2f} | {r['peer']} | "
-                         f"{r['peer_ms']:.2f} | {r['ratio']:.2f}× | {r['goal']} "
-                         f"({'met' if r['met'] else 'not met'}) |")
-    if "stop_cost" in results:
-        c = results["stop_cost"]
-        lines += ["", f"Per-sample stopping by itself: the forward chain of {c['steps']} "
-                  f"map applications takes {c['fixed_ms']:.2f} ms as a fixed-count "
-                  f"`fori_loop` and {c['adaptive_ms']:.2f} ms as a `while_loop` that "
-                  "tests each sample's residual and freezes converged samples "
-                  f"({c['adaptive_ms'] / c['fixed_ms']:.2f}×; timed interleaved)."]
-    if "hard" in results:
-        lines += ["", "### Hard variant: ‖W‖₂ = ρ(W) = 0.99, inputs × 0.01 (max 2000 steps)",
-                  "", "| solver | ms / step | fwd steps mean (max) | bwd steps |",
-                  "|---|---|---|---|"]
-        for r in results["hard"]:
-            lines.append(f"| {r['name']} | {r['ms']:.1f} | {r['fwd_mean']:.1f} "
-                         f"({r['fwd_max']}) | {fmt(r['bwd_mean'])} |")
-        p = results["hard"][0]["fwd_mean"]
-        a = results["hard"][1]["fwd_mean"]
-        lines += ["", f"Picard / Anderson forward steps: {p / a:.1f}×."]
-    if "scaling" in results:
-        lines += ["", "### Scaling over hidden size (implicit_kit's default: Anderson, vmap)",
-                  "", "| hidden | implicit_kit ms | floor ms | × floor | TorchDEQ anderson "
-                  "ms | TorchDEQ fixed_point_iter ms | TorchDEQ's best / implicit_kit | fwd | "
-                  "bwd |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in results["scaling"]:
-            ts = [t for t in (r["torchdeq_ms"], r.get("torchdeq_picard_ms")) if t]
-            ratio = f"{min(ts) / r['ik_ms']:.1f}×" if ts else "—"
-            lines.append(
-                f"| {r['hidden']} | {r['ik_ms']:.2f} | {r['floor_ms']:.2f} | "
-                f"{r['ik_ms'] / r['floor_ms']:.2f} | {fmt(r['torchdeq_ms'], 2)} | "
-                f"{fmt(r.get('torchdeq_picard_ms'), 2)} | {ratio} | {r['fwd']:.1f} | "
-                f"{fmt(r['bwd'])} |")
-    if "memory" in results:
-        lines += ["", "### Backward memory vs forward steps (grad of a vmapped solve, "
-                  "batch 32, hidden 256; XLA temp bytes)", "",
-                  "| adjoint | 10 steps | 200 steps |", "|---|---|---|"]
-        by = {}
-        for r in results["memory"]:
-            by.setdefault(r["adjoint"], {})[r["forward_steps"]] = r["temp_bytes"]
-        for k, v in by.items():
-            lines.append(f"| {k} | {fmt_bytes(v[10])} | {fmt_bytes(v[200])} |")
-    return "\n".join(lines) + "\n"
-
-
 def with_floor_ratio(rows):
     floor = next(r["ms"] for r in rows if r["name"].startswith("floor"))
     return [{**r, "vs_floor": None if r["ms"] is None else r["ms"] / floor} for r in rows]
@@ -828,7 +692,6 @@ def main():
                         "each row's median")
     p.add_argument("--section", choices=["main"], default=None,
                    help="run one section only (used by --rounds)")
-    p.add_argument("--out", default=None, help="write the markdown report here")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     repeats = a.repeats or (5 if a.quick else 20)
@@ -846,11 +709,7 @@ def main():
         results["hard"] = hard_section(256, max(3, repeats // 4))
         results["scaling"] = scaling_section([128, 256, 512, 1024], max(3, repeats // 2))
         results["memory"] = memory_section()
-    text = report(results, command)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+    print(f"Command: `{command}`\n\n" + deq_tables(results))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1, default=str)
