@@ -22,6 +22,7 @@ JOBS = {
     "deq": Job(["benchmarks/deq_train_step.py", "--rounds", "5", "--repeats", "20", "--json",
                 "{json}"]),
     "node": Job(["benchmarks/node_train_step.py", "--repeats", "20", "--json", "{json}"]),
+    "compile_time": Job(["benchmarks/compile_time.py", "--rounds", "3", "--json", "{json}"]),
     "node_timeseries": Job(["benchmarks/node_timeseries.py", "--rounds", "200", "--json",
                             "{json}"]),
     "cnf": Job(["benchmarks/cnf.py", "--rounds", "6", "--train", "600", "--figure",

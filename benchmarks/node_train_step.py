@@ -59,13 +59,15 @@ class BatchField(eqx.Module):
         return jax.vmap(self.inner)(z)
 
 
-def jax_rows(adjoint_name, adjoint, repeats, one_ode=False):
+def train_steps(adjoint, one_ode=False):
+    """`[(name, step, args)]`: implicit_kit's Neural ODE and the same solve written with
+    plain diffrax, each a jitted Adam train step `step(*args) -> (model, state, loss,
+    nfe)` (vmapped per-sample solves, or the batch as one ODE)."""
     z0, target = data()
     f = field(jr.key(1))
     opt = optax.adam(LR)
     # Per-sample solves under vmap (each sample its own steps), or the batch as one ODE.
     batch_map = (lambda fn: fn) if one_ode else jax.vmap
-    suffix = ", batch as one ODE" if one_ode else ""
 
     ode = ik.models.ODESolve(rtol=TOL, atol=TOL, adjoint=adjoint)
     ik_model = ik.models.NeuralODE(BatchField(f) if one_ode else f, ode)
@@ -93,7 +95,7 @@ def jax_rows(adjoint_name, adjoint, repeats, one_ode=False):
         z1, nfe = batch_map(model)(z0)
         return jnp.mean((z1 - target) ** 2), nfe
 
-    runs = []
+    out = []
     for name, model, loss in (("implicit_kit NeuralODE", ik_model, ik_loss),
                               ("diffrax diffeqsolve", plain_model, plain_loss)):
         state = opt.init(eqx.filter(model, eqx.is_inexact_array))
@@ -104,6 +106,56 @@ def jax_rows(adjoint_name, adjoint, repeats, one_ode=False):
             updates, state = opt.update(g, state, eqx.filter(model, eqx.is_inexact_array))
             return eqx.apply_updates(model, updates), state, val, nfe
 
+        out.append((name, step, (model, state)))
+    return out
+
+
+def homoode_train_steps():
+    """`[(name, step, args)]` as `train_steps`, for HomoODE (`field="learned"`: the
+    field g(z, x) integrated over λ ∈ [0, 1] from the alternating start, the input as
+    the condition) against the same ODE written with plain diffrax."""
+    z0, target = data()
+    x = z0  # the condition
+    f = ik.nn.MLPField(STATE, WIDTH, depth=1, input_size=STATE, key=jr.key(1))
+    opt = optax.adam(LR)
+    ode = ik.models.ODESolve(rtol=TOL, atol=TOL)
+    ik_model = ik.models.HomoODE(f, (STATE,), ode=ode)
+
+    def ik_loss(model):
+        z1 = jax.vmap(model)(x)
+        return jnp.mean((z1 - target) ** 2)
+
+    start = ik.models.alternating_start((STATE,), jnp.float32)
+
+    def plain_loss(field):
+        def one(xi):
+            sol = dfx.diffeqsolve(
+                dfx.ODETerm(lambda t, z, args: field(z, args)), dfx.Dopri5(), 0.0, 1.0,
+                None, start, xi, stepsize_controller=dfx.PIDController(rtol=TOL, atol=TOL),
+                max_steps=4096, saveat=dfx.SaveAt(t1=True))
+            return sol.ys[-1]
+
+        return jnp.mean((jax.vmap(one)(x) - target) ** 2)
+
+    out = []
+    for name, model, loss in (("implicit_kit HomoODE", ik_model, ik_loss),
+                              ("diffrax diffeqsolve (the same ODE)", f, plain_loss)):
+        state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+
+        @eqx.filter_jit
+        def step(model, state, loss=loss):
+            val, g = eqx.filter_value_and_grad(loss)(model)
+            updates, state = opt.update(g, state, eqx.filter(model, eqx.is_inexact_array))
+            return eqx.apply_updates(model, updates), state, val
+
+        out.append((name, step, (model, state)))
+    return out
+
+
+def jax_rows(adjoint_name, adjoint, repeats, one_ode=False):
+    suffix = ", batch as one ODE" if one_ode else ""
+    runs = []
+    for name, step, (model, state) in train_steps(adjoint, one_ode):
         out = step(model, state)
         nfe = float(jnp.mean(out[3]))
 

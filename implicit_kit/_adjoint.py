@@ -23,7 +23,7 @@ import optimistix.internal as optxi
 from ._custom_vjp import implicit_vjp, stop_gradient
 from ._iterate import check_max_steps, run
 from ._misc import gmres, precision_floor, scalars_to_arrays, tree_sub, tree_where
-from ._solution import as_results, RESULTS
+from ._solution import RESULTS
 from .solvers import Anderson, Picard
 from .solvers._base import AbstractFixedPointSolver, check_number, native_fn
 
@@ -287,7 +287,10 @@ def _krylov_adjoint(linear_solver, A, ybar, tags):
     u = sol.value
     residual = optx.two_norm(tree_sub(A(u), ybar))
     steps = jnp.asarray(sol.stats.get("num_steps", 0))
-    result = as_results(sol.result)
+    # (only success matters to `_backward_result`: no promotion of lineax's code, which
+    # compiles eagerly at trace time)
+    result = RESULTS.where(sol.result == lx.RESULTS.successful, RESULTS.successful,
+                           RESULTS.backward_max_steps_reached)
     result = RESULTS.where(jnp.isfinite(residual), result, RESULTS.nonfinite)
     return u, steps, residual, _backward_result(result)
 

@@ -2,6 +2,7 @@ from typing import Generic, TypeVar
 
 import diffrax as dfx
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PyTree
 
@@ -79,11 +80,31 @@ def unusable(result) -> "Array":
     return out
 
 
+# For each dependency's RESULTS (by id), its codes' members of ours, by name: `{}`
+# where equinox's enumerations no longer name their members (then `promote` does it).
+_PROMOTED: dict = {}
+
+
+def _promotions(enum) -> dict:
+    if id(enum) not in _PROMOTED:
+        names = getattr(enum, "_name_to_item", {})
+        _PROMOTED[id(enum)] = {int(item._value): getattr(RESULTS, name)
+                               for name, item in names.items()}
+    return _PROMOTED[id(enum)]
+
+
 def as_results(result) -> RESULTS:
     """`result` as an implicit_kit `RESULTS` member: a member of a dependency's RESULTS
     (diffrax, optimistix, lineax) is promoted, keeping its code; one of ours is kept."""
     if getattr(result, "_enumeration", None) is RESULTS:
         return result
+    if not isinstance(result._value, jax.core.Tracer):
+        # A code known at trace time (the solvers' `terminate` returns the constant
+        # `optx.RESULTS.successful` every step) is our member of the same name:
+        # `promote` would compute it eagerly, eight XLA compilations the first time.
+        ours = _promotions(result._enumeration).get(int(result._value))
+        if ours is not None:
+            return ours
     return RESULTS.promote(result)
 
 

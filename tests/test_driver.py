@@ -93,6 +93,40 @@ def test_no_retrace_on_new_values():
     assert len(traces) == n
 
 
+
+_COMPILES: list = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, secs, **kw: _COMPILES.append(name)
+    if name == "/jax/core/compile/backend_compile_duration" else None)
+
+
+@pytest.mark.parametrize("solver, adjoint", [
+    (ik.Anderson(rtol=1e-6, atol=1e-8), ik.ImplicitAdjoint("picard")),
+    (ik.Picard(rtol=1e-6, atol=1e-8), ik.UnrolledAdjoint()),
+], ids=["anderson-implicit", "picard-unrolled"])
+def test_tracing_a_solve_compiles_nothing_eagerly(solver, adjoint):
+    """Tracing a vmapped solve and its gradient runs no XLA compilation of its own (a
+    constant computed with jnp at trace time, as promoting a dependency's result code
+    did, compiles and runs eagerly: 16 compilations, 0.2 s of a DEQ train step's 0.5 s
+    trace in a fresh process). (The default backward's GMRES fallback is left out: lineax
+    compiles one small function while tracing its `linear_solve`.)"""
+    y0, args = PROBLEM.y0, PROBLEM.args
+
+    def loss(args, scale):
+        def one(s):
+            a = jax.tree_util.tree_map(lambda v: s * v, args)
+            return ik.fixed_point(PROBLEM.fn, y0, a, solver, adjoint=adjoint,
+                                  max_steps=30, throw=False).value
+        return jnp.sum(jax.vmap(one)(scale) ** 2)
+
+    scale = jnp.linspace(0.5, 1.0, 3)
+    jax.block_until_ready(scale)
+    before = len(_COMPILES)
+    jax.jit(jax.grad(loss)).lower(args, scale)
+    assert len(_COMPILES) == before
+    jax.jit(jax.grad(loss)).lower(args, scale).compile()
+    assert len(_COMPILES) == before + 1  # (the listener sees compilations)
+
 def test_residual_trace():
     sol = _solve_x(PROBLEM.args[3], max_steps=64, trace=True)
     trace = np.asarray(sol.stats["residual_trace"])
@@ -195,7 +229,7 @@ def test_structure_mismatch_names_both_shapes():
         ik.Anderson(m=0)
 
 
-@pytest.mark.parametrize("k", tiered([2, 4, 8], fast={"4"}))
+@pytest.mark.parametrize("k", tiered([2, 8], fast={"2"}))
 def test_check_every_k_gives_the_results_and_stats_of_k_1(k):
     """k solver steps per loop test: values, step counts, nfe, residuals, traces, results
     and solver stats equal those of k = 1 (alone and per sample under vmap), also where

@@ -244,9 +244,10 @@ def _from_leaves(state_shape, leaves):
 def alternating_start(shape: tuple[int, ...], dtype=None) -> Array:
     """The HomoODE authors' default start: +1, with channels (first axis) 0, 2, 4, ...
     set to -1."""
-    sign = jnp.where(jnp.arange(shape[0]) % 2 == 0, -1.0, 1.0)
-    out = jnp.broadcast_to(sign.reshape((-1,) + (1,) * (len(shape) - 1)), shape)
-    return out if dtype is None else out.astype(dtype)
+    # (numpy: a constant, built without eager XLA compilations at trace time)
+    sign = np.where(np.arange(shape[0]) % 2 == 0, -1.0, 1.0)
+    out = np.broadcast_to(sign.reshape((-1,) + (1,) * (len(shape) - 1)), shape)
+    return jnp.asarray(out) if dtype is None else jnp.asarray(out, dtype)
 
 
 class HomoODE(AbstractImplicitModel):
