@@ -38,3 +38,25 @@ def _release_compiled_code():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+# The fast tier (`-m "not slow"`) keeps one representative case of these parametrized
+# tests (by test name: the case ids kept); the whole suite runs every case. The cases
+# left out differ only in a dependency's adjoint (diffrax's), a half-precision dtype or
+# a second failing adjoint, each of which another fast case already covers.
+FAST_CASES = {
+    "test_homoode_keeps_a_tuple_state_whole_with_exact_gradients": {"learned-checkpoint"},
+    "test_a_pytree_state_is_returned_whole_with_exact_gradients": {"checkpoint"},
+    "test_an_augmented_ode_keeps_a_pytree_state_whole": {"direct"},
+    "test_a_trajectory_of_a_time_dependent_field_matches_diffrax": {"checkpoint"},
+    "test_vmap_one_failing_sample_among_good_ones": {"implicit"},
+    "test_half_precision_gradients_match_float32": {"implicit-f16", "unrolled-bf16"},
+    "test_half_precision_solvers_with_linear_algebra": {"bf16"},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        keep = FAST_CASES.get(getattr(item, "originalname", None))
+        if keep is not None and item.callspec.id not in keep:
+            item.add_marker(pytest.mark.slow)

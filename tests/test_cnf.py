@@ -67,6 +67,7 @@ def test_hutchinson_on_a_linear_flow_is_its_probe_s_closed_form():
         model.log_prob(x)
 
 
+@pytest.mark.slow
 def test_hutchinson_averages_to_the_exact_trace_and_both_have_exact_gradients():
     """On a nonlinear time-dependent field, the mean of the Hutchinson log-density over
     many probes matches the float64 exact-trace run within 4 standard errors; the

@@ -99,6 +99,7 @@ def test_a_directory_in_use_is_refused_a_stale_lock_taken_over(tmp_path):
         fit(cfg, force=True, step_callback=_stop_after_first_step)
 
 
+@pytest.mark.slow
 def test_two_cli_runs_sigint_and_resume_with_overrides(tmp_path):
     """Run A holds the directory; run B on it is refused by name (exit 2, A untouched);
     SIGINT stops A cleanly (exit 130, one line saying how to resume, the checkpoint of
@@ -180,6 +181,7 @@ ik.train.fit(cfg)
 """
 
 
+@pytest.mark.slow
 def test_kill_during_a_checkpoint_write_then_resume_is_exact(tmp_path):
     run_dir = tmp_path / "cut"
     config = _yaml_config(tmp_path, run_dir, epochs=3, name="cut")
@@ -322,6 +324,7 @@ def test_nonfinite_steps_are_skipped_or_raise(tmp_path, monkeypatch):
         fit(raising)
 
 
+@pytest.mark.slow
 def test_unconverged_steps_follow_their_policy(tmp_path):
     # one Picard-like step per solve: no sample converges
     base = {"model": {"max_steps": 1, "solver": "picard"}, "train": {"epochs": 1}}

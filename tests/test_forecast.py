@@ -42,6 +42,7 @@ def test_valid_prediction_time_is_the_first_crossing_in_lyapunov_times():
         valid_prediction_time(pred[:5], truth, scale, 0.01)
 
 
+@pytest.mark.slow
 def test_forecast_cli_beats_persistence_and_writes_its_results(tmp_path, capsys):
     """A small run through the CLI: the Neural ODE forecasts longer than persistence,
     the results and the figure are written, and a bad setting is named."""
@@ -62,6 +63,7 @@ def test_forecast_cli_beats_persistence_and_writes_its_results(tmp_path, capsys)
     assert "forecast.window must be in [2, train_length)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_rnode_regularisers_shrink_the_field_s_kinetic_energy(tmp_path):
     """`forecast.kinetic` and `forecast.jacobian` train through the RNODE augmented field:
     with large weights the learned field moves the state less (its kinetic energy over

@@ -248,6 +248,7 @@ def test_marginals_gradient_matches_central_differences_and_unrolling():
         assert ad == pytest.approx(float(fd), rel=1e-6, abs=1e-8)
 
 
+@pytest.mark.slow
 def test_image_task_clamps_the_observed_pixels_and_reports_the_imputation():
     model = ik.models.MonotoneDBM.image((4, 4), bins=3, hidden=4, group=2, key=jr.key(0))
     model = _f64(eqx.tree_at(lambda m: m.solver, model, ik.Anderson(rtol=1e-12, atol=1e-12)))

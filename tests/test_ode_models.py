@@ -181,6 +181,7 @@ def test_learned_start_gets_gradient_only_from_its_objective():
     assert [bool(s) for s in jax.tree_util.tree_leaves(spec)].count(True) == 1
 
 
+@pytest.mark.slow
 def test_conditioned_start_is_its_networks_output_and_trained_only_by_its_objective():
     """`init="conditioned"`: the ODE starts at init_net(x) (the solve from that point by
     hand gives the same end point); the task loss gives init_net no gradient and the
@@ -217,6 +218,7 @@ def test_conditioned_start_is_its_networks_output_and_trained_only_by_its_object
         bad(x)
 
 
+@pytest.mark.slow
 def test_undetached_start_is_trained_by_the_task_loss_with_exact_gradients():
     """`detach_start=False`: the task loss reaches init_net and, through it, the
     condition x; both gradients match central finite differences (float64, fixed-step

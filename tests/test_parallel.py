@@ -170,6 +170,7 @@ def test_the_dependency_patch_is_gated_on_versions(monkeypatch):
         _parallel._helpers_to_patch()
 
 
+@pytest.mark.slow
 def test_train_parallel_shard_map_step_equals_one_device():
     """One train step of a DEQ (implicit adjoint with the default backward, GMRES
     fallback included), a HomoODE and a monotone DEQ with `train.parallel: auto` (so

@@ -353,6 +353,7 @@ def test_fit_steps_the_group_with_its_own_optimiser_only(tmp_path):
     assert min(moved) > 1e-4  # the main optimiser still trains every array of the field
 
 
+@pytest.mark.slow
 def test_detach_start_config_lets_the_task_loss_train_the_start_network():
     """`model.detach_start: false` reaches the built HomoODE: the task loss's gradient
     on `init_net` is zero by default and not with the key."""
@@ -606,6 +607,7 @@ def _stn_cfg(tmp_path, **stn):
     return path
 
 
+@pytest.mark.slow
 def test_stn_cli_compares_the_arms_and_retrains_with_the_schedule(tmp_path, capsys):
     """`implicit-kit stn`: the grid's best is its lowest validation loss; a grid point
     without dropout equals full-batch Adam written out by hand; the schedule holds the
