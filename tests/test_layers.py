@@ -24,7 +24,8 @@ LAYERS = {
     "regularizers": 7,
     "models": 8, "hyper": 8,
     "train": 9,
-    "__init__": 10, "__main__": 10,
+    "experiments": 10,
+    "__init__": 11, "__main__": 11, "_cli": 11,
 }
 
 

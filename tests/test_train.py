@@ -15,15 +15,17 @@ import pytest
 import yaml
 
 import implicit_kit as ik
+import implicit_kit.experiments  # noqa: F401  (ik.experiments)
+from implicit_kit._cli import DEMO, main
 from implicit_kit.train import (
     CheckpointError,
+    config_dir,
     config_from_dict,
     ConfigError,
     fit,
     load_config,
 )
 from implicit_kit.train._checkpoint import atomic_write
-from implicit_kit.train._cli import config_dir, DEMO, main
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -100,13 +102,14 @@ def test_shipped_configs_are_valid():
     assert {"digits_tune_wd", "digits_stn"} <= names
     for f in files:
         if f.stem.endswith("_tune_wd"):  # a config of `implicit-kit tune`
-            ik.train.check_tune_config(load_config(f, schema=ik.train.TuneConfig))
+            ik.experiments.check_tune_config(load_config(f, schema=ik.experiments.TuneConfig))
             continue
         if f.stem.endswith("_stn"):  # a config of `implicit-kit stn`
-            ik.train.check_stn_config(load_config(f, schema=ik.train.StnConfig))
+            ik.experiments.check_stn_config(load_config(f, schema=ik.experiments.StnConfig))
             continue
         if f.stem.endswith("_forecast"):  # a config of `implicit-kit forecast`
-            ik.train.check_forecast_config(load_config(f, schema=ik.train.ForecastConfig))
+            ex = ik.experiments
+            ex.check_forecast_config(load_config(f, schema=ex.ForecastConfig))
             continue
         cfg = load_config(f)
         if cfg.data.name in ("digits", "mnist_sample"):  # data that needs no files
@@ -616,7 +619,7 @@ def test_stn_cli_compares_the_arms_and_retrains_with_the_schedule(tmp_path, caps
     the (unchanged) final values."""
     import optax
 
-    from implicit_kit.train._self_tuning import _mlp, split_validation
+    from implicit_kit.experiments._stn import _mlp, split_validation
 
     path = _stn_cfg(tmp_path)
     assert main(["stn", str(path)]) == 0
@@ -638,7 +641,7 @@ def test_stn_cli_compares_the_arms_and_retrains_with_the_schedule(tmp_path, caps
         [res["per_seed"][0]["STN"][k] for k in ("dropout_in", "dropout_hidden")],
         sched[-1, :2], atol=0.05)  # one more step after the schedule's last row
     # a grid point without dropout, by hand: the same initialisation, 24 Adam steps
-    cfg = load_config(path, schema=ik.train.StnConfig)
+    cfg = load_config(path, schema=ik.experiments.StnConfig)
     xtr, ytr, xv, yv, _, _ = split_validation(cfg.data, "float32", 360, 0, "stn")
     layers = _mlp([64, 8, 10], jax.random.split(jax.random.key(0), 5)[0], jnp.float32, False)
     w = [(layer.weight, layer.bias) for layer in layers]

@@ -1,6 +1,7 @@
-"""The typed experiment config: YAML files mapped onto frozen dataclasses, and every
-check of a config (`check_config`, `check_model_config`, `check_tune_config`: the one
-place config validation lives).
+"""The typed training config: YAML files mapped onto frozen dataclasses (any schema of
+sections: the experiments' configs are read by the same loader), each schema declaring
+the allowed values of its fields (`CHOICES`), and the checks of a training config
+(`check_config`, `check_model_config`).
 
 Every key is checked before anything runs: an unknown key, a missing required key or a
 value of the wrong type is a `ConfigError` naming the file and the dotted key.
@@ -8,12 +9,14 @@ Command-line overrides are `key.sub=value` (the value parsed as YAML).
 """
 
 import dataclasses
+import importlib.resources
 import math
 import pathlib
 import re
 import types
 import typing
-from typing import Any
+import weakref
+from typing import Any, ClassVar
 
 import diffrax as dfx
 import jax
@@ -147,6 +150,8 @@ class ModelConfig:
       initialisation).
     """
 
+    CHOICES: ClassVar[dict] = {"kind": MODEL_KINDS, "linear_solver": LINEAR_SOLVERS}
+
     kind: str
     hidden: int = 16
     final: int = 32
@@ -186,6 +191,8 @@ class DataConfig:
       `normalise`: standardise the images with the training split's
       statistics (False keeps pixel levels in [0, 1], as `mondbm` needs)."""
 
+    CHOICES: ClassVar[dict] = {"name": ik_data.DATASETS}
+
     name: str = "digits"
     dir: str | None = None
     upsample: int = 1
@@ -209,6 +216,9 @@ class OptimConfig:
       cosine`), only every `separate_every` steps, from that step's gradient (the HomoODE
       authors' recipe: SGD, 0.02, every 20 iterations); the main optimiser never
       touches it."""
+
+    CHOICES: ClassVar[dict] = {"schedule": ("constant", "cosine", "warmup_cosine"),
+                               "separate_schedule": ("constant", "cosine")}
 
     name: str = "adam"
     lr: float = 1e-3
@@ -245,6 +255,11 @@ class TrainConfig:
       without converging but finite (its step cap: the gradient is the implicit one at
       the last iterate, finite and approximate) is `apply`ed (the default, counted in
       `unconverged_steps`), `skip`ped, or `raise`s."""
+
+    CHOICES: ClassVar[dict] = {"dtype": ("float32", "float64"),
+                               "parallel": ("auto", "jit", "shard_map"),
+                               "on_nonfinite": ("skip", "raise"),
+                               "on_unconverged": ("apply", "skip", "raise")}
 
     epochs: int = 10
     batch: int = 64
@@ -302,162 +317,14 @@ class Config:
         return dataclasses.replace(self, **out)
 
 
-@dataclasses.dataclass(frozen=True)
-class MLPConfig:
-    """The model of `implicit-kit tune`: an MLP on the flattened images, `depth` hidden
-    layers of `width` units (ReLU)."""
-
-    width: int = 32
-    depth: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class HyperConfig:
-    """`implicit-kit tune`: weight decay tuned by hypergradients against a grid search.
-
-    The training split is cut into a training part and `validation` images (fixed by
-    `seed`). The inner loss is full-batch cross-entropy on the training part plus
-    `½ Σ λ_i w_i²`, with λ = exp(h) of one value `per` `parameter` (one per weight),
-    `tensor` (per weight array) or `shared`, from `init`.
-    - Tuning: [`implicit_kit.hyper.tune`][] alternates `inner_steps` steps of the
-      `optim` optimiser with one Adam step (`outer_lr`) on h along the hypergradient of
-      the validation cross-entropy (`method`: `neumann` with `k` terms and step
-      `alpha`, `cg`/`gmres` with `rtol`, `max_steps`), `outer_steps` times.
-    - Baseline: `grid_points` shared decays, log-spaced over [`grid_min`, `grid_max`],
-      each trained for the same `outer_steps × inner_steps` steps from the same
-      initialisation, in one vmapped call ([`implicit_kit.hyper.vmap_hparams`][]); the
-      best is chosen by validation loss.
-    - `out_dir`: results (`results.json`, `history.jsonl`, `tune.png`); `dtype`.
-    """
-
-    per: str = "parameter"
-    init: float = 1e-3
-    method: str = "neumann"
-    k: int = 20
-    alpha: float = 0.1
-    rtol: float = 1e-4
-    max_steps: int = 50
-    inner_steps: int = 20
-    outer_steps: int = 100
-    outer_lr: float = 0.03
-    grid_points: int = 16
-    grid_min: float = 1e-6
-    grid_max: float = 1.0
-    validation: int = 360
-    seed: int = 0
-    out_dir: str = "runs/tune"
-    dtype: str = "float32"
-
-
-@dataclasses.dataclass(frozen=True)
-class TuneConfig:
-    """The config of `implicit-kit tune` (see `HyperConfig`); `optim` is the inner
-    optimiser (its `weight_decay` must be 0: the decay is what is tuned)."""
-
-    name: str
-    tune: HyperConfig = dataclasses.field(default_factory=HyperConfig)
-    model: MLPConfig = dataclasses.field(default_factory=MLPConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as nested plain dicts (what checkpoints and logs record)."""
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass(frozen=True)
-class StnSettings:
-    """`implicit-kit stn`: dropout on the input and on the hidden units, and weight decay,
-    tuned by Self-Tuning Networks against a vmapped grid and hypergradient tuning.
-
-    The training split is cut as in `tune` (`validation` images, fixed by `seed`); every
-    arm trains an MLP (`model`) full-batch with `optim` for the same number of steps,
-    `outer_steps × train_steps`, once per seed `seed, seed + 1, ...` (`seeds` of them).
-    - STN: the MLP built of [`implicit_kit.hyper.StnLinear`][] layers, trained by
-      [`implicit_kit.hyper.stn`][] from `dropout_in`, `dropout_hidden`, `weight_decay`
-      (rates through a sigmoid, the decay through exp), `train_steps` weight steps and
-      `val_steps` Adam steps (`hparam_lr`) on the hyperparameters per round, after
-      `warmup` rounds of weights only; perturbation `scale`, `tune_scales`,
-      `entropy_weight` as `stn`'s.
-    - Grid: `grid_points` values of each hyperparameter (rates evenly in [0,
-      `dropout_max`], decays log-spaced over [`wd_min`, `wd_max`]), every combination
-      trained in one vmapped call; the best by validation loss.
-    - Hypergradient: [`implicit_kit.hyper.tune`][] on one weight decay per weight matrix
-      (dropout is random: the implicit function theorem needs a deterministic inner
-      problem), `tune_inner_steps` steps between Neumann hypergradient steps (`tune_k`
-      terms, `tune_alpha`, Adam `tune_lr`), from `weight_decay`.
-    - Retrained: a fresh MLP trained with STN's discovered schedule, and one with its
-      final values held fixed.
-    - `out_dir`: `results.json`, `stn.png`; `dtype`.
-    """
-
-    dropout_in: float = 0.05
-    dropout_hidden: float = 0.05
-    weight_decay: float = 1e-4
-    outer_steps: int = 1000
-    train_steps: int = 2
-    val_steps: int = 1
-    warmup: int = 100
-    hparam_lr: float = 3e-3
-    scale: float = 0.5
-    tune_scales: bool = True
-    entropy_weight: float = 1e-3
-    grid_points: int = 3
-    dropout_max: float = 0.6
-    wd_min: float = 1e-5
-    wd_max: float = 1e-2
-    tune_inner_steps: int = 20
-    tune_k: int = 20
-    tune_alpha: float = 0.1
-    tune_lr: float = 0.03
-    seeds: int = 3
-    validation: int = 360
-    seed: int = 0
-    out_dir: str = "runs/stn"
-    dtype: str = "float32"
-
-
-@dataclasses.dataclass(frozen=True)
-class StnConfig:
-    """The config of `implicit-kit stn` (see `StnSettings`); `optim` trains the weights of
-    every arm (its `weight_decay` must be 0: the decay is tuned)."""
-
-    name: str
-    stn: StnSettings = dataclasses.field(default_factory=StnSettings)
-    model: MLPConfig = dataclasses.field(default_factory=lambda: MLPConfig(width=128))
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as nested plain dicts (what the results record)."""
-        return dataclasses.asdict(self)
-
-
-_ENUMS = {
-    "tune.per": ("parameter", "tensor", "shared"),
-    "tune.method": ("neumann", "cg", "gmres"),
-    "tune.dtype": ("float32", "float64"),
-    "stn.dtype": ("float32", "float64"),
-    "model.kind": MODEL_KINDS,
-    "data.name": ik_data.DATASETS,
-    "optim.schedule": ("constant", "cosine", "warmup_cosine"),
-    "optim.separate_schedule": ("constant", "cosine"),
-    "model.linear_solver": LINEAR_SOLVERS,
-    "train.dtype": ("float32", "float64"),
-    "train.parallel": ("auto", "jit", "shard_map"),
-    "train.on_nonfinite": ("skip", "raise"),
-    "train.on_unconverged": ("apply", "skip", "raise"),
-}
-
-
-def _check_value(value, tp, where: str, source: str):
+def _check_value(value, tp, where: str, source: str, choices=None):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check_value(value, inner[0], where, source)
+        return _check_value(value, inner[0], where, source, choices)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where, source)
     ok = (
@@ -474,9 +341,9 @@ def _check_value(value, tp, where: str, source: str):
     value = float(value) if tp is float else value
     if tp is float and not math.isfinite(value):
         raise ConfigError(f"{source}: key '{where}' must be a finite number, got {value!r}.")
-    if where in _ENUMS and value not in _ENUMS[where]:
+    if choices is not None and value not in choices:
         raise ConfigError(
-            f"{source}: key '{where}' must be one of {_ENUMS[where]}, got {value!r}."
+            f"{source}: key '{where}' must be one of {tuple(choices)}, got {value!r}."
         )
     return value
 
@@ -514,6 +381,7 @@ def _build(cls, raw, prefix: str, source: str):
         )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    choices = getattr(cls, "CHOICES", {})  # a schema's fields with fixed allowed values
     for key in raw:
         if key not in fields:
             where = f"{prefix}.{key}" if prefix else str(key)
@@ -530,7 +398,8 @@ def _build(cls, raw, prefix: str, source: str):
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{source}: missing required key '{where}'.")
             continue
-        kwargs[name] = _check_value(raw[name], hints[name], where, source)
+        kwargs[name] = _check_value(raw[name], hints[name], where, source,
+                                    choices.get(name))
     return cls(**kwargs)
 
 
@@ -559,8 +428,9 @@ def parse_overrides(overrides) -> list[tuple[str, Any]]:
 def config_from_dict(raw: dict, overrides=(), *, source: str = "<dict>",
                      schema=Config):
     """Validate a nested dict (as read from YAML), after applying `overrides`
-    (`["train.epochs=3", ...]`), into a `schema` (`Config`, or `TuneConfig` for
-    `implicit-kit tune`)."""
+    (`["train.epochs=3", ...]`), into a `schema`: `Config`, or another frozen dataclass
+    of sections (the experiments' configs); a schema's `CHOICES` class variable maps
+    its fields to their allowed values."""
     raw = _yaml(yaml.safe_dump(raw)) if raw is not None else {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the config must be a mapping of sections (name, model, "
@@ -571,8 +441,8 @@ def config_from_dict(raw: dict, overrides=(), *, source: str = "<dict>",
 
 
 def load_config(path, overrides=(), *, schema=Config):
-    """Read and validate a YAML config file (see `Config`; `TuneConfig` for
-    `implicit-kit tune`)."""
+    """Read and validate a YAML config file into `schema` (see `Config` and
+    `config_from_dict`)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist.")
@@ -595,8 +465,21 @@ def _choice(value, choices, default, key: str, kind: str):
     return value
 
 
+# The configs already checked (by value: an equal config is equally valid), so that the
+# checks run once per config however many entry points ask (the CLI before anything
+# trains, `fit`, `build_model`, `evaluate_checkpoint`).
+_CHECKED: weakref.WeakSet = weakref.WeakSet()
+
+
 def check_model_config(m: ModelConfig) -> None:
     """Validate the kind-dependent choices (raises `ConfigError` naming the key)."""
+    if m in _CHECKED:
+        return
+    _check_model_config(m)
+    _CHECKED.add(m)
+
+
+def _check_model_config(m: ModelConfig) -> None:
     ode = m.kind in ODE_KINDS
     if m.kind == "deq":
         _choice(m.solver, DEQ_SOLVERS, "anderson", "solver", m.kind)
@@ -653,6 +536,13 @@ def check_model_config(m: ModelConfig) -> None:
 def check_config(cfg: Config) -> None:
     """Every check that can fail before training starts (raises `ConfigError`,
     `DatasetNotFoundError`)."""
+    if cfg in _CHECKED:
+        return
+    _check_config(cfg)
+    _CHECKED.add(cfg)
+
+
+def _check_config(cfg: Config) -> None:
     check_model_config(cfg.model)
     kind = cfg.model.kind
     if cfg.regularizers.jacobian > 0 and kind != "deq":
@@ -711,68 +601,10 @@ def check_config(cfg: Config) -> None:
         )
 
 
-def check_tune_config(cfg: TuneConfig) -> None:
-    """Raise `ConfigError` (naming the key) for settings that cannot run."""
-    t = cfg.tune
-    problems = []
-    if cfg.optim.weight_decay != 0:
-        problems.append("key 'optim.weight_decay' must be 0: the weight decay is what "
-                        "`tune` tunes")
-    for key in ("inner_steps", "outer_steps", "grid_points", "validation", "k",
-                "max_steps"):
-        if getattr(t, key) < 1:
-            problems.append(f"key 'tune.{key}' must be >= 1, got {getattr(t, key)}")
-    for key in ("init", "grid_min", "grid_max", "alpha", "outer_lr", "rtol"):
-        if not getattr(t, key) > 0:
-            problems.append(f"key 'tune.{key}' must be > 0, got {getattr(t, key)}")
-    if not t.grid_max > t.grid_min:
-        problems.append(f"key 'tune.grid_max' ({t.grid_max}) must exceed 'tune.grid_min' "
-                        f"({t.grid_min})")
-    if cfg.model.width < 1 or cfg.model.depth < 0:
-        problems.append("keys 'model.width' >= 1 and 'model.depth' >= 0 are required")
-    if t.dtype == "float64" and not jax.config.jax_enable_x64:
-        problems.append("key 'tune.dtype' is float64 but JAX runs without "
-                        "`jax_enable_x64`; set JAX_ENABLE_X64=1")
-    if problems:
-        raise ConfigError(f"config {cfg.name!r}: " + "; ".join(problems) + ".")
-
-
-def check_stn_config(cfg: StnConfig) -> None:
-    """Raise `ConfigError` (naming the key) for settings that cannot run."""
-    t = cfg.stn
-    problems = []
-    if cfg.optim.weight_decay != 0:
-        problems.append("key 'optim.weight_decay' must be 0: the weight decay is what "
-                        "`stn` tunes")
-    for key in ("outer_steps", "train_steps", "grid_points", "tune_inner_steps", "tune_k",
-                "seeds", "validation"):
-        if getattr(t, key) < 1:
-            problems.append(f"key 'stn.{key}' must be >= 1, got {getattr(t, key)}")
-    for key in ("val_steps", "warmup"):
-        if getattr(t, key) < 0:
-            problems.append(f"key 'stn.{key}' must be >= 0, got {getattr(t, key)}")
-    for key in ("dropout_in", "dropout_hidden"):
-        if not 0 < getattr(t, key) < 1:
-            problems.append(f"key 'stn.{key}' must be in (0, 1), got {getattr(t, key)}")
-    if not 0 < t.dropout_max < 1:
-        problems.append(f"key 'stn.dropout_max' must be in (0, 1), got {t.dropout_max}")
-    for key in ("weight_decay", "wd_min", "wd_max", "hparam_lr", "scale", "tune_alpha",
-                "tune_lr"):
-        if not getattr(t, key) > 0:
-            problems.append(f"key 'stn.{key}' must be > 0, got {getattr(t, key)}")
-    if t.entropy_weight < 0:
-        problems.append(f"key 'stn.entropy_weight' must be >= 0, got {t.entropy_weight}")
-    if not t.wd_max > t.wd_min:
-        problems.append(f"key 'stn.wd_max' ({t.wd_max}) must exceed 'stn.wd_min' "
-                        f"({t.wd_min})")
-    total = t.outer_steps * t.train_steps
-    if total % t.tune_inner_steps:
-        problems.append(f"key 'stn.tune_inner_steps' ({t.tune_inner_steps}) must divide the "
-                        f"training budget outer_steps × train_steps = {total}")
-    if cfg.model.width < 1 or cfg.model.depth < 1:
-        problems.append("keys 'model.width' >= 1 and 'model.depth' >= 1 are required")
-    if t.dtype == "float64" and not jax.config.jax_enable_x64:
-        problems.append("key 'stn.dtype' is float64 but JAX runs without "
-                        "`jax_enable_x64`; set JAX_ENABLE_X64=1")
-    if problems:
-        raise ConfigError(f"config {cfg.name!r}: " + "; ".join(problems) + ".")
+def config_dir() -> pathlib.Path:
+    """The shipped configs: `implicit_kit/configs` in an installed wheel, the
+    repository's `configs/` in a source checkout."""
+    packaged = pathlib.Path(str(importlib.resources.files("implicit_kit"))) / "configs"
+    if packaged.is_dir():
+        return packaged
+    return pathlib.Path(__file__).resolve().parents[2] / "configs"

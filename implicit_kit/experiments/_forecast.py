@@ -18,7 +18,7 @@ import optax
 from .. import models
 from ..data import lorenz63, LORENZ63_LYAPUNOV, valid_prediction_time
 from ..regularizers import kinetic_jacobian_field
-from ._config import ConfigError
+from ..train import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,10 +17,10 @@ import numpy as np
 import optax
 
 from ..hyper import format_table, stn, StnLinear, tune, vmap_hparams
-from ._checkpoint import atomic_write
+from ..train._checkpoint import atomic_write
+from ..train._step import make_optimiser
 from ._config import check_stn_config, StnConfig
-from ._step import make_optimiser
-from ._tuning import split_validation
+from ._tune import split_validation
 
 
 HPARAMS = ("dropout_in", "dropout_hidden", "weight_decay")

@@ -15,10 +15,10 @@ import numpy as np
 import optax
 
 from ..hyper import format_table, metrics_table, tune, vmap_hparams
-from ._checkpoint import atomic_write
-from ._config import check_tune_config, ConfigError, TuneConfig
-from ._data import load_data
-from ._step import make_optimiser
+from ..train import ConfigError, load_data
+from ..train._checkpoint import atomic_write
+from ..train._step import make_optimiser
+from ._config import check_tune_config, TuneConfig
 
 
 def split_validation(data_cfg, dtype: str, n_val: int, seed: int, section: str):

@@ -1,7 +1,6 @@
 """The `implicit-kit` command line: `train`, `eval`, `compare`, `demo`, `tune`, `stn`."""
 
 import argparse
-import importlib.resources
 import json
 import pathlib
 import sys
@@ -9,16 +8,22 @@ import time
 
 import jax
 
-from ..hyper import format_table
-from ._checkpoint import atomic_write, CheckpointError
-from ._config import check_config, Config, ConfigError, load_config, StnConfig, TuneConfig
-from ._forecast import ForecastConfig, run_forecast
-from ._loop import evaluate_checkpoint, fit, TrainingError
-from ._report import plot_comparison, SUMMARY_FORMATS, summary_row
-from ._rundir import TrainingInterrupted
-from ._self_tuning import run_stn
-from ._tuning import run_tune
-from ._watchdog import PeerWatchdog
+from .experiments import ForecastConfig, run_forecast, run_stn, run_tune, StnConfig, TuneConfig
+from .hyper import format_table
+from .train import (
+    check_config,
+    Config,
+    config_dir,
+    ConfigError,
+    evaluate_checkpoint,
+    fit,
+    load_config,
+)
+from .train._checkpoint import atomic_write, CheckpointError
+from .train._loop import TrainingError
+from .train._report import plot_comparison, SUMMARY_FORMATS, summary_row
+from .train._rundir import TrainingInterrupted
+from .train._watchdog import PeerWatchdog
 
 
 DEMO = ("digits_node", "digits_anode", "digits_deq", "digits_mondeq",
@@ -30,15 +35,6 @@ DEMO_TITLES = {
     "digits_homoode": "HomoODE", "digits_homoode_learned": "HomoODE + learned start",
     "digits_homoode_conditioned_task_bosh3_errpen": "HomoODE, accelerated",
 }
-
-
-def config_dir() -> pathlib.Path:
-    """The shipped configs: `implicit_kit/configs` in an installed wheel, the
-    repository's `configs/` in a source checkout."""
-    packaged = pathlib.Path(str(importlib.resources.files("implicit_kit"))) / "configs"
-    if packaged.is_dir():
-        return packaged
-    return pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 
 def _run_flags(a) -> dict:
