@@ -65,7 +65,6 @@ def train_steps(adjoint, one_ode=False):
     nfe)` (vmapped per-sample solves, or the batch as one ODE)."""
     z0, target = data()
     f = field(jr.key(1))
-    opt = optax.adam(LR)
     # Per-sample solves under vmap (each sample its own steps), or the batch as one ODE.
     batch_map = (lambda fn: fn) if one_ode else jax.vmap
 
@@ -95,9 +94,17 @@ def train_steps(adjoint, one_ode=False):
         z1, nfe = batch_map(model)(z0)
         return jnp.mean((z1 - target) ** 2), nfe
 
+    return _adam_steps([("implicit_kit NeuralODE", ik_model, ik_loss),
+                        ("diffrax diffeqsolve", plain_model, plain_loss)])
+
+
+def _adam_steps(rows):
+    """`[(name, step, (model, state))]` for `rows` of `(name, model, loss)`, `loss(model)
+    -> (value, nfe)`: a jitted Adam train step `step(model, state) -> (model, state,
+    value, nfe)` each."""
+    opt = optax.adam(LR)
     out = []
-    for name, model, loss in (("implicit_kit NeuralODE", ik_model, ik_loss),
-                              ("diffrax diffeqsolve", plain_model, plain_loss)):
+    for name, model, loss in rows:
         state = opt.init(eqx.filter(model, eqx.is_inexact_array))
 
         @eqx.filter_jit
@@ -117,13 +124,12 @@ def homoode_train_steps():
     z0, target = data()
     x = z0  # the condition
     f = ik.nn.MLPField(STATE, WIDTH, depth=1, input_size=STATE, key=jr.key(1))
-    opt = optax.adam(LR)
     ode = ik.models.ODESolve(rtol=TOL, atol=TOL)
     ik_model = ik.models.HomoODE(f, (STATE,), ode=ode)
 
     def ik_loss(model):
-        z1 = jax.vmap(model)(x)
-        return jnp.mean((z1 - target) ** 2)
+        z1, st = jax.vmap(lambda a: model(a, return_stats=True))(x)
+        return jnp.mean((z1 - target) ** 2), st.nfe
 
     start = ik.models.alternating_start((STATE,), jnp.float32)
 
@@ -133,23 +139,13 @@ def homoode_train_steps():
                 dfx.ODETerm(lambda t, z, args: field(z, args)), dfx.Dopri5(), 0.0, 1.0,
                 None, start, xi, stepsize_controller=dfx.PIDController(rtol=TOL, atol=TOL),
                 max_steps=4096, saveat=dfx.SaveAt(t1=True))
-            return sol.ys[-1]
+            return sol.ys[-1], 6 * sol.stats["num_steps"] + 1
 
-        return jnp.mean((jax.vmap(one)(x) - target) ** 2)
+        z1, nfe = jax.vmap(one)(x)
+        return jnp.mean((z1 - target) ** 2), nfe
 
-    out = []
-    for name, model, loss in (("implicit_kit HomoODE", ik_model, ik_loss),
-                              ("diffrax diffeqsolve (the same ODE)", f, plain_loss)):
-        state = opt.init(eqx.filter(model, eqx.is_inexact_array))
-
-        @eqx.filter_jit
-        def step(model, state, loss=loss):
-            val, g = eqx.filter_value_and_grad(loss)(model)
-            updates, state = opt.update(g, state, eqx.filter(model, eqx.is_inexact_array))
-            return eqx.apply_updates(model, updates), state, val
-
-        out.append((name, step, (model, state)))
-    return out
+    return _adam_steps([("implicit_kit HomoODE", ik_model, ik_loss),
+                        ("diffrax diffeqsolve (the same ODE)", f, plain_loss)])
 
 
 def jax_rows(adjoint_name, adjoint, repeats, one_ode=False):
