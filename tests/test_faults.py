@@ -475,7 +475,7 @@ def test_a_collective_that_fails_before_the_watchdog_reports_gives_its_one_line(
 
     import jax
 
-    from implicit_kit.train import _cli
+    from implicit_kit import _cli
     from implicit_kit.train._watchdog import PeerWatchdog
 
     port = _free_port()
