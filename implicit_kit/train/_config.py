@@ -471,12 +471,20 @@ def _choice(value, choices, default, key: str, kind: str):
 _CHECKED: weakref.WeakSet = weakref.WeakSet()
 
 
+def _once(check, cfg) -> None:
+    try:
+        if cfg in _CHECKED:
+            return
+    except TypeError:  # an unhashable value where the schema wants a number or a string
+        check(cfg)  # (names it)
+        return
+    check(cfg)
+    _CHECKED.add(cfg)
+
+
 def check_model_config(m: ModelConfig) -> None:
     """Validate the kind-dependent choices (raises `ConfigError` naming the key)."""
-    if m in _CHECKED:
-        return
-    _check_model_config(m)
-    _CHECKED.add(m)
+    _once(_check_model_config, m)
 
 
 def _check_model_config(m: ModelConfig) -> None:
@@ -536,10 +544,7 @@ def _check_model_config(m: ModelConfig) -> None:
 def check_config(cfg: Config) -> None:
     """Every check that can fail before training starts (raises `ConfigError`,
     `DatasetNotFoundError`)."""
-    if cfg in _CHECKED:
-        return
-    _check_config(cfg)
-    _CHECKED.add(cfg)
+    _once(_check_config, cfg)
 
 
 def _check_config(cfg: Config) -> None:
