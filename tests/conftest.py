@@ -56,7 +56,17 @@ FAST_CASES = {
 
 
 def pytest_collection_modifyitems(config, items):
+    ids = {}
     for item in items:
-        keep = FAST_CASES.get(getattr(item, "originalname", None))
-        if keep is not None and item.callspec.id not in keep:
+        name = getattr(item, "originalname", None)
+        keep = FAST_CASES.get(name)
+        if keep is None:
+            continue
+        ids.setdefault(name, set()).add(item.callspec.id)
+        if item.callspec.id not in keep:
             item.add_marker(pytest.mark.slow)
+    for name, seen in ids.items():  # a renamed case would leave the fast tier silently
+        if len(seen) > 1 and not FAST_CASES[name] <= seen:
+            raise pytest.UsageError(f"FAST_CASES[{name!r}] keeps "
+                                    f"{sorted(FAST_CASES[name] - seen)}, which are not "
+                                    f"among its cases {sorted(seen)}")
