@@ -120,8 +120,8 @@ def test_config_yaml_syntax_error_and_nonpositive_values(tmp_path):
         (dbm, ["model.group=3"], r"'model\.group' \(3\) must divide 'model\.hidden'"),
         (dbm, ["model.alpha=0.0"], r"'model\.alpha' must be in \(0, 1\]"),
         (dbm, ["model.observed=1.0"], r"'model\.observed' must be in \[0, 1\)"),
-        (good, ["model.detach_start=false"], r"'model\.detach_start' false needs kind "
-                                             "'homoode' with init 'learned' or 'conditioned'"),
+        (good, ["model.detach_start=false"], r"unknown key 'model\.detach_start' for kind "
+                                             "'deq'"),
         ({"name": "x", "model": {"kind": "homoode"}}, ["model.detach_start=false"],
          r"'model\.detach_start' false .* init 'alternating'"),
     ):

@@ -1,6 +1,7 @@
 """ik.train: configs, the training loop, checkpoints and exact resume, data parallelism,
 the CLI. Runs in float32 (`train.dtype`, what training uses)."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -111,11 +112,10 @@ def test_shipped_configs_are_valid():
             ex = ik.experiments
             ex.check_forecast_config(load_config(f, schema=ex.ForecastConfig))
             continue
-        cfg = load_config(f)
+        cfg = load_config(f)  # every value check runs here
         if cfg.data.name in ("digits", "mnist_sample"):  # data that needs no files
             ik.train.check_config(cfg)
         else:
-            ik.train._build.check_model_config(cfg.model)
             assert cfg.data.dir is not None
 
 
@@ -247,7 +247,9 @@ def test_renamed_keys_are_named_in_configs_and_migrated_in_checkpoints():
     config with an old name is an error naming the new one; a checkpoint's stored
     config with the old names compares equal to (and rebuilds as) the renamed one."""
     from implicit_kit.train._checkpoint import config_diff
-    from implicit_kit.train._config import migrate_config, RENAMED_KEYS
+    from implicit_kit.train._config import migrate_config
+
+    RENAMED_KEYS = ik.train.Config.RENAMED
 
     with pytest.raises(ConfigError, match="'model.groups' was renamed to 'model.norm_groups'"):
         config_from_dict({"name": "x", "model": {"kind": "deq", "groups": 4}})
@@ -263,6 +265,83 @@ def test_renamed_keys_are_named_in_configs_and_migrated_in_checkpoints():
     assert config_diff(stored, cfg) != []
     assert config_diff(migrate_config(stored), cfg) == []
     assert config_from_dict(migrate_config(stored)).to_dict() == cfg
+
+
+# What each kind's section is and builds: (its class, the block's class, a key of that
+# kind only).
+_KINDS = {"deq": ("DEQConfig", "DEQ", "adjoint_steps"),
+          "mondeq": ("MonotoneDEQConfig", "MonotoneDEQ", "monotone_m"),
+          "node": ("NeuralODEConfig", "NeuralODE", "dropout"),
+          "anode": ("AugmentedNeuralODEConfig", "AugmentedNeuralODE", "augment"),
+          "homoode": ("HomoODEConfig", "HomoODE", "detach_start"),
+          "mondbm": ("MonotoneDBMConfig", "MonotoneDBM", "bins")}
+
+
+def test_each_model_kind_is_one_section_class():
+    """The `model` section is a tagged union: `kind` picks the class, a key of another
+    kind is an unknown key naming the kind, each class checks its values when made and
+    builds its model with the section's values, and the section round-trips."""
+    import equinox as eqx
+
+    train = ik.train
+    assert set(train.ModelConfig.KINDS) == set(_KINDS)
+    for kind, (section_cls, model_cls, own_key) in _KINDS.items():
+        data = {"normalise": kind != "mondbm"}
+        cfg = config_from_dict({"name": "x", "model": {"kind": kind, "hidden": 8,
+                                                       "max_steps": 7}, "data": data})
+        section = cfg.model
+        assert type(section) is train.ModelConfig.KINDS[kind] is getattr(train, section_cls)
+        assert section.kind == kind
+        assert config_from_dict(cfg.to_dict()) == cfg
+        assert own_key in {f.name for f in dataclasses.fields(section)}
+        other = next(k for *_, k in _KINDS.values()
+                     if k not in {f.name for f in dataclasses.fields(section)})
+        with pytest.raises(ConfigError, match=rf"unknown key 'model\.{other}' for "
+                                              rf"kind '{kind}'"):
+            config_from_dict({"name": "x", "model": {"kind": kind, other: 1},
+                              "data": data})
+        model = train.build_model(section, in_channels=1, classes=10, spatial=8,
+                                  key=jax.random.key(0))
+        block = getattr(model, "block", model)
+        assert type(block).__name__ == model_cls, (kind, type(block))
+        steps = [leaf for leaf in jax.tree_util.tree_leaves(
+            block, is_leaf=lambda x: isinstance(x, eqx.Module) and hasattr(x, "max_steps"))
+            if hasattr(leaf, "max_steps")]
+        assert steps and all(s.max_steps == 7 for s in steps), kind
+    with pytest.raises(ConfigError, match=r"'model\.dropout' must be in \[0, 1\)"):
+        train.NeuralODEConfig(dropout=1.0)  # made in Python: checked the same way
+    with pytest.raises(TypeError, match="not a model kind"):
+        train.ModelConfig()
+    assert train.HomoODEConfig(init="learned").learned_start
+    assert not train.HomoODEConfig().learned_start and not train.NeuralODEConfig().learned_start
+
+
+def test_a_checkpoint_with_the_flat_model_section_migrates():
+    """Checkpoints written before the model section was one class per kind store every
+    kind's 25 keys (the kind's own, the others at their defaults, `null` for "the kind's
+    default"): migrated, the section is the kind's keys and the config equals the one
+    the same YAML gives today."""
+    from implicit_kit.train._checkpoint import config_diff
+    from implicit_kit.train._config import migrate_config
+
+    flat = {"hidden": 16, "final": 32, "norm_groups": 8, "solver": None, "adjoint": None,
+            "adjoint_steps": 5, "linear_solver": "auto", "adjoint_rtol": None,
+            "rtol": 1e-3, "atol": 1e-3, "max_steps": None, "init": None,
+            "detach_start": True, "augment": 8, "dropout": 0.0, "monotone_m": 1.0,
+            "residual": True, "bins": 8, "group": 4, "alpha": 0.125, "observed": 0.4,
+            "recon_weight": 1.0, "focal_gamma": 2.0, "monotone": True}
+    for kind, own in (("deq", {"adjoint": "phantom", "max_steps": 8}),
+                      ("homoode", {"init": "learned", "detach_start": False}),
+                      ("anode", {"augment": 4}),
+                      ("mondbm", {"monotone_m": 0.01, "group": 4, "hidden": 32})):
+        data = {"normalise": kind != "mondbm"}
+        today = config_from_dict({"name": "x", "model": {"kind": kind, **own},
+                                  "data": data}).to_dict()
+        stored = {**today, "model": {"kind": kind, **flat, **own}}
+        with pytest.raises(ConfigError, match="unknown key"):
+            config_from_dict(stored)
+        assert config_diff(migrate_config(stored), today) == []
+        assert config_from_dict(migrate_config(stored)).to_dict() == today
 
 
 @pytest.mark.slow

@@ -18,7 +18,6 @@ from ._config import (
     ConfigError as ConfigError,
     DataConfig as DataConfig,
     load_config as load_config,
-    ModelConfig as ModelConfig,
     OptimConfig as OptimConfig,
     RegularizerConfig as RegularizerConfig,
     TrainConfig as TrainConfig,
@@ -29,6 +28,16 @@ from ._loop import (
     fit as fit,
     FitResult as FitResult,
     TrainingError as TrainingError,
+)
+from ._models import (
+    AugmentedNeuralODEConfig as AugmentedNeuralODEConfig,
+    ClassifierConfig as ClassifierConfig,
+    DEQConfig as DEQConfig,
+    HomoODEConfig as HomoODEConfig,
+    ModelConfig as ModelConfig,
+    MonotoneDBMConfig as MonotoneDBMConfig,
+    MonotoneDEQConfig as MonotoneDEQConfig,
+    NeuralODEConfig as NeuralODEConfig,
 )
 from ._report import plot_history as plot_history
 from ._rundir import RunDirError as RunDirError, TrainingInterrupted as TrainingInterrupted

@@ -82,8 +82,7 @@ def loss_terms(cfg: Config) -> list:
     # a model's own loss term, wherever the model has one (MonotoneDBM: the imputation)
     terms.append(lambda model, st, xb, key: 0.0 if st.aux_loss is None
                  else jnp.mean(st.aux_loss))
-    learned_start = cfg.model.init in ("learned", "skip", "conditioned")
-    if learned_start and reg.init_loss > 0:
+    if cfg.model.learned_start and reg.init_loss > 0:
         terms.append(lambda model, st, xb, key: reg.init_loss * init_loss(st.z0, st.z_end))
     if reg.error_penalty > 0:
         terms.append(lambda model, st, xb, key: reg.error_penalty
