@@ -153,6 +153,7 @@ def test_sigint_inside_fit_stops_at_the_next_step_with_the_epoch_on_disk(tmp_pat
         if epoch == 2 and step == 1:
             os.kill(os.getpid(), signal.SIGINT)  # handled at the next step boundary
 
+    before = signal.getsignal(signal.SIGINT)  # (SIG_IGN when pytest runs in the background)
     with pytest.raises(TrainingInterrupted) as info:
         fit(cfg, step_callback=interrupt)
     assert info.value.epoch == 1 and info.value.run_dir == tmp_path / "int"
@@ -160,8 +161,8 @@ def test_sigint_inside_fit_stops_at_the_next_step_with_the_epoch_on_disk(tmp_pat
         "epoch-0001.ckpt"]
     assert len(_history(tmp_path / "int")) == 1
     assert not (tmp_path / "int" / LOCK_NAME).exists()
-    # the default SIGINT handler is back: nothing of the run is left installed
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # the caller's SIGINT handler is back: nothing of the run is left installed
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # ------------------------------------------------------------------------ checkpoints
