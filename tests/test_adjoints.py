@@ -94,6 +94,51 @@ def test_exact_gradients(adjoint_name, index):
         assert rel_err(g, u) <= 1e-7
 
 
+def _linear_map(eig, n=40):
+    """T(y) = M y + theta with M = Q diag(eig, uniform(-.5, .5)) Q^T + a small
+    non-normal part: spectral radius about |eig|."""
+    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (n, n)))
+    e = jnp.concatenate([jnp.array([eig]), jax.random.uniform(
+        jax.random.key(1), (n - 1,), minval=-0.5, maxval=0.5)])
+    return (q * e) @ q.T + 0.1 * jax.random.normal(jax.random.key(3), (n, n)) / n**0.5
+
+
+@pytest.mark.parametrize("eig", [0.5, 0.95, -1.0, 1.05, 3.0])
+def test_default_backward_is_exact_for_any_invertible_jacobian(eig):
+    """`ImplicitAdjoint()`'s one loop: Picard while it contracts (a contraction's
+    backward is Picard's, step for step), GMRES from where Picard slows or diverges
+    (eigenvalue 0.95: slow; -1, 1.05, 3: Picard diverges); the gradient against the
+    dense solve of (I - M^T) u = w, in float64."""
+    m = _linear_map(eig)
+    n = m.shape[0]
+    w = jnp.cos(jnp.arange(n, dtype=m.dtype))
+    exact = jnp.linalg.solve(jnp.eye(n) - m.T, w)
+    tol = dict(rtol=1e-12, atol=1e-14)
+
+    def grad(adjoint):
+        probe = ik.backward_probe()
+
+        def loss(theta, probe):
+            y = ik.fixed_point(lambda y, t: m @ y + t, jnp.zeros(n), theta,
+                               ik.NewtonKrylov(**tol), adjoint=adjoint, probe=probe,
+                               throw=False).value
+            return jnp.vdot(w, y)
+
+        g, pg = jax.grad(loss, argnums=(0, 1))(jnp.ones(n), probe)
+        return g, ik.backward_stats(pg)
+
+    g, stats = grad(ik.ImplicitAdjoint(max_steps=200, **tol))
+    assert float(stats.num_failed) == 0
+    np.testing.assert_allclose(g, exact, rtol=1e-9, atol=1e-11)
+    picard, picard_stats = grad(ik.ImplicitAdjoint("picard", max_steps=200, **tol))
+    if eig == 0.5:  # a fast contraction: Picard alone, the same steps and values
+        assert float(stats.num_steps) == float(picard_stats.num_steps) < 200
+        np.testing.assert_array_equal(g, picard)
+    else:  # Picard alone is slow or diverges; the switch is what solves it
+        assert float(picard_stats.num_failed) == 1
+        assert float(stats.num_steps) < 100
+
+
 def test_exact_gradient_closed_form_linear():
     # y* = (I - A)^-1 b; d<c, y*>/db = (I - A)^-T c; d/dA = (I - A)^-T c y*^T.
     problem = PROBLEMS[0]
