@@ -6,8 +6,8 @@ jitted train step, XLA's compile, and the first step; a row's numbers are the me
 over `--rounds` processes. No persistent compilation cache.
 
 - DEQ: the workload of `deq_train_step.py` (z ∈ R^256, batch 256, Anderson or Picard to
-  1e-4, implicit backward), implicit_kit's rows (the library's default `ImplicitAdjoint()`,
-  Picard then GMRES in one loop, and the fixed-point backward of the benchmark's rows) against
+  1e-4, implicit backward), implicit_kit's rows (the library's default `ImplicitAdjoint()`
+  with its GMRES fallback, and the fixed-point backward of the benchmark's rows) against
   the peers' rows of that benchmark.
 - Neural ODE: the workload of `node_train_step.py` (vmapped per-sample dopri5 solves,
   `RecursiveCheckpointAdjoint`), implicit_kit's `NeuralODE` against plain diffrax.
@@ -57,7 +57,7 @@ def deq_rows():
     fp = ik.ImplicitAdjoint(picard, max_steps=MAX_STEPS)
     rows = {
         "implicit_kit Anderson(m=5) + ImplicitAdjoint() (the library's defaults: Picard, "
-        "then GMRES in the same loop), vmap": row(lambda: ik_solve(
+        "GMRES where it fails), vmap": row(lambda: ik_solve(
             anderson, ik.ImplicitAdjoint(max_steps=MAX_STEPS))),
         IK_DEFAULT: row(lambda: ik_solve(anderson, fp)),
         IK_PICARD: row(lambda: ik_solve(picard, fp)),

@@ -533,8 +533,8 @@ def summary(res: dict) -> list[list[str]]:
                              min(anderson, key=lambda r: r["total_s"]) if anderson else None)):
             if peer is None:
                 continue
-            rows.append(["DEQ train step's first call, implicit_kit's defaults (Anderson; "
-                         f"Picard then GMRES backward) vs {label}: {peer['row']}",
+            rows.append(["DEQ train step's first call, implicit_kit's defaults (Anderson, "
+                         f"GMRES fallback) vs {label}: {peer['row']}",
                          f"{default['total_s']:.2f} vs {peer['total_s']:.2f} s",
                          f"{default['total_s'] / peer['total_s']:.2f}× the time"])
         for w, name in (("node", "Neural ODE"), ("homoode", "HomoODE")):

@@ -8,10 +8,10 @@ $\bar\theta = (\partial T/\partial\theta)^\top u$ with $u = \bar y + J_T(y^*)^\t
 
 import abc
 import math
-from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -19,21 +19,13 @@ import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
 import optimistix.internal as optxi
-from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
 from ._custom_vjp import implicit_vjp, stop_gradient
 from ._iterate import check_max_steps, run
-from ._misc import gmres, precision_floor, scalars_to_arrays, tree_add, tree_sub, tree_where
+from ._misc import gmres, precision_floor, scalars_to_arrays, tree_sub, tree_where
 from ._solution import RESULTS
 from .solvers import Anderson, Picard
-from .solvers._base import (
-    AbstractFixedPointSolver,
-    AbstractSolverState,
-    check_number,
-    init_residual,
-    native_fn,
-)
+from .solvers._base import AbstractFixedPointSolver, check_number, native_fn
 
 
 def backward_tolerance(forward: tuple[float, float] | None, dtype) -> tuple[float, float]:
@@ -136,117 +128,6 @@ def _backward_result(result):
 _BACKWARD_SOLVERS = ("picard", "anderson", "gmres", "bicgstab", "cg")
 
 
-class _PicardGMRESState(AbstractSolverState):
-    residual: Float[Array, ""]
-    scale: Float[Array, ""]
-    last: Float[Array, ""]  # the previous Picard residual (`inf` before the first)
-    k: Int[Array, ""]  # the steps taken
-    gmres: Bool[Array, ""]  # past the switch
-    j: Int[Array, ""]  # the next Arnoldi column (0: the next step starts a cycle)
-    basis: Float[Array, "m+1 n"]
-    hess: Float[Array, "m+1 m"]
-    beta: Float[Array, ""]  # the norm of the cycle's first residual
-
-
-_GMRES_STEPS = 110  # the default backward's GMRES budget: ten cycles of GMRES(10)
-
-
-class _PicardGMRES(AbstractFixedPointSolver):
-    r"""The default solve of the adjoint equation $u = b + M u$ ($M = J_T^\top$): Picard
-    iteration while it contracts, then restarted GMRES on $(I - M) u = b$ from where it
-    stopped, in one loop of the shared driver with one evaluation of the map per step
-    (so the map's VJP is compiled once, not once per solver: in a DEQ train step a
-    separate lineax GMRES fallback compiled three more copies of the cell's VJP).
-
-    The map must be `fn(u, b) = b + M u` with `b = args` (the adjoint's, affine in `u`):
-    a cycle's Arnoldi steps evaluate `fn(v, 0) = M v`. A step of Picard that reduces the
-    residual by less than `1 - switch` (it diverges, stalls, or contracts too slowly for
-    a backward pass), or the `picard_steps`-th, starts GMRES. GMRES(`restart`):
-    classical Gram–Schmidt applied twice, the small least-squares problem by QR at every
-    step; a cycle ends when its
-    estimated residual meets the tolerance, on breakdown, or after `restart` steps, and
-    the next step measures the true residual, on which alone the driver stops.
-    (Saad & Schultz 1986; the fixed-point/Krylov pairing as in `ImplicitAdjoint`.)"""
-
-    rtol: float
-    atol: float
-    picard_steps: int = eqx.field(static=True, default=256)
-    restart: int = eqx.field(static=True, default=10)
-    switch: float = 0.9
-    norm: Callable[[PyTree], Scalar] = optx.two_norm
-
-    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
-        flat, _ = ravel_pytree(y)
-        m, real = self.restart, flat.dtype
-        residual, scale = init_residual(y)
-        return _PicardGMRESState(
-            residual, scale, jnp.array(jnp.inf, real), jnp.array(0), jnp.array(False),
-            jnp.array(0),
-            jnp.zeros((m + 1, flat.size), real), jnp.zeros((m + 1, m), real),
-            jnp.array(0.0, real))
-
-    def step(self, fn, y, args, options, state, tags):
-        m = self.restart
-        flat_y, unravel = ravel_pytree(y)
-        index = jnp.arange(m + 1)
-        arnoldi = state.gmres & (state.j > 0)
-        v = jnp.einsum("k,kn->n", (index == state.j - 1).astype(flat_y.dtype), state.basis,
-                       precision=lax.Precision.HIGHEST)
-        # One evaluation: T(y) = b + M y (Picard, or a cycle's first residual) or M v.
-        b = tree_where(arnoldi, jtu.tree_map(jnp.zeros_like, args), args)
-        fy, aux = fn(unravel(jnp.where(arnoldi, v, flat_y)), b)
-        w, _ = ravel_pytree(fy)
-        g = w - flat_y  # the residual at y (where not an Arnoldi step)
-        res = self.norm(unravel(g))
-        scale = self.norm(y)
-        start = (state.gmres | (res > self.switch * state.last)  # a cycle starts here
-                 | (state.k + 1 >= self.picard_steps))
-        # -- a cycle's start: the basis begins at the residual
-        safe = jnp.where(res > 0, res, 1.0)
-        first = jnp.zeros_like(state.basis).at[0].set(g / safe)
-        # -- an Arnoldi step: A v = v - M v, orthogonalised against the basis so far
-        av = v - w
-        used = (index < state.j).astype(av.dtype)
-        h = used * (state.basis @ av)
-        av = av - h @ state.basis
-        h2 = used * (state.basis @ av)
-        av, h = av - h2 @ state.basis, h + h2
-        hn = jnp.linalg.norm(av)
-        breakdown = hn <= jnp.finfo(av.dtype).eps * jnp.maximum(jnp.linalg.norm(h), 1.0)
-        col = jnp.where(index == state.j, hn, h)
-        basis = jnp.where((index == state.j)[:, None],
-                          jnp.where(breakdown, 0.0, av / jnp.where(breakdown, 1.0, hn)),
-                          state.basis)
-        hess = jnp.where((jnp.arange(m) == state.j - 1)[None, :], col[:, None], state.hess)
-        # the small least-squares problem min |beta e1 - H z| over the columns so far
-        # (the columns not yet used are unit vectors below them: their z is zero)
-        cols = jnp.arange(m)[None, :] < state.j
-        filler = jnp.eye(m + 1, m, k=-1, dtype=hess.dtype)
-        hm = jnp.where(cols, hess, filler)
-        rhs = jnp.where(index == 0, state.beta, 0.0).astype(hess.dtype)
-        q, r = jnp.linalg.qr(hm)
-        z = jax.scipy.linalg.solve_triangular(r, q.T @ rhs, lower=False)
-        z = jnp.where(cols[0], z, 0.0)
-        estimate = jnp.linalg.norm(rhs - hm @ z)
-        end = (state.j == m) | breakdown | (estimate <= self.atol + self.rtol * scale)
-        moved = flat_y + jnp.einsum("k,kn->n", z, basis[:m], precision=lax.Precision.HIGHEST)
-        # -- the three cases
-        new_y = jnp.where(arnoldi, jnp.where(end, moved, flat_y),
-                          jnp.where(start, flat_y, w))
-        new_state = _PicardGMRESState(
-            residual=jnp.where(arnoldi, state.residual, res),
-            scale=jnp.where(arnoldi, state.scale, scale),
-            last=jnp.where(state.gmres, state.last, res),
-            k=state.k + 1,
-            gmres=state.gmres | start,
-            j=jnp.where(arnoldi, jnp.where(end, 0, state.j + 1), jnp.where(start, 1, 0)),
-            basis=jnp.where(arnoldi, basis, first),
-            hess=jnp.where(arnoldi, hess, 0.0),
-            beta=jnp.where(arnoldi, state.beta, res),
-        )
-        return unravel(new_y), new_state, aux
-
-
 class ImplicitAdjoint(AbstractVJPAdjoint):
     r"""Exact gradients by the implicit function theorem (the default).
 
@@ -258,13 +139,11 @@ class ImplicitAdjoint(AbstractVJPAdjoint):
 
     - `linear_solver`: how the adjoint equation is solved:
         - `None` (default): for fixed points, fixed-point iteration on the adjoint
-          (Picard, as cheap as a backward pass can be on a contraction) while each step
-          reduces the residual by at least 10 %, and from the first step that does not
-          (it diverges, stalls or crawls when $J_T$ has eigenvalues near, on or outside
-          the unit circle although $I - J_T$ is invertible) restarted GMRES(10) on
-          $I - J_T^\top$ from where it stopped, so that the gradient is exact wherever
-          the implicit function theorem holds. Both run in one loop with one VJP per
-          step: the VJP is compiled once. For roots,
+          (`Picard`, as cheap as a backward pass can be on a contraction), and, where it
+          fails (it diverges or stalls when $J_T$ has eigenvalues on or outside the unit
+          circle although $I - J_T$ is invertible), GMRES(10) on $I - J_T^\top$ (a
+          small Krylov basis), so that the gradient is exact wherever the implicit
+          function theorem holds (it runs only when some sample needs it). For roots,
           GMRES (CG where the operator is tagged symmetric positive definite, as in
           `ik.minimise`).
         - a name, `"picard"`, `"anderson"` (fixed-point iteration on the adjoint, by the
@@ -279,8 +158,7 @@ class ImplicitAdjoint(AbstractVJPAdjoint):
         tolerance, as in `custom_root`, 1e-10 / 1e-12). Giving them with a solver object
         is an error (the object has its own).
     - `max_steps`: the step limit of the backward solve (of a lineax solver given as
-        an object: its own `max_steps`; of the default, the limit of its fixed-point
-        iteration, after which GMRES has 110 steps of its own).
+        an object: its own `max_steps`).
 
     The backward solve is never silently wrong: if it does not converge, `throw=True`
     (the entry point's) raises with `RESULTS.backward_max_steps_reached` /
@@ -324,21 +202,24 @@ class ImplicitAdjoint(AbstractVJPAdjoint):
     def with_defaults(self, tolerance, dtype, kind, tags):
         solver = self.linear_solver
         if solver is not None and not isinstance(solver, str):
-            return _ResolvedImplicitAdjoint(solver, self.max_steps)
+            return _ResolvedImplicitAdjoint(solver, None, self.max_steps)
         rtol, atol = backward_tolerance(tolerance, dtype)
         rtol = rtol if self.rtol is None else self.rtol
         atol = atol if self.atol is None else self.atol
         spd = {lx.symmetric_tag, lx.positive_semidefinite_tag} <= set(tags)
         if solver is not None:
             return _ResolvedImplicitAdjoint(
-                _named_solver(solver, rtol, atol, self.max_steps), self.max_steps)
+                _named_solver(solver, rtol, atol, self.max_steps), None, self.max_steps)
         if kind == "root":
             krylov = _named_solver("cg" if spd else "gmres", rtol, atol, None)
-            return _ResolvedImplicitAdjoint(krylov, self.max_steps)
-        # Picard for at most `max_steps`, then GMRES(10) in the same loop with a budget of
-        # its own (ten restart cycles): 11 basis vectors per sample
-        solver = _PicardGMRES(rtol=rtol, atol=atol, picard_steps=self.max_steps)
-        return _ResolvedImplicitAdjoint(solver, self.max_steps + _GMRES_STEPS)
+            return _ResolvedImplicitAdjoint(krylov, None, self.max_steps)
+        # The fallback's buffers are allocated in every compiled backward pass, used or
+        # not: GMRES restarted every 10 steps keeps 11 vectors per sample, not 41.
+        # (lineax's BiCGStab, with fewer, returns NaN when it converges in one step.)
+        krylov = lx.CG(rtol=rtol, atol=atol) if spd else gmres(rtol=rtol, atol=atol,
+                                                                restart=10)
+        return _ResolvedImplicitAdjoint(Picard(rtol=rtol, atol=atol), krylov,
+                                        self.max_steps)
 
     def solve_adjoint(self, JT_T, A, ybar, tags):
         raise AssertionError("an `ImplicitAdjoint` is resolved (`with_defaults`) before "
@@ -360,26 +241,43 @@ def _named_solver(name, rtol, atol, max_steps):
 
 class _ResolvedImplicitAdjoint(AbstractVJPAdjoint):
     """An `ImplicitAdjoint` with its settings filled in for one solve (`with_defaults`):
-    the solver of the adjoint equation and the driver's step limit."""
+    the solver of the adjoint equation, the Krylov solve tried where a fixed-point
+    `linear_solver` fails (`fallback`, or `None`), and the driver's step limit."""
 
     linear_solver: AbstractFixedPointSolver | lx.AbstractLinearSolver
+    fallback: lx.AbstractLinearSolver | None
     max_steps: int = eqx.field(static=True)
 
     def solve_adjoint(self, JT_T, A, ybar, tags):
         linear_solver = self.linear_solver
         if isinstance(linear_solver, lx.AbstractLinearSolver):
             return _krylov_adjoint(linear_solver, A, ybar, tags)
-        # the adjoint map u -> b + J^T u with b = ybar passed as its argument (the form
-        # `_PicardGMRES` needs: an evaluation at b = 0 is the product J^T v alone)
-        u, _, stats, result = run(
-            lambda u, b: (tree_add(b, JT_T(u)), None),
+        out = run(
+            lambda u, _: (jtu.tree_map(jnp.add, ybar, JT_T(u)), None),
             "fixed_point",
             linear_solver,
             ybar,
-            ybar,
+            None,
             max_steps=self.max_steps,
         )
-        return u, stats["num_steps"], stats["residual"], _backward_result(result)
+        u, _, stats, result = out
+        out = (u, stats["num_steps"], stats["residual"], _backward_result(result))
+        if self.fallback is None:
+            return out
+        # Where fixed-point iteration on the adjoint failed, a Krylov solve on I - J^T
+        # (run only if some sample needs it: the predicate is unbatched under vmap).
+        failed = out[3] != RESULTS.successful
+
+        def krylov(out):
+            u2, steps2, residual2, result2 = _krylov_adjoint(self.fallback, A, ybar, tags)
+            return (
+                tree_where(failed, u2, out[0]),
+                jnp.where(failed, out[1] + steps2, out[1]),
+                jnp.where(failed, residual2.astype(out[2].dtype), out[2]),
+                RESULTS.where(failed, result2, out[3]),
+            )
+
+        return lax.cond(eqxi.unvmap_any(failed), krylov, lambda o: o, out)
 
 
 def _krylov_adjoint(linear_solver, A, ybar, tags):

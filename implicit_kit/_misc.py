@@ -108,8 +108,8 @@ def gmres(dtype=None, *, rtol: float | None = None, atol: float | None = None,
           restart: int = 40, max_steps: int | None = None):
     """The one place GMRES defaults live: `lx.GMRES` with `restart=40` and tolerances
     given, or else the tightest that `dtype` can reach (`precision_floor`). Used by the
-    root and minimisation adjoints, the homotopy path and its corrector,
-    `ImplicitJVPAdjoint` and the GMRES hypergradient."""
+    root and minimisation adjoints, the homotopy path and its corrector, the fallback of
+    the default adjoint, `ImplicitJVPAdjoint` and the GMRES hypergradient."""
     floor_rtol, floor_atol = precision_floor(dtype)
     return lx.GMRES(
         rtol=floor_rtol if rtol is None else rtol,

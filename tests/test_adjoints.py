@@ -105,10 +105,10 @@ def _linear_map(eig, n=40):
 
 @pytest.mark.parametrize("eig", [0.5, 0.95, -1.0, 1.05, 3.0])
 def test_default_backward_is_exact_for_any_invertible_jacobian(eig):
-    """`ImplicitAdjoint()`'s one loop: Picard while it contracts (a contraction's
-    backward is Picard's, step for step), GMRES from where Picard slows or diverges
-    (eigenvalue 0.95: slow; -1, 1.05, 3: Picard diverges); the gradient against the
-    dense solve of (I - M^T) u = w, in float64."""
+    """`ImplicitAdjoint()`: Picard where it converges (a contraction's backward is
+    Picard's, step for step), its GMRES fallback where Picard alone fails (eigenvalue
+    0.95: too slow for the step cap; -1, 1.05, 3: Picard diverges); the gradient
+    against the dense solve of (I - M^T) u = w, in float64."""
     m = _linear_map(eig)
     n = m.shape[0]
     w = jnp.cos(jnp.arange(n, dtype=m.dtype))
@@ -134,9 +134,8 @@ def test_default_backward_is_exact_for_any_invertible_jacobian(eig):
     if eig == 0.5:  # a fast contraction: Picard alone, the same steps and values
         assert float(stats.num_steps) == float(picard_stats.num_steps) < 200
         np.testing.assert_array_equal(g, picard)
-    else:  # Picard alone is slow or diverges; the switch is what solves it
+    else:  # Picard alone is too slow or diverges; the fallback is what solves it
         assert float(picard_stats.num_failed) == 1
-        assert float(stats.num_steps) < 100
 
 
 def test_exact_gradient_closed_form_linear():

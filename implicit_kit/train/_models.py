@@ -141,9 +141,9 @@ class _ImplicitBackward(ModelConfig):
     kinds that have one (a base, not a kind).
 
     - `linear_solver`: `auto` (default, `ik.ImplicitAdjoint()`'s: fixed-point
-      iteration on the adjoint, GMRES from where that slows or fails), `picard`
-      (fixed-point iteration only, converges when the Jacobian's spectral radius is
-      below 1) or `gmres` (lineax GMRES on `I - Jᵀ`);
+      iteration on the adjoint, GMRES where that fails), `picard` (fixed-point iteration
+      only, converges when the Jacobian's spectral radius is below 1) or `gmres` (lineax
+      GMRES on `I - Jᵀ`);
     - `adjoint_rtol`: its tolerance (also of the monDEQ's backward splitting), by
       default the forward `rtol`/`atol`, no tighter than the dtype can reach."""
 
