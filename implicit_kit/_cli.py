@@ -227,21 +227,18 @@ def main(argv=None) -> int:
                    help="key.sub=value applied to every config (e.g. train.epochs=2)")
     _add_run_flags(d)
     d.set_defaults(fn=_cmd_demo)
-    u = sub.add_parser("tune", help="tune weight decay by hypergradients against a "
-                       "vmapped grid search (a tune config)")
-    u.add_argument("config")
-    u.add_argument("overrides", nargs="*", help="key.sub=value")
-    u.set_defaults(fn=_cmd_tune)
-    n = sub.add_parser("stn", help="tune dropout and weight decay by Self-Tuning Networks "
-                       "against a vmapped grid and hypergradients (an stn config)")
-    n.add_argument("config")
-    n.add_argument("overrides", nargs="*", help="key.sub=value")
-    n.set_defaults(fn=_cmd_stn)
-    fc = sub.add_parser("forecast", help="forecast Lorenz-63 with a Neural ODE against a "
-                        "persistence forecast and an MLP one-step map (a forecast config)")
-    fc.add_argument("config")
-    fc.add_argument("overrides", nargs="*", help="key.sub=value")
-    fc.set_defaults(fn=_cmd_forecast)
+    for name, fn, text in (
+        ("tune", _cmd_tune, "tune weight decay by hypergradients against a vmapped grid "
+                            "search (a tune config)"),
+        ("stn", _cmd_stn, "tune dropout and weight decay by Self-Tuning Networks against a "
+                          "vmapped grid and hypergradients (an stn config)"),
+        ("forecast", _cmd_forecast, "forecast Lorenz-63 with a Neural ODE against a "
+                                    "persistence forecast and an MLP one-step map (a "
+                                    "forecast config)")):
+        e = sub.add_parser(name, help=text)  # the research commands of `experiments`
+        e.add_argument("config")
+        e.add_argument("overrides", nargs="*", help="key.sub=value")
+        e.set_defaults(fn=fn)
     # Overrides after an option (`train CONFIG --resume key=value`) are overrides too.
     a, extra = p.parse_known_args(argv)
     if extra:

@@ -117,6 +117,8 @@ def test_config_yaml_syntax_error_and_nonpositive_values(tmp_path):
         (good, ["data.normalise=false"], r"'data\.normalise' must be false for model\.kind "
                                          "'mondbm' .* true for the other kinds"),
         (dbm, ["model.monotone_m=1.0"], r"'model\.monotone_m' must be in \(0, 1\)"),
+        ({"name": "x", "model": {"kind": "mondeq"}}, ["model.monotone_m=0.0"],
+         r"'model\.monotone_m' must be > 0 for kind 'mondeq'"),
         (dbm, ["model.group=3"], r"'model\.group' \(3\) must divide 'model\.hidden'"),
         (dbm, ["model.alpha=0.0"], r"'model\.alpha' must be in \(0, 1\]"),
         (dbm, ["model.observed=1.0"], r"'model\.observed' must be in \[0, 1\)"),
@@ -128,6 +130,15 @@ def test_config_yaml_syntax_error_and_nonpositive_values(tmp_path):
         with pytest.raises(ConfigError, match=message):
             ik.train.check_config(config_from_dict(raw, overrides))
     ik.train.check_config(config_from_dict(dbm))  # the valid one passes
+    # the layers themselves refuse a margin that is not strong monotonicity's
+    for make, name in ((lambda m: ik.nn.MonotoneLinear(4, 3, m, key=jax.random.key(0)),
+                        "MonotoneLinear"),
+                       (lambda m: ik.nn.MonotoneConv(2, 1, (4, 4), m, key=jax.random.key(0)),
+                        "MonotoneConv")):
+        for m in (0.0, -1.0):
+            with pytest.raises(ValueError, match=rf"`{name}\(m=\.\.\.\)` must be a finite "
+                                                 r"number in \(0, inf\)"):
+                make(m)
 
 
 def test_pad_eval_masks_the_padding():

@@ -373,8 +373,7 @@ def test_bad_yaml_and_values_are_refused_by_name(tmp_path, text, overrides, matc
     ("train.on_nonfinite=ignore", r"'train\.on_nonfinite' must be one of"),
 ])
 def test_out_of_range_numbers_are_refused_by_name(override, match):
-    # (a value outside a key's choices is refused on load, a number out of range by the
-    # check every entry point runs)
+    # (refused when the config is loaded: each section checks its values when made)
     with pytest.raises(ConfigError, match=match):
         ik.train.check_config(
             config_from_dict({"name": "x", "model": {"kind": "deq"}}, [override]))

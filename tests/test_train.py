@@ -312,6 +312,8 @@ def test_each_model_kind_is_one_section_class():
         train.NeuralODEConfig(dropout=1.0)  # made in Python: checked the same way
     with pytest.raises(TypeError, match="not a model kind"):
         train.ModelConfig()
+    with pytest.raises(TypeError, match="model kind 'deq' is taken by DEQConfig"):
+        type("Mine", (train.DEQConfig,), {"KIND": "deq", "__annotations__": {}})
     assert train.HomoODEConfig(init="learned").learned_start
     assert not train.HomoODEConfig().learned_start and not train.NeuralODEConfig().learned_start
 

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, PRNGKeyArray
 
+from ..solvers._base import check_number
+
 
 class MonotoneOperator(eqx.Module):
     """$W$, $W^\\top$ and (optionally) the resolvent $V$ of one monotone layer, computed
@@ -86,6 +88,7 @@ class MonotoneLinear(eqx.Module):
     m: float = eqx.field(static=True)
 
     def __init__(self, size: int, input_size: int, m: float = 1.0, *, key: PRNGKeyArray):
+        check_number("MonotoneLinear(m=...)", m, low=0.0, low_open=True)
         ka, kb, ku = jr.split(key, 3)
         scale = 1.0 / jnp.sqrt(size)
         self.a = scale * jr.normal(ka, (size, size))
@@ -159,6 +162,7 @@ class MonotoneConv(eqx.Module):
         *,
         key: PRNGKeyArray,
     ):
+        check_number("MonotoneConv(m=...)", m, low=0.0, low_open=True)
         ka, kb, ku = jr.split(key, 3)
         scale = 1.0 / jnp.sqrt(channels * kernel * kernel)
         self.a = scale * jr.normal(ka, (channels, channels, kernel, kernel))

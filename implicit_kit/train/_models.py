@@ -94,6 +94,10 @@ class ModelConfig:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "KIND" in cls.__dict__:
+            taken = ModelConfig.KINDS.get(cls.KIND)
+            if taken is not None and taken.__qualname__ != cls.__qualname__:
+                raise TypeError(f"model kind {cls.KIND!r} is taken by {taken.__name__}; "
+                                f"give {cls.__name__} a `KIND` of its own.")
             ModelConfig.KINDS[cls.KIND] = cls
 
     def __post_init__(self):
@@ -247,6 +251,9 @@ class MonotoneDEQConfig(ClassifierConfig, _ImplicitBackward):
 
     def check(self) -> None:
         super().check()
+        if not self.monotone_m > 0:  # (0: monotone, not strongly: no unique fixed point)
+            raise ConfigError(f"key 'model.monotone_m' must be > 0 for kind 'mondeq', got "
+                              f"{self.monotone_m}.")
 
     def _block(self, spatial, key, error_penalty):
         h = self.hidden
@@ -398,5 +405,3 @@ class MonotoneDBMConfig(_ImplicitBackward):
             observed=self.observed, recon_weight=self.recon_weight, gamma=self.focal_gamma,
             **self.steps())
 
-
-MODEL_KINDS = tuple(ModelConfig.KINDS)
