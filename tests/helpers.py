@@ -1,6 +1,7 @@
 """Problems and solvers shared by the tests (parametrised over, never copied)."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,15 @@ import implicit_kit as ik
 
 
 TOL = dict(rtol=1e-12, atol=1e-13)
+
+
+def xla_flags(devices: int | None = None) -> str:
+    """XLA_FLAGS for a process a test starts: the suite's compile flags (conftest.py),
+    and `devices` host CPU devices if given."""
+    flags = [os.environ.get("IMPLICIT_KIT_TEST_XLA_FLAGS", "")]
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return " ".join(filter(None, flags))
 
 
 def _orthogonal(key, n):

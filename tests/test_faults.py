@@ -34,12 +34,13 @@ from implicit_kit.train import (
 )
 from implicit_kit.train._rundir import LOCK_NAME, run_lock
 
+from .helpers import xla_flags
 from .test_train import _cfg, _leaves
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-ENV.pop("XLA_FLAGS", None)
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+       "XLA_FLAGS": xla_flags()}
 
 
 class _Stop(Exception):

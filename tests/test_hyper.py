@@ -17,6 +17,8 @@ import pytest
 
 import implicit_kit as ik
 
+from .helpers import xla_flags
+
 
 def _ridge_data(n=40, d=6, m=25, seed=0):
     k = jr.split(jr.key(seed), 5)
@@ -260,7 +262,7 @@ def test_vmap_sharded_over_forced_host_devices(tmp_path):
         print("MAXREL", float(np.max(np.abs(np.asarray(out) - np.asarray(one))
                                      / np.abs(np.asarray(one)))))
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4),
            "JAX_PLATFORMS": "cpu"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,

@@ -19,12 +19,14 @@ import pytest
 
 import implicit_kit as ik
 
+from .helpers import xla_flags
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run_with_devices(script: str, n: int, timeout=600) -> str:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(n),
            "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env,
                           capture_output=True, text=True, cwd=ROOT, timeout=timeout)
@@ -229,8 +231,7 @@ def _train_argv(config, run_dir, *extra, epochs=2):
 
 def _launch_two(config, run_dir, *extra, resume=False, epochs=2):
     port = _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
     return [subprocess.Popen(
         _train_argv(config, run_dir, *extra, epochs=epochs)
         + (["--resume"] if resume else []) + [
@@ -260,7 +261,7 @@ def _kill(procs):
 
 def _one_process_two_devices(config, run_dir, epochs=2):
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "XLA_FLAGS": xla_flags(2)}
     proc = subprocess.run(_train_argv(config, run_dir, epochs=epochs), env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -295,26 +296,16 @@ def _assert_same_run(a, b, epochs=2):
 
 
 @pytest.mark.slow
-def test_two_processes_train_as_one_process_with_two_devices(tmp_path):
+def test_two_processes_train_as_one_and_resume_after_a_kill(tmp_path):
     """`implicit-kit train --coordinator ... --num-processes 2 --process-id I`: two
     processes (one CPU device each, gloo collectives), each feeding its half of every
-    batch, end with the test metrics (1e-5) and parameters (float32 rounding) of one
-    process on two devices; only process 0 writes the log, checkpoints and plots. (One
-    epoch of the DEQ: the resume test below runs two. The processes' data feeding and
-    collectives do not depend on the model; a HomoODE and a monotone DEQ on two devices
-    are `test_train_parallel_shard_map_step_equals_one_device`'s.)"""
-    config = "digits_deq.yaml"
-    _one_process_two_devices(config, tmp_path / "one", epochs=1)
-    outs = _wait(_launch_two(config, tmp_path / "two", epochs=1))
-    _assert_same_run(tmp_path / "one", tmp_path / "two", epochs=1)
-    assert "log, checkpoints and plots" in outs[0]
-    assert "log, checkpoints and plots" not in outs[1]
-
-
-@pytest.mark.slow
-def test_two_processes_resume_after_a_kill(tmp_path):
-    """Both processes killed once the epoch-1 checkpoint exists, then relaunched with
-    `--resume`: the run ends as an uninterrupted one does."""
+    batch, are killed once the epoch-1 checkpoint exists and relaunched with `--resume`.
+    The run ends as one process on two devices does, uninterrupted: epoch 1 (written by
+    the first launch) and epoch 2 (by the resumed one) have its test metrics (1e-5) and
+    its parameters (float32 rounding); only process 0 writes the log, checkpoints and
+    plots. (The processes' data feeding and collectives do not depend on the model; a
+    HomoODE and a monotone DEQ on two devices are
+    `test_train_parallel_shard_map_step_equals_one_device`'s.)"""
     _one_process_two_devices("digits_deq.yaml", tmp_path / "one")
     run = tmp_path / "two"
     procs = _launch_two("digits_deq.yaml", run)
@@ -327,8 +318,10 @@ def test_two_processes_resume_after_a_kill(tmp_path):
     finally:
         _kill(procs)
     assert not (run / "epoch-0002.ckpt").exists()  # killed during epoch 2
-    _wait(_launch_two("digits_deq.yaml", run, resume=True))
+    outs = _wait(_launch_two("digits_deq.yaml", run, resume=True))
     _assert_same_run(tmp_path / "one", run)
+    assert "log, checkpoints and plots" in outs[0]
+    assert "log, checkpoints and plots" not in outs[1]
 
 
 def test_distributed_flags_go_together(tmp_path, capsys):
