@@ -32,6 +32,7 @@ def deq_rows():
     from _common import IK_DEFAULT, IK_PICARD
     from deq_train_step import (
         hand_picard_solve,
+        ik_batch_solve,
         ik_solve,
         jax_train_step,
         jaxopt_picard_backward,
@@ -61,6 +62,9 @@ def deq_rows():
             anderson, ik.ImplicitAdjoint(max_steps=MAX_STEPS))),
         IK_DEFAULT: row(lambda: ik_solve(anderson, fp)),
         IK_PICARD: row(lambda: ik_solve(picard, fp)),
+        # the same algorithm and batching as the hand-written row: like for like
+        "implicit_kit Picard + ImplicitAdjoint(Picard), batch as one problem":
+            row(lambda: ik_batch_solve(picard, fp)),
         "hand-written JAX Picard + custom_vjp (fixed-point backward), batch as one problem":
             row(hand_picard_solve),
         "optimistix FixedPointIteration + ImplicitAdjoint() (dense LU), vmap":

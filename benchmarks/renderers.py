@@ -527,6 +527,13 @@ def summary(res: dict) -> list[list[str]]:
                      "Picard + fixed-point backward vs optimistix's fastest row",
                      f"{ours[IK_PICARD]:.2f} vs {optx_best['total_s']:.2f} s",
                      f"{ours[IK_PICARD] / optx_best['total_s']:.2f}× the time"])
+        like = "implicit_kit Picard + ImplicitAdjoint(Picard), batch as one problem"
+        hand = next((r for r in peers if r["row"].startswith("hand-written")), None)
+        if like in ours and hand is not None:
+            rows.append(["DEQ train step's first call, like for like (Picard + fixed-point "
+                         "backward, the batch as one problem): implicit_kit vs "
+                         "hand-written JAX", f"{ours[like]:.2f} vs {hand['total_s']:.2f} s",
+                         f"{ours[like] / hand['total_s']:.2f}× the time"])
         anderson = [r for r in peers if "Anderson" in r["row"]]
         for label, peer in (("the fastest peer row", fastest),
                             ("the fastest peer row with an Anderson forward",

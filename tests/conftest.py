@@ -121,7 +121,27 @@ SLOW_TESTS = {
 }
 
 
+# `--dist loadfile` hands whole files to the two workers in collection order
+# (`--no-loadscope-reorder` in pyproject.toml; xdist's default reorder by number of tests
+# put the few-test, heavy files such as the notebooks last, and one worker then ran alone
+# for minutes at the end). The heaviest files go first (longest-processing-time-first
+# scheduling): worker-seconds of the whole suite, `--durations=0`, 2026-12-07.
+HEAVY_FIRST = [
+    "test_train.py",  # ~420 s
+    "test_ode_models.py",  # ~400 s
+    "test_notebooks.py",  # ~390 s
+    "test_contract.py",  # ~190 s
+    "test_parallel.py",  # ~150 s
+    "test_faults.py",  # ~140 s
+    "test_adjoints.py",  # ~135 s
+    "test_failures.py",  # ~120 s
+    "test_references.py",  # ~110 s
+]
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
     ids = {}
     found, files = set(), set()
     for item in items:
@@ -142,6 +162,10 @@ def pytest_collection_modifyitems(config, items):
     stale = {k for k in SLOW_TESTS - found if k.split("::")[0] in files} if whole_files else ()
     if stale:  # a renamed test would come back to the fast tier silently
         raise pytest.UsageError(f"SLOW_TESTS names {sorted(stale)}, which were not collected")
+    everything = {p.name for p in pathlib.Path(__file__).parent.glob("test_*.py")}
+    if files == everything and not set(HEAVY_FIRST) <= files:  # a renamed file
+        raise pytest.UsageError(f"HEAVY_FIRST names {sorted(set(HEAVY_FIRST) - files)}, "
+                                "which are not test files")
     for name, seen in ids.items():  # a renamed case would leave the fast tier silently
         if len(seen) > 1 and not FAST_CASES[name] <= seen:
             raise pytest.UsageError(f"FAST_CASES[{name!r}] keeps "
