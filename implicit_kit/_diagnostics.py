@@ -26,11 +26,15 @@ def spectral_radius(
     power iteration with VJPs (the Jacobian is never materialised).
 
     After `num_iters` normalised steps $v \leftarrow J^\top v / \|J^\top v\|$ from a
-    random unit vector, two more products $w_1 = J^\top v$, $w_2 = J^\top w_1$ are fitted
-    as $w_2 = a w_1 + b v$ (least squares); the larger modulus of the roots of
-    $t^2 - a t - b$ is returned. This is exact when the dominant eigenvalues are one real
-    eigenvalue, a $\pm\lambda$ pair or a complex-conjugate pair (where plain power
-    iteration oscillates). The DEQ map is contractive near `y` when this is below 1.
+    random unit vector, two more products $w_1 = J^\top v$, $w_2 = J^\top w_1$ give the
+    Ritz values of $J^\top$ on $\mathrm{span}\{v, w_1\}$ (two Arnoldi steps with an
+    orthonormal basis: the roots of $t^2 - a t - b$ for the least-squares fit
+    $w_2 \approx a w_1 + b v$); the larger modulus is returned. This is exact when the
+    dominant eigenvalues are one real eigenvalue, a $\pm\lambda$ pair or a
+    complex-conjugate pair (where plain power iteration oscillates), in float32 as in
+    float64: the error is that of the power iteration (the next eigenvalue's modulus over
+    the dominant one's, to the power `num_iters`) plus rounding. The DEQ map is
+    contractive near `y` when this is below 1.
 
     **Arguments:**
 
@@ -54,20 +58,28 @@ def spectral_radius(
     v, _ = jax.lax.fori_loop(0, num_iters, body, (v, jnp.zeros((), flat.dtype)))
     w1, _ = ravel_pytree(vjp(unravel(v))[0])
     w2, _ = ravel_pytree(vjp(unravel(w1))[0])
-    # One real dominant eigenvalue: w1 is (nearly) parallel to v.
+    # Rayleigh-Ritz on span{v, w1} with an orthonormal basis (two Arnoldi steps): the
+    # same Ritz values as fitting w2 = a w1 + b v by least squares, without the normal
+    # equations, whose 2x2 Gram matrix is singular to working precision when w1 is
+    # nearly parallel to v (in float32 that returned inf near rho = 1).
     along = jnp.vdot(v, w1)
-    perp = jnp.linalg.norm(w1 - along * v)
-    single = perp <= 1e-6 * jnp.maximum(jnp.linalg.norm(w1), jnp.finfo(flat.dtype).tiny)
-    # Otherwise a 2-dimensional dominant invariant subspace: w2 = a w1 + b v.
-    gram = jnp.array([[w1 @ w1, w1 @ v], [v @ w1, v @ v]])
-    rhs = jnp.array([w1 @ w2, v @ w2])
-    gram = gram + 1e-30 * jnp.eye(2, dtype=flat.dtype)
-    a, b = jnp.linalg.solve(jnp.where(single, jnp.eye(2, dtype=flat.dtype), gram), rhs)
-    disc = a * a + 4 * b
+    r = w1 - along * v
+    perp = jnp.linalg.norm(r)
+    # One real dominant eigenvalue: w1 parallel to v up to the rounding of the
+    # orthogonalisation (sqrt(eps) keeps q2's error at sqrt(eps) or less); the Rayleigh
+    # quotient's error is then O(perp^2), at rounding level.
+    eps = jnp.finfo(flat.dtype).eps
+    single = perp <= jnp.sqrt(eps) * jnp.maximum(jnp.linalg.norm(w1),
+                                                 jnp.finfo(flat.dtype).tiny)
+    safe = jnp.where(single, 1, perp)
+    q2 = r / safe
+    aq2 = (w2 - along * w1) / safe  # the operator applied to q2
+    h00, h01, h10, h11 = along, jnp.vdot(v, aq2), jnp.vdot(q2, w1), jnp.vdot(q2, aq2)
+    tr, det = h00 + h11, h00 * h11 - h01 * h10
+    disc = tr * tr - 4 * det
     sq = jnp.sqrt(jnp.abs(disc))
-    pair = jnp.where(
-        disc >= 0, jnp.maximum(jnp.abs(a + sq), jnp.abs(a - sq)) / 2, jnp.sqrt(jnp.abs(b))
-    )
+    pair = jnp.where(disc >= 0, jnp.maximum(jnp.abs(tr + sq), jnp.abs(tr - sq)) / 2,
+                     jnp.sqrt(jnp.abs(det)))
     return jnp.where(single, jnp.abs(along), pair)
 
 

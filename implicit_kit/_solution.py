@@ -1,3 +1,4 @@
+import warnings
 from typing import Generic, TypeVar
 
 import diffrax as dfx
@@ -11,6 +12,14 @@ Y = TypeVar("Y")
 Aux = TypeVar("Aux")
 
 
+# `successful` is redefined below with a message (the dependencies' is "", which reads
+# like a missing value); equinox warns that it replaces the message, as intended.
+_replaced_message = warnings.catch_warnings()
+_replaced_message.__enter__()
+warnings.filterwarnings("ignore", "Enumeration has duplicate incompatible values for "
+                        "successful")
+
+
 class RESULTS(dfx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
     """The result codes of every implicit_kit solve and model.
 
@@ -18,8 +27,10 @@ class RESULTS(dfx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
     outcome of a dependency is promoted with `RESULTS.promote(result)`, keeping its own
     code and message (a diffrax `max_steps_reached` stays `max_steps_reached`, a lineax
     `breakdown` stays `breakdown`). Index the class with a result to get its message:
-    `RESULTS[sol.result]`.
+    `RESULTS[sol.result]` (on success: "The solve succeeded.").
     """
+
+    successful = "The solve succeeded."
 
     backward_max_steps_reached = (
         "The backward (adjoint) linear solve of an implicit gradient reached its maximum "
@@ -60,6 +71,9 @@ class RESULTS(dfx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
         "satisfy the equation to the requested tolerance (path-following drift). Tighten "
         "the ODE tolerances or add a corrector (`NewtonCorrector(k)`)."
     )
+
+
+_replaced_message.__exit__(None, None, None)
 
 
 # The outcomes after which the solution is not a usable point at all (non-finite

@@ -121,6 +121,10 @@ def test_results_promote_diffrax_outcomes_without_collapsing():
     assert st.result != ik.RESULTS.nonlinear_max_steps_reached
     assert bool(st.failed())
     assert "diffrax" in ik.RESULTS[st.result] or "maximum" in ik.RESULTS[st.result]
+    # success has a message of its own (the dependencies' is ""), whichever library's
+    # code it was promoted from
+    for lib in (dfx, optx, lx):
+        assert ik.RESULTS[ik.RESULTS.promote(lib.RESULTS.successful)] == "The solve succeeded."
 
 
 def _models():

@@ -90,7 +90,7 @@ def test_readme_examples_run_and_hold():
     f, x, sol = ns["f"], ns["x"], ns["sol"]
     # the solve is a fixed point, to its tolerance
     assert float(jnp.linalg.norm(f(sol.value, x) - sol.value)) < 1e-5
-    assert ns["ik"].RESULTS[sol.result] == ""
+    assert ns["ik"].RESULTS[sol.result] == "The solve succeeded."
     # the implicit gradient equals central finite differences of the solve
     loss = ns["loss_of_x"]
     g = jax.grad(loss)(x)

@@ -259,6 +259,32 @@ def test_spectral_radius_on_a_rotation_and_a_plus_minus_pair(radius_fn):
     np.testing.assert_allclose(rho, 0.7, rtol=1e-6)
 
 
+def test_spectral_radius_in_float32_near_and_above_one():
+    """float32, where a DEQ user checks stability: a dominant real eigenvalue 1.057 (the
+    trained cell of issue 31; the normal equations of the old two-eigenvalue fit were
+    singular there and gave inf), a complex pair and a +-lambda pair of modulus 1.02,
+    each against the dense eigenvalues."""
+    q, _ = jnp.linalg.qr(jr.normal(jr.key(0), (512, 512), jnp.float32))
+    e = jnp.concatenate([jnp.array([1.057], jnp.float32),
+                         jr.uniform(jr.key(1), (511,), jnp.float32, -0.5, 0.5)])
+    a = (q * e) @ q.T
+    for iters in (20, 100):
+        rho = ik.spectral_radius(lambda y, m: m @ y, jnp.ones(512, jnp.float32), a,
+                                 num_iters=iters)
+        assert rho.dtype == jnp.float32
+        np.testing.assert_allclose(rho, 1.057, rtol=1e-5)
+    th = 0.9
+    rot = 1.02 * jnp.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    for top in (rot, jnp.diag(jnp.array([1.02, -1.02]))):
+        m = jsl.block_diag(top, jnp.diag(jnp.linspace(-0.6, 0.6, 62)))
+        qq, _ = jnp.linalg.qr(jr.normal(jr.key(2), (64, 64)))
+        m = (qq @ m @ qq.T).astype(jnp.float32)
+        exact = float(jnp.max(jnp.abs(jnp.linalg.eigvals(m.astype(jnp.float64)))))
+        rho = ik.spectral_radius(lambda y, mm: mm @ y, jnp.ones(64, jnp.float32), m,
+                                 num_iters=60)
+        np.testing.assert_allclose(rho, exact, rtol=1e-4)
+
+
 # ------------------------------------------------------------------ has_aux
 
 
