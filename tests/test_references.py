@@ -285,6 +285,37 @@ def test_spectral_radius_in_float32_near_and_above_one():
         np.testing.assert_allclose(rho, exact, rtol=1e-4)
 
 
+def test_spectral_radius_of_a_digits_deq_cell_in_float32():
+    """A real DEQ cell in float32: the digits DEQ's conv cell (as configured, and with the
+    MDEQ-style residual connection, whose radius is near 1), built in float32 at its
+    initialisation, at the equilibrium of a test digit, against the eigenvalues of its
+    dense Jacobian in float64. Before the Rayleigh-Ritz step the residual cell (true
+    0.974) gave inf, nan, 1.44 or 4.2 at some of these step counts, which ones depending
+    on XLA's rounding; the plain cell's slow convergence (clustered eigenvalues) is the
+    power iteration's, not rounding."""
+    from implicit_kit.train import config_dir, load_config
+    from implicit_kit.train._build import make_model
+
+    x = jnp.asarray(ik.data.load_digits("test")[0][:1], jnp.float32)
+    built = {}
+    cases = [("true", n, 1e-3) for n in range(100, 420, 40)]
+    for residual, iters, rtol in cases + [("true", 1000, 1e-5), ("false", 1000, 1e-5)]:
+        if residual not in built:
+            cfg = load_config(config_dir() / "digits_deq.yaml",
+                              [f"model.residual={residual}"])
+            model = make_model(cfg, 1, 8)
+            feats = model.stem(x[0])
+            z = model.block(feats, inference=True)
+            assert z.dtype == jnp.float32
+            jac = jax.jacfwd(lambda v: model.block.cell(v, feats).ravel())(z)
+            exact = np.max(np.abs(np.linalg.eigvals(np.asarray(jac, np.float64).reshape(
+                z.size, z.size))))
+            built[residual] = model, feats, z, exact
+        model, feats, z, exact = built[residual]
+        rho = ik.spectral_radius(model.block.cell, z, feats, num_iters=iters)
+        np.testing.assert_allclose(rho, exact, rtol=rtol, err_msg=(residual, iters))
+
+
 # ------------------------------------------------------------------ has_aux
 
 

