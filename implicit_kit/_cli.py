@@ -110,7 +110,7 @@ def _cmd_train(a) -> int:
 
 
 def _cmd_eval(a) -> int:
-    out = evaluate_checkpoint(a.checkpoint)
+    out = evaluate_checkpoint(a.checkpoint, overrides=a.overrides)
     for k, v in out.items():
         print(f"{k}: {v}")
     return 0
@@ -214,6 +214,10 @@ def main(argv=None) -> int:
     t.set_defaults(fn=_cmd_train)
     e = sub.add_parser("eval", help="evaluate a checkpoint on its test split")
     e.add_argument("checkpoint")
+    e.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="how to evaluate: model.eval_max_steps=N, model.eval_rtol=X, "
+                        "model.eval_atol=X (the forward solver's step cap and tolerances; "
+                        "default: the training ones) or train.eval_batch=N")
     e.set_defaults(fn=_cmd_eval)
     c = sub.add_parser("compare", help="train each config and print one table")
     c.add_argument("configs", nargs="+")

@@ -2,6 +2,7 @@
 default backward solve."""
 
 import diffrax as dfx
+import equinox as eqx
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -179,6 +180,53 @@ def test_every_model_follows_the_call_contract():
                 return x
     assert issubclass(ik.models.MonotoneDBM, ik.models.AbstractImplicitModel)
     assert issubclass(ik.models.ImageClassifier, ik.models.AbstractImplicitModel)
+
+
+def test_with_solver_sets_every_model_s_solver_and_keeps_its_arrays():
+    """`model.with_solver(...)`: the evaluation-time settings reach the solve (a cap of
+    one step stops every model after one step; tighter tolerances take more steps), and
+    every array of the model is the same object."""
+    x = jnp.linspace(-0.5, 0.5, 4)
+    models = _models()
+    models["classifier"] = ik.models.ImageClassifier.build(
+        ik.models.DEQ(ik.nn.ConvCell(4, groups=2, key=jr.key(5)), (4, 2, 2),
+                      ik.Picard(rtol=1e-4, atol=1e-4)),
+        in_channels=1, classes=3, hidden=4, final=8, groups=2, key=jr.key(6))
+    images = {"classifier": jnp.linspace(-1, 1, 16).reshape(1, 4, 4)}
+    for name, model in models.items():
+        xin = images.get(name, x)
+        steps = int(model(xin, return_stats=True)[1].num_steps)
+        capped = model.with_solver(max_steps=1)
+        tight = model.with_solver(rtol=1e-12, atol=1e-12)
+        for new in (capped, tight):
+            old_leaves = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))
+            new_leaves = jax.tree_util.tree_leaves(eqx.filter(new, eqx.is_array))
+            assert len(old_leaves) == len(new_leaves) and all(
+                a is b for a, b in zip(old_leaves, new_leaves)), name
+        st = capped(xin, return_stats=True)[1]
+        assert int(st.num_steps) == 1 and st.result != ik.RESULTS.successful, name
+        assert int(tight(xin, return_stats=True)[1].num_steps) > steps, name
+    hop = ik.models.HopfieldLayer(beta=2.0)
+    patterns = jnp.eye(4)[:, :3]
+    assert int(hop.with_solver(max_steps=1)(x, patterns, return_stats=True)[1].num_steps) == 1
+    assert hop.with_solver(rtol=1e-3).solver == ik.Picard(rtol=1e-3, atol=1e-8)
+    cnf = ik.models.CNF(ik.nn.MLPField(2, 8, key=jr.key(7)))
+    assert cnf.with_solver(rtol=1e-7).ode.rtol == 1e-7
+    cell = ik.nn.MLPCell(4, 4, key=jr.key(0))
+    with pytest.raises(TypeError, match=r"DEQ.with_solver takes .*'foo'"):
+        ik.models.DEQ(cell, (4,)).with_solver(foo=1)
+    with pytest.raises(TypeError, match=r"NeuralODE.with_solver takes the fields"):
+        models["node"].with_solver(throw=True)
+    with pytest.raises(ValueError, match="max_steps"):
+        ik.models.DEQ(cell, (4,)).with_solver(max_steps=0)
+    with pytest.raises(ValueError, match="ode.adjoint"):  # refused as at construction
+        models["homoode_exact"].with_solver(adjoint=dfx.BacksolveAdjoint())
+    with pytest.raises(TypeError, match="has no `rtol`/`atol`"):
+        ik.models.DEQ(cell, (4,), _NoTol()).with_solver(rtol=1e-3)
+
+
+class _NoTol(eqx.Module):
+    """A stand-in solver without tolerances."""
 
 
 def test_homoode_exact_honours_its_ode_or_refuses_it():

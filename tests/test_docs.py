@@ -111,6 +111,10 @@ def test_readme_examples_run_and_hold():
     want = -X.shape[0] * np.linalg.solve(xs.T @ xs, np.sign(w[support]))
     np.testing.assert_allclose(dw[support], want, rtol=1e-3)
     np.testing.assert_allclose(dw[~support], 0.0, atol=1e-6)
+    # evaluated with other solver settings: the learned start kept, the new tolerance met
+    assert ns["deq_eval"].z0 is ns["deq"].z0 and ns["deq_eval"].max_steps == 300
+    assert int(ns["st_eval"].num_steps) > int(ns["st"].num_steps)
+    assert float(ns["st_eval"].residual) < 1e-7 < float(ns["st"].residual)
     # the trajectory fit recovers the field that made the data
     assert float(ns["fit_loss"]) < 1e-4
     np.testing.assert_allclose(ns["node"].field.vector_field.a, ns["a_true"], atol=2e-2)

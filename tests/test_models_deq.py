@@ -205,6 +205,17 @@ def test_learned_and_skip_inits_train_and_cut_forward_steps():
         assert mean_steps(deq) <= mean_steps(zeros) - 1.0, (init, mean_steps(deq),
                                                             mean_steps(zeros))
         assert float(jnp.linalg.norm(param)) > 0
+        # Evaluated with other settings (another solver, tolerance and cap), the trained
+        # start is kept bit for bit and used: it still saves steps over zeros there.
+        settings = dict(solver=ik.Anderson(rtol=1e-10, atol=1e-10), max_steps=300)
+        ev, ev_zeros = deq.with_solver(**settings), zeros.with_solver(**settings)
+        kept = ev.z0 if init == "learned" else ev.skip.weight
+        assert kept is param and np.array_equal(np.asarray(kept), np.asarray(param))
+        _, st = jax.vmap(lambda x: ev(x, return_stats=True))(xs)
+        assert bool(jnp.all(st.result == ik.RESULTS.successful))
+        assert float(jnp.max(st.residual)) < 1e-8  # the new tolerance (trained at 1e-6)
+        assert mean_steps(ev) < mean_steps(ev_zeros), (init, mean_steps(ev),
+                                                       mean_steps(ev_zeros))
 
 
 def test_bad_init_and_skip_arguments():

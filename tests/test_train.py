@@ -589,8 +589,19 @@ def test_cli_train_eval_and_errors(tmp_path, capsys):
     assert main(["train", str(path), "optim.lr=0.003"]) == 0
     out = capsys.readouterr().out
     assert "test acc" in out and "tiny" in out and str(tmp_path / "r") in out
-    assert main(["eval", str(tmp_path / "r" / "epoch-0001.ckpt")]) == 0
-    assert "test_acc" in capsys.readouterr().out
+    ckpt = str(tmp_path / "r" / "epoch-0001.ckpt")
+
+    def evaluated(*sets):
+        assert main(["eval", ckpt, *sets]) == 0
+        return dict(line.split(": ") for line in capsys.readouterr().out.splitlines())
+
+    out = evaluated()
+    assert "test_acc" in out and float(out["test_num_steps"]) > 1
+    # evaluated with another step cap: the trained model, solved otherwise
+    capped = evaluated("--set", "model.eval_max_steps=1")
+    assert float(capped["test_num_steps"]) == 1.0 and float(capped["test_failure_rate"]) > 0
+    assert main(["eval", ckpt, "--set", "model.hidden=4"]) == 2
+    assert "can change only" in capsys.readouterr().err
     other = tmp_path / "d.yaml"
     other.write_text(path.read_text().replace("name: tiny", "name: tiny2").replace(
         str(tmp_path / "r"), str(tmp_path / "r2")))

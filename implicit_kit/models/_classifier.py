@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, PRNGKeyArray
 
-from ._base import AbstractImplicitModel
+from ._base import AbstractImplicitModel, replace_fields
 from ._shapes import check_input
 
 
@@ -94,6 +94,11 @@ class ImageClassifier(AbstractImplicitModel):
         out = hidden if block_channels is None else block_channels
         return cls(Stem(in_channels, hidden, groups, key=k1), block,
                    Head(out, final, classes, groups, key=k2))
+
+    def with_solver(self, **settings):
+        """A copy whose block has other solver settings, every array kept: see
+        [`implicit_kit.models.AbstractImplicitModel.with_solver`][]."""
+        return replace_fields(self, block=self.block.with_solver(**settings))
 
     def __call__(self, x: Array, *, key: PRNGKeyArray | None = None,
                  inference: bool = False, return_stats: bool = False,

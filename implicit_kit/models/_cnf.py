@@ -12,6 +12,7 @@ from jaxtyping import Array, PRNGKeyArray
 
 from .._solution import RESULTS
 from ..nn import prepare
+from ._base import with_ode_settings
 from ._ode import call_field, ODESolve
 from ._shapes import check_cell
 from ._stats import ModelStats
@@ -96,6 +97,11 @@ class CNF(eqx.Module):
 
     def _check(self, field, x, args):
         check_cell("CNF", "field", lambda y, a: call_field(field, self.t0, y, a), x, args)
+
+    def with_solver(self, **settings):
+        """A copy with other `ode` settings (any field of its `ODESolve`), every array
+        kept: see [`implicit_kit.models.AbstractImplicitModel.with_solver`][]."""
+        return with_ode_settings(self, settings)
 
     def log_prob(self, x: Array, *, args: Any = None, key: PRNGKeyArray | None = None,
                  inference: bool = False, return_stats: bool = False):

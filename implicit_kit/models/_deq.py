@@ -12,7 +12,7 @@ from .._fixed_point import fixed_point
 from ..nn import prepare
 from ..regularizers import jacobian_frobenius
 from ..solvers import Anderson
-from ._base import AbstractImplicitModel
+from ._base import AbstractImplicitModel, with_fixed_point_settings
 from ._shapes import check_cell, ONE_SAMPLE
 from ._stats import ModelStats
 
@@ -144,6 +144,12 @@ class DEQ(AbstractImplicitModel):
             return sol.value
         iterates = sol.stats["iterates"] if self.save_iterates else None
         return sol.value, ModelStats.from_solution(sol, z0=z0, iterates=iterates)
+
+    def with_solver(self, **settings):
+        """A copy with other solver settings (`solver`, `adjoint`, `max_steps`, `throw`,
+        `rtol`, `atol`), every array kept: see
+        [`implicit_kit.models.AbstractImplicitModel.with_solver`][]."""
+        return with_fixed_point_settings(self, settings)
 
     def jacobian_frobenius(self, z: Array, x: Array, *, key: PRNGKeyArray) -> Array:
         """The Hutchinson estimate of the squared Frobenius norm of the cell's Jacobian

@@ -8,6 +8,7 @@ from jaxtyping import Array, Float
 from .._fixed_point import fixed_point
 from ..nn import hopfield_update
 from ..solvers import Picard
+from ._base import with_fixed_point_settings
 from ._stats import ModelStats
 
 
@@ -26,19 +27,24 @@ class HopfieldLayer(eqx.Module):
     """
 
     beta: float
-    solver: Any = None
+    solver: Any = Picard(rtol=1e-6, atol=1e-8)
     adjoint: Any = None
     max_steps: int = eqx.field(static=True, default=256)
     throw: bool = eqx.field(static=True, default=False)
+
+    def with_solver(self, **settings):
+        """A copy with other solver settings (`solver`, `adjoint`, `max_steps`, `throw`,
+        `rtol`, `atol`), every array kept: see
+        [`implicit_kit.models.AbstractImplicitModel.with_solver`][]."""
+        return with_fixed_point_settings(self, settings)
 
     def __call__(self, query: Float[Array, " d"], patterns: Float[Array, "d n"], *,
                  return_stats: bool = False, probe: Array | None = None):
         """The retrieved pattern for `query` from the columns of `patterns`; with
         `return_stats=True`, `(pattern, stats)` (a `ModelStats`)."""
-        solver = Picard(rtol=1e-6, atol=1e-8) if self.solver is None else self.solver
         sol = fixed_point(
             lambda xi, a: hopfield_update(xi, a[0], a[1]), query, (patterns, self.beta),
-            solver, adjoint=self.adjoint, max_steps=self.max_steps, throw=self.throw,
+            self.solver, adjoint=self.adjoint, max_steps=self.max_steps, throw=self.throw,
             probe=probe,
         )
         if not return_stats:

@@ -18,7 +18,7 @@ from .._adjoint import ImplicitAdjoint
 from .._fixed_point import fixed_point
 from ..nn import HollowCoupling, prox_softmax, Tier
 from ..solvers import Anderson
-from ._base import AbstractImplicitModel
+from ._base import AbstractImplicitModel, with_fixed_point_settings
 from ._stats import ModelStats
 
 
@@ -149,6 +149,12 @@ class MonotoneDBM(AbstractImplicitModel):
         bins = self.tiers[0].group
         x = x.reshape(self.tiers[0].shape[1:])
         return jnp.clip(jnp.floor(x * bins), 0, bins - 1).astype(jnp.int32)
+
+    def with_solver(self, **settings):
+        """A copy with other solver settings (`solver`, `adjoint`, `max_steps`, `throw`,
+        `rtol`, `atol`), every array kept: see
+        [`implicit_kit.models.AbstractImplicitModel.with_solver`][]."""
+        return with_fixed_point_settings(self, settings)
 
     def __call__(self, x: Array, *, key: PRNGKeyArray | None = None,
                  inference: bool = False, return_stats: bool = False, probe=None,

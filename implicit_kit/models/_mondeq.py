@@ -21,7 +21,7 @@ from .._fixed_point import fixed_point
 from .._solution import Solution
 from ..nn import MonotoneConv, MonotoneLinear
 from ..solvers import Picard
-from ._base import AbstractImplicitModel
+from ._base import AbstractImplicitModel, with_fixed_point_settings
 from ._shapes import check_input
 from ._stats import ModelStats
 
@@ -153,6 +153,12 @@ class MonotoneDEQ(AbstractImplicitModel):
     @property
     def state_shape(self) -> tuple[int, ...]:
         return self.layer.state_shape
+
+    def with_solver(self, **settings):
+        """A copy with other solver settings (`solver`, `adjoint`, `max_steps`, `throw`,
+        `rtol`, `atol`), every array kept: see
+        [`implicit_kit.models.AbstractImplicitModel.with_solver`][]."""
+        return with_fixed_point_settings(self, settings)
 
     def __call__(self, x: Array, *, key=None, inference: bool = False,
                  return_stats: bool = False, probe=None):

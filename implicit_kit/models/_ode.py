@@ -16,7 +16,7 @@ from .._solution import as_results
 from ..homotopy import count_nfe, FixedPointHomotopy, homotopy_solve
 from ..nn import prepare
 from ..regularizers import ErrorEstimatePenalty, local_error_penalty
-from ._base import AbstractImplicitModel
+from ._base import AbstractImplicitModel, with_ode_settings
 from ._shapes import check_cell
 from ._stats import ModelStats, no_residual
 
@@ -170,6 +170,11 @@ class NeuralODE(AbstractImplicitModel):
     t1: float = 1.0
     t0: float = 0.0
 
+    def with_solver(self, **settings):
+        """A copy with other `ode` settings (any field of its `ODESolve`), every array
+        kept: see [`implicit_kit.models.AbstractImplicitModel.with_solver`][]."""
+        return with_ode_settings(self, settings)
+
     def __call__(self, z0, ts: Array | None = None, *, t0=None, t1=None, args=None,
                  key: PRNGKeyArray | None = None, inference: bool = False,
                  return_stats: bool = False, probe: Array | None = None):
@@ -213,6 +218,11 @@ class AugmentedNeuralODE(AbstractImplicitModel):
     t1: float = 1.0
     t0: float = 0.0
 
+    def with_solver(self, **settings):
+        """A copy with other `ode` settings (any field of its `ODESolve`), every array
+        kept: see [`implicit_kit.models.AbstractImplicitModel.with_solver`][]."""
+        return with_ode_settings(self, settings)
+
     def __call__(self, x, ts: Array | None = None, *, t0=None, t1=None, args=None,
                  key: PRNGKeyArray | None = None, inference: bool = False,
                  return_stats: bool = False, probe: Array | None = None):
@@ -248,6 +258,22 @@ def alternating_start(shape: tuple[int, ...], dtype=None) -> Array:
     sign = np.where(np.arange(shape[0]) % 2 == 0, -1.0, 1.0)
     out = np.broadcast_to(sign.reshape((-1,) + (1,) * (len(shape) - 1)), shape)
     return jnp.asarray(out) if dtype is None else jnp.asarray(out, dtype)
+
+
+def _check_exact_ode(ode: ODESolve) -> None:
+    adjoint = ode.adjoint
+    if not (type(adjoint) is dfx.RecursiveCheckpointAdjoint
+            and adjoint.checkpoints is None):
+        raise ValueError(
+            "HomoODE(field='exact') differentiates by the implicit function "
+            "theorem at the end point; `ode.adjoint` "
+            f"({type(adjoint).__name__}) would be ignored: leave it unset."
+        )
+    if ode.error_penalty or ode.local_penalty:
+        raise ValueError(
+            "HomoODE(field='exact') does not support `ode.error_penalty` / "
+            "`ode.local_penalty` (its path is a homotopy, not the model's ODE)."
+        )
 
 
 class HomoODE(AbstractImplicitModel):
@@ -310,19 +336,7 @@ class HomoODE(AbstractImplicitModel):
                              f"(init='learned' or 'conditioned'), got init={init!r}.")
         ode = ODESolve() if ode is None else ode
         if field == "exact":
-            adjoint = ode.adjoint
-            if not (type(adjoint) is dfx.RecursiveCheckpointAdjoint
-                    and adjoint.checkpoints is None):
-                raise ValueError(
-                    "HomoODE(field='exact') differentiates by the implicit function "
-                    "theorem at the end point; `ode.adjoint` "
-                    f"({type(adjoint).__name__}) would be ignored: leave it unset."
-                )
-            if ode.error_penalty or ode.local_penalty:
-                raise ValueError(
-                    "HomoODE(field='exact') does not support `ode.error_penalty` / "
-                    "`ode.local_penalty` (its path is a homotopy, not the model's ODE)."
-                )
+            _check_exact_ode(ode)
         self.module = module
         if not _is_shape(state_shape) and not (
                 isinstance(state_shape, (tuple, list)) and state_shape
@@ -381,6 +395,15 @@ class HomoODE(AbstractImplicitModel):
             return eqx.tree_at(lambda m: m.init_net, spec,
                                jtu.tree_map(lambda _: True, model.init_net))
         return eqx.tree_at(lambda m: m.z0, spec, True, is_leaf=lambda x: x is None)
+
+    def with_solver(self, **settings):
+        """A copy with other `ode` settings (any field of its `ODESolve`: for
+        `field="exact"`, those that drive the homotopy path), every array kept: see
+        [`implicit_kit.models.AbstractImplicitModel.with_solver`][]."""
+        new = with_ode_settings(self, settings)
+        if self.field == "exact":
+            _check_exact_ode(new.ode)
+        return new
 
     def __call__(self, x: Array, *, key: PRNGKeyArray | None = None,
                  inference: bool = False, return_stats: bool = False,

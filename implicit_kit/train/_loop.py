@@ -38,6 +38,7 @@ from ._rundir import (
     TrainingInterrupted,
     write_error,
 )
+from ._schema import parse_overrides
 from ._step import make_optimiser, Steps
 
 
@@ -357,11 +358,22 @@ def _check_policy(cfg, m, epoch, step, done_epoch, run_dir) -> None:
             )
 
 
-def evaluate_checkpoint(path, *, devices=None) -> dict:
+# The keys `evaluate_checkpoint` may change: how the trained model is evaluated.
+EVAL_KEYS = ("model.eval_rtol", "model.eval_atol", "model.eval_max_steps",
+             "train.eval_batch")
+
+
+def evaluate_checkpoint(path, *, overrides=(), devices=None) -> dict:
     """Rebuild the model from a checkpoint's own config (the same setup as `fit`) and
-    evaluate it on the test split."""
+    evaluate it on the test split. `overrides` (`["model.eval_max_steps=80", ...]`)
+    change how it is evaluated, one of `EVAL_KEYS` each (the forward solver's step cap
+    and tolerances at evaluation, the eval batch); every trained parameter is kept."""
+    for key, _ in parse_overrides(overrides):
+        if key not in EVAL_KEYS:
+            raise ConfigError(f"evaluating a checkpoint can change only {EVAL_KEYS}, got "
+                              f"key {key!r} (the others define the trained model).")
     header, _ = read_header(path)
-    cfg = config_from_dict(migrate_config(header["config"]), source=str(path))
+    cfg = config_from_dict(migrate_config(header["config"]), overrides, source=str(path))
     check_config(cfg)
     st = _setup(cfg, devices)
     like = (st.params, st.optimiser.init(st.params), jr.key_data(jr.key(0)))

@@ -78,6 +78,10 @@ class ModelConfig:
     - Every kind: `hidden` (channels of the block's state), `rtol`, `atol`, `max_steps`
       (forward tolerances and step cap; null: the model's own default, 256 solver steps
       or 4096 ODE steps).
+    - Every kind: `eval_rtol`, `eval_atol`, `eval_max_steps`: the forward tolerances and
+      step cap at evaluation (null: the training ones), applied to the trained model by
+      `model.with_solver` (every parameter kept); also set when evaluating a checkpoint,
+      `implicit-kit eval CHECKPOINT --set model.eval_max_steps=80`.
 
     In Python, make the kind's class (`DEQConfig(hidden=8)`); `kind` is set from it."""
 
@@ -90,6 +94,9 @@ class ModelConfig:
     rtol: float = 1e-3
     atol: float = 1e-3
     max_steps: int | None = None
+    eval_rtol: float | None = None
+    eval_atol: float | None = None
+    eval_max_steps: int | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -115,19 +122,29 @@ class ModelConfig:
         """Raise `ConfigError` naming the key of a value this kind cannot use (called
         when the section is made; subclasses extend it)."""
         _positive(self, "hidden")
-        if self.max_steps is not None and not 1 <= self.max_steps <= 2**31 - 1:
-            raise ConfigError(f"key 'model.max_steps' must be a positive integer (at most "
-                              f"2**31 - 1) or null, got {self.max_steps}.")
-        for key in ("rtol", "atol"):
-            if getattr(self, key) < 0:
+        for key in ("max_steps", "eval_max_steps"):
+            value = getattr(self, key)
+            if value is not None and not 1 <= value <= 2**31 - 1:
+                raise ConfigError(f"key 'model.{key}' must be a positive integer (at most "
+                                  f"2**31 - 1) or null, got {value}.")
+        for key in ("rtol", "atol", "eval_rtol", "eval_atol"):
+            value = getattr(self, key)
+            if value is not None and not value >= 0:
                 raise ConfigError(f"key 'model.{key}' must be a finite number >= 0, got "
-                                  f"{getattr(self, key)}.")
+                                  f"{value}.")
 
     @property
     def learned_start(self) -> bool:
         """Whether the model has a trained start point (the `init_loss` regulariser's
         input)."""
         return False
+
+    def eval_model(self, model):
+        """`model` (built from this section) with the evaluation settings `eval_rtol`,
+        `eval_atol`, `eval_max_steps` (those set) through `model.with_solver`."""
+        settings = {k: v for k, v in (("rtol", self.eval_rtol), ("atol", self.eval_atol),
+                                      ("max_steps", self.eval_max_steps)) if v is not None}
+        return model.with_solver(**settings) if settings else model
 
     def steps(self) -> dict:
         """`max_steps` as a keyword for the model (none: the model's default)."""

@@ -125,13 +125,14 @@ class Steps:
     def _apply(self, params, probe, xb, keys):
         """The model on every sample of the batch: `(logits, stats)`, per sample. With a
         `probe` (training) the backward statistics flow into its cotangent; without,
-        the model runs in inference mode."""
+        the model runs in inference mode, with the evaluation solver settings."""
 
         def batch(params, probe, xb, keys):
-            model = eqx.combine(params, self.static)
-            if probe is None:
+            if probe is None:  # the config's `model.eval_*` settings (`with_solver`)
+                model = self.cfg.model.eval_model(eqx.combine(params, self.static))
                 return jax.vmap(lambda x, k: model(x, key=k, inference=True,
                                                    return_stats=True))(xb, keys)
+            model = eqx.combine(params, self.static)
             return jax.vmap(lambda x, k: model(x, key=k, return_stats=True,
                                                probe=probe))(xb, keys)
 
