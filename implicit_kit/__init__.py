@@ -39,6 +39,7 @@ from ._solution import (
 from .homotopy import homotopy_solve as homotopy_solve, HomotopySolver as HomotopySolver
 from .solvers import (
     Anderson as Anderson,
+    BestSoFar as BestSoFar,
     Broyden as Broyden,
     Fallback as Fallback,
     FISTA as FISTA,

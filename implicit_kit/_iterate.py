@@ -201,7 +201,10 @@ def _finish(loop: _Loop, c: _Carry):
     y, aux, extra = loop.solver.postprocess(
         loop.nfn, c.y, c.aux, loop.args, loop.options, final_state, frozenset(), result
     )
-    residual, nfe = c.residual, c.nfe
+    # A solver that returns another iterate than the last (`BestSoFar`) reports its
+    # residual in its stats.
+    extra = dict(extra)
+    residual, nfe = extra.pop("residual", c.residual), c.nfe
     if not loop.ours and not loop.trace:
         residual = loop.norm(residual_fn(loop.fn, loop.kind)(y, loop.args)).astype(loop.real)
         nfe = nfe + 1

@@ -213,6 +213,12 @@ def test_with_solver_sets_every_model_s_solver_and_keeps_its_arrays():
     cnf = ik.models.CNF(ik.nn.MLPField(2, 8, key=jr.key(7)))
     assert cnf.with_solver(rtol=1e-7).ode.rtol == 1e-7
     cell = ik.nn.MLPCell(4, 4, key=jr.key(0))
+    # tolerances reach a wrapped solver (BestSoFar) and a splitting's own solver
+    wrapped = ik.models.DEQ(cell, (4,), ik.BestSoFar(ik.Anderson())).with_solver(rtol=1e-3)
+    assert wrapped.solver == ik.BestSoFar(ik.Anderson(rtol=1e-3))
+    split = ik.models.MonotoneDEQ.dense(4, 4, key=jr.key(0), solver=ik.models.PeacemanRachford(
+        solver=ik.Halpern())).with_solver(atol=1e-9)
+    assert split.solver.atol == 1e-9 and split.solver.solver.atol == 1e-9
     with pytest.raises(TypeError, match=r"DEQ.with_solver takes .*'foo'"):
         ik.models.DEQ(cell, (4,)).with_solver(foo=1)
     with pytest.raises(TypeError, match=r"NeuralODE.with_solver takes the fields"):

@@ -31,6 +31,7 @@ REFERENCE = {
     "VRHalpern": "test_solvers.py::test_vr_halpern_solves_a_finite_sum_with_fewer_component_evaluations",
     "finite_sum": "test_solvers.py::test_vr_halpern_implicit_gradient_and_vmap",
     "Fallback": "test_solvers.py::test_fallback_per_sample",
+    "BestSoFar": "test_solvers.py::test_best_so_far_returns_the_lowest_residual_iterate_with_its_residual",
     "HomotopySolver": "test_homotopy.py::test_homotopy_solver_in_fallback_and_fixed_point",
     "ImplicitAdjoint": "test_adjoints.py::test_exact_gradients",
     "ImplicitJVPAdjoint": "test_adjoints.py::test_forward_mode",

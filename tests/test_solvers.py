@@ -2,7 +2,9 @@
 
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
+import optimistix as optx
 import pytest
 from jax.flatten_util import ravel_pytree
 
@@ -346,3 +348,83 @@ def test_vr_halpern_implicit_gradient_and_vmap():
         ik.solvers.finite_sum(component, 0)
     with pytest.raises(TypeError, match="step_size"):  # no default can know L
         ik.VRHalpern(component, n)
+
+
+def _oscillating():
+    """Picard on tanh(1.4 Q y + x), Q orthogonal: no contraction; its residual falls to
+    a minimum at step 7 of 25 and then rises again (3.5 times higher at the end)."""
+    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(2), (6, 6)))
+    x = jax.random.normal(jax.random.key(1), (6,))
+    return (lambda y, x: jnp.tanh(1.4 * q @ y + x)), x
+
+
+def test_best_so_far_returns_the_lowest_residual_iterate_with_its_residual():
+    f, x = _oscillating()
+    n = 25
+    tight = ik.Picard(rtol=1e-10, atol=1e-10)
+    kw = dict(max_steps=n, throw=False, trace=True, save_iterates=tuple(range(n)))
+    plain = ik.fixed_point(f, jnp.zeros(6), x, tight, **kw)
+    best = ik.fixed_point(f, jnp.zeros(6), x, ik.BestSoFar(tight), **kw)
+    trace = np.asarray(plain.stats["residual_trace"])  # trace[k]: |f(y_k) - y_k|
+    k = int(np.argmin(trace))
+    assert 0 < k < n - 1 and trace[k] < 0.5 * trace[-1]  # the premise
+    # the same run (trace, iterates, steps, nfe, code), another iterate returned
+    np.testing.assert_array_equal(best.stats["residual_trace"], trace)
+    np.testing.assert_array_equal(best.value, plain.stats["iterates"][k])
+    assert float(best.stats["residual"]) == trace[k]
+    np.testing.assert_allclose(jnp.linalg.norm(f(best.value, x) - best.value), trace[k],
+                               rtol=1e-12)
+    assert int(best.stats["num_steps"]) == int(best.stats["nfe"]) == n
+    assert best.result == plain.result == ik.RESULTS.nonlinear_max_steps_reached
+    # converged: the iterate that met the tolerance; per sample under vmap
+    xs = jnp.stack([x, 3.0 * jnp.ones(6)])  # the second saturates: a contraction
+    sols = jax.vmap(lambda x: ik.fixed_point(f, jnp.zeros(6), x, ik.BestSoFar(tight),
+                                             max_steps=n, throw=False))(xs)
+    for i in range(2):
+        one = ik.fixed_point(f, jnp.zeros(6), xs[i], ik.BestSoFar(tight), max_steps=n,
+                             throw=False)
+        np.testing.assert_allclose(sols.value[i], one.value, rtol=1e-12)  # (vmap's
+        np.testing.assert_allclose(sols.stats["residual"][i], one.stats["residual"],
+                                   rtol=1e-9)  # batched matmul rounds otherwise)
+    assert int(sols.stats["num_steps"][1]) < n and float(sols.stats["residual"][1]) <= 1e-10 * (
+        1 + float(jnp.linalg.norm(sols.value[1])))
+    with pytest.raises(TypeError, match="BestSoFarFixedPoint"):
+        ik.BestSoFar(optx.FixedPointIteration(rtol=1e-6, atol=1e-6))
+
+
+@pytest.mark.parametrize("adjoint", ["implicit", "jfb", "neumann", "phantom", "unrolled"])
+def test_best_so_far_gradients_are_those_at_the_returned_iterate(adjoint):
+    """Every backward mode applies at the iterate returned: its gradient equals that of
+    the same mode at that point given as the solution (`GivenForward`), and the unrolled
+    one the finite differences of the whole forward run (the selection included)."""
+    from implicit_kit._solve import GivenForward, solve
+
+    f, x = _oscillating()
+    c = jnp.linspace(-1.0, 1.0, 6)
+    solver = ik.BestSoFar(ik.Picard(rtol=1e-10, atol=1e-10))
+    adj = {"implicit": ik.ImplicitAdjoint(lx.GMRES(rtol=1e-12, atol=1e-12)),
+           "jfb": ik.JFBAdjoint(), "neumann": ik.NeumannAdjoint(k=4),
+           "phantom": ik.PhantomAdjoint(k=4, damping=0.5),
+           "unrolled": ik.UnrolledAdjoint()}[adjoint]
+
+    def loss(x):
+        sol = ik.fixed_point(f, jnp.zeros(6), x, solver, adjoint=adj, max_steps=25,
+                             throw=False)
+        return jnp.dot(c, sol.value)
+
+    g = jax.grad(loss)(x)
+    if adjoint == "unrolled":
+        eps = 1e-6
+        want = np.array([(loss(x.at[i].add(eps)) - loss(x.at[i].add(-eps))) / (2 * eps)
+                         for i in range(6)])
+        np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-8)
+        return
+    v = ik.fixed_point(f, jnp.zeros(6), x, solver, max_steps=25, throw=False).value
+
+    def at_v(x):
+        sol = solve(f, v, x, GivenForward("fixed_point", lambda y0, *_: y0),
+                    has_aux=False, adjoint=adj, throw=False, probe=None)
+        return jnp.dot(c, sol.value)
+
+    np.testing.assert_allclose(g, jax.grad(at_v)(x), rtol=1e-9, atol=1e-12)
+    assert not np.allclose(g, 0)

@@ -270,7 +270,8 @@ def test_each_model_kind_is_one_section_class():
     for kind, (section_cls, model_cls, own_key) in _KINDS.items():
         data = {"normalise": kind != "mondbm"}
         cfg = config_from_dict({"name": "x", "model": {"kind": kind, "hidden": 8,
-                                                       "max_steps": 7}, "data": data})
+                                                       "max_steps": 7, "eval_max_steps": 9},
+                                "data": data})
         section = cfg.model
         assert type(section) is train.ModelConfig.KINDS[kind] is getattr(train, section_cls)
         assert section.kind == kind
@@ -290,6 +291,17 @@ def test_each_model_kind_is_one_section_class():
             block, is_leaf=lambda x: isinstance(x, eqx.Module) and hasattr(x, "max_steps"))
             if hasattr(leaf, "max_steps")]
         assert steps and all(s.max_steps == 7 for s in steps), kind
+        # evaluated with the section's eval settings: the same arrays, the eval step cap
+        ev = section.eval_model(model)
+        assert all(a is b for a, b in zip(*(jax.tree_util.tree_leaves(eqx.filter(
+            m, eqx.is_array)) for m in (model, ev)))), kind
+        steps = [leaf for leaf in jax.tree_util.tree_leaves(
+            getattr(ev, "block", ev), is_leaf=lambda x: isinstance(x, eqx.Module)
+            and hasattr(x, "max_steps")) if hasattr(leaf, "max_steps")]
+        assert steps and all(s.max_steps == 9 for s in steps), kind
+    best = train.build_model(train.DEQConfig(rtol=1e-4, best_so_far=True), in_channels=1,
+                             classes=10, spatial=8, key=jax.random.key(0))
+    assert best.block.solver == ik.BestSoFar(ik.Anderson(rtol=1e-4, atol=1e-3))
     with pytest.raises(ConfigError, match=r"'model\.dropout' must be in \[0, 1\)"):
         train.NeuralODEConfig(dropout=1.0)  # made in Python: checked the same way
     with pytest.raises(TypeError, match="not a model kind"):

@@ -7,6 +7,7 @@ from ._base import (
     AbstractSolverState as AbstractSolverState,
 )
 from .anderson import Anderson as Anderson
+from .best_so_far import BestSoFar as BestSoFar
 from .broyden import Broyden as Broyden
 from .fallback import Fallback as Fallback
 from .fista import FISTA as FISTA

@@ -221,6 +221,8 @@ class DEQConfig(ClassifierConfig, _ImplicitBackward):
       `linear_solver`, `adjoint_rtol`), `phantom`, `jfb`, `neumann` (`adjoint_steps`: the
       k of phantom/neumann), `unrolled`.
     - `init`: the start point, `zeros`, `learned` or `skip`.
+    - `best_so_far`: return the lowest-residual iterate of each solve
+      (`ik.BestSoFar(solver)`, TorchDEQ's default) instead of the last.
     - `residual`: the cell's form, MDEQ's residual block `GN(ReLU(z + h))` (True) or the
       plain `h` (False; the HomoODE field's form, closer to a contraction at
       initialisation); `dropout`: variational dropout in the cell."""
@@ -233,6 +235,7 @@ class DEQConfig(ClassifierConfig, _ImplicitBackward):
     adjoint: str = "implicit"
     adjoint_steps: int = 5
     init: str = "zeros"
+    best_so_far: bool = False
     residual: bool = True
     dropout: float = 0.0
 
@@ -250,6 +253,8 @@ class DEQConfig(ClassifierConfig, _ImplicitBackward):
         cell = nn.ConvCell(h, groups=self._groups(h), dropout=self.dropout,
                            residual=self.residual, key=key)
         solver = DEQ_SOLVERS[self.solver](rtol=self.rtol, atol=self.atol)
+        if self.best_so_far:
+            solver = solvers.BestSoFar(solver)
         return models.DEQ(cell, (h, spatial, spatial), solver,
                           DEQ_ADJOINTS[self.adjoint](self), init=self.init,
                           **self.steps()), h
