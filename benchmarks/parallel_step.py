@@ -44,7 +44,7 @@ def main():
     root = pathlib.Path(__file__).resolve().parents[1]
     assert len(jax.devices()) == a.devices, jax.devices()
     variants = {  # name: (config file, overrides)
-        "digits_deq": ("digits_deq", []),
+        "digits_deq": ("digits_deq", ["model.adjoint=phantom", "model.adjoint_steps=5"]),
         "digits_deq_implicit": ("digits_deq", ["model.adjoint=implicit"]),
         "digits_homoode": ("digits_homoode", []),
         "digits_mondeq": ("digits_mondeq", []),

@@ -11,6 +11,7 @@ $V = (I + \alpha(I - W))^{-1}$ used by Peaceman–Rachford splitting.
 
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, PRNGKeyArray
@@ -48,6 +49,32 @@ class MonotoneOperator(eqx.Module):
         if self.v is None:
             raise ValueError("this operator was built without `alpha`: no resolvent.")
         return self._apply(self.v, z)
+
+    def lipschitz(self, num_iters: int = 50) -> Array:
+        r"""$L = \|I - W\|_2$, the largest singular value of $I - W$ (of its
+        per-frequency blocks for a convolution): power iteration on $(I-W)^H(I-W)$ from
+        a fixed random start, `num_iters` matrix products (no LAPACK call: an SVD
+        aborted or hung XLA:CPU under `shard_map` on several host devices). A lower
+        bound that converges to $L$ (within 1.3e-6 relative in 50 iterations on the test
+        operators, L = 5 to 100); computed once per solve, for the splittings' step
+        size."""
+        eye = jnp.eye(self.w.shape[-1], dtype=self.w.dtype)
+        iw = eye - self.w
+        gram = jnp.conj(jnp.swapaxes(iw, -1, -2)) @ iw
+        v = jr.normal(jr.key(0), gram.shape[:-1], jnp.real(gram).dtype).astype(gram.dtype)
+
+        def power(_, v):
+            v = jnp.einsum("...ij,...j->...i", gram, v)
+            return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+
+        v = lax.fori_loop(0, num_iters, power, v / jnp.linalg.norm(v, axis=-1, keepdims=True))
+        rayleigh = jnp.real(jnp.sum(jnp.conj(v) * jnp.einsum("...ij,...j->...i", gram, v),
+                                    axis=-1))
+        return jnp.sqrt(jnp.max(rayleigh))
+
+    def with_resolvent(self, alpha) -> "MonotoneOperator":
+        """The same operator with the resolvent $V = (I + \alpha(I - W))^{-1}$."""
+        return MonotoneOperator(self.w, _resolvent(self.w, alpha), self.kind)
 
     def dense(self) -> Array:
         """The matrix of $W$ on the flattened state (for tests and small problems)."""
