@@ -115,6 +115,10 @@ def test_readme_examples_run_and_hold():
     assert ns["deq_eval"].z0 is ns["deq"].z0 and ns["deq_eval"].max_steps == 300
     assert int(ns["st_eval"].num_steps) > int(ns["st"].num_steps)
     assert float(ns["st_eval"].residual) < 1e-7 < float(ns["st"].residual)
+    # every layer of the cell normalised: a contraction in z, solved
+    cell = ns["cell"]
+    assert all(isinstance(layer, ns["ik"].nn.SpectralNorm) for layer in cell.mlp.layers)
+    assert ns["st_normed"].result == ns["ik"].RESULTS.successful
     # the trajectory fit recovers the field that made the data
     assert float(ns["fit_loss"]) < 1e-4
     np.testing.assert_allclose(ns["node"].field.vector_field.a, ns["a_true"], atol=2e-2)

@@ -65,6 +65,88 @@ def test_normalised_weights(norm):
     np.testing.assert_allclose(layer(x), ik.nn.prepare(layer)(x))
 
 
+class _Net(eqx.Module):
+    """An arbitrary Equinox module: a conv, a list of linears, an embedding, a norm."""
+
+    conv1: eqx.nn.Conv2d
+    layers: list
+    embedding: eqx.nn.Linear
+    gn: eqx.nn.GroupNorm
+
+    def __init__(self, key):
+        k = jr.split(key, 4)
+        self.conv1 = eqx.nn.Conv2d(2, 3, 3, padding=1, key=k[0])
+        self.layers = [eqx.nn.Linear(12, 6, key=k[1]), eqx.nn.Linear(6, 4, key=k[2])]
+        self.embedding = eqx.nn.Linear(4, 4, key=k[3])
+        self.gn = eqx.nn.GroupNorm(1, 3)
+
+    def __call__(self, x):
+        h = jnp.tanh(self.gn(self.conv1(x))).mean(axis=(1, 2))
+        h = jnp.concatenate([h, h, h, h])
+        return self.embedding(self.layers[1](jnp.tanh(self.layers[0](h))))
+
+
+def _normed(net):
+    return {name for name, layer in (("conv1", net.conv1), ("layers.0", net.layers[0]),
+                                     ("layers.1", net.layers[1]),
+                                     ("embedding", net.embedding))
+            if isinstance(layer, (ik.nn.WeightNorm, ik.nn.SpectralNorm))}
+
+
+def test_apply_norm_reparametrises_the_chosen_layers_of_any_module():
+    net = _Net(jr.key(0))
+    x = jr.normal(jr.key(1), (2, 4, 4))
+    normed = ik.nn.apply_norm(net, "weight", filter_out="embed")
+    assert _normed(normed) == {"conv1", "layers.0", "layers.1"}
+    np.testing.assert_allclose(normed(x), net(x), rtol=1e-12)  # g starts at ‖v‖
+    # against the hand-normalised weights, for scales g set by hand
+    normed = eqx.tree_at(lambda n: (n.conv1.g, n.layers[0].g), normed,
+                         replace_fn=lambda g: g * jnp.linspace(0.5, 2.0, g.size).reshape(
+                             g.shape))
+    prepared = ik.nn.prepare(normed)
+    for got, layer, g in ((prepared.conv1.weight, net.conv1, normed.conv1.g),
+                          (prepared.layers[0].weight, net.layers[0], normed.layers[0].g)):
+        v = np.asarray(layer.weight)
+        rows = v.reshape(v.shape[0], -1)
+        want = (np.asarray(g).reshape(-1, 1) * rows / np.linalg.norm(rows, axis=1,
+                                                                      keepdims=True))
+        np.testing.assert_allclose(np.asarray(got).reshape(v.shape[0], -1), want,
+                                   rtol=1e-12)
+    assert prepared.embedding.weight is net.embedding.weight  # filtered out: untouched
+    # TorchDEQ's filters, and a predicate
+    assert _normed(ik.nn.apply_norm(net, prefix_filter_out=["layers", "embed"])) == {"conv1"}
+    assert _normed(ik.nn.apply_norm(net, where=lambda name, layer: isinstance(
+        layer, eqx.nn.Linear) and name != "layers.1")) == {"layers.0", "embedding"}
+    # dims: one scale per input column of a linear layer (dim=1), or one in all (None):
+    # with every scale g set to 1, those norms of the weight are 1
+    for dim, axis, count in ((1, 0, 12), (None, None, 1)):
+        one = ik.nn.apply_norm(net, dim=dim, where=lambda n, _: n == "layers.0")
+        assert one.layers[0].g.size == count
+        one = eqx.tree_at(lambda n: n.layers[0].g, one, replace_fn=jnp.ones_like)
+        w = np.asarray(ik.nn.prepare(one).layers[0].weight)
+        np.testing.assert_allclose(np.linalg.norm(w, axis=axis), 1.0, rtol=1e-12)
+    # spectral: every chosen weight (as an (out, rest) matrix) has norm `scale`
+    spec = ik.nn.apply_norm(net, "spectral", scale=0.9, num_iters=200, key=jr.key(2))
+    assert _normed(spec) == {"conv1", "layers.0", "layers.1", "embedding"}
+    for layer in jax.tree_util.tree_leaves(ik.nn.prepare(spec), is_leaf=lambda l: isinstance(
+            l, (eqx.nn.Linear, eqx.nn.Conv))):
+        if isinstance(layer, (eqx.nn.Linear, eqx.nn.Conv)):
+            mat = np.asarray(layer.weight).reshape(layer.weight.shape[0], -1)
+            np.testing.assert_allclose(np.linalg.norm(mat, 2), 0.9, rtol=1e-8)
+    # already normalised layers are kept; remove_norm gives plain layers, same outputs
+    again = ik.nn.apply_norm(normed, "spectral", key=jr.key(3))
+    assert again.conv1 is normed.conv1 and isinstance(again.embedding, ik.nn.SpectralNorm)
+    plain = ik.nn.remove_norm(normed)
+    assert type(plain.conv1) is eqx.nn.Conv2d and _normed(plain) == set()
+    np.testing.assert_allclose(plain(x), normed(x), rtol=1e-12)
+    with pytest.raises(ValueError, match="no Linear, Conv or ConvTranspose layer left"):
+        ik.nn.apply_norm(net, filter_out=["conv", "layers", "embed"])
+    with pytest.raises(ValueError, match="needs `key=`"):
+        ik.nn.apply_norm(net, "spectral")
+    with pytest.raises(ValueError, match="`kind` must be one of"):
+        ik.nn.apply_norm(net, "batch")
+
+
 def test_variational_dropout_one_mask_per_solve():
     cell = ik.nn.MLPCell(5, 2, hidden=16, dropout=0.5, key=jr.key(0))
     cell = eqx.tree_at(lambda c: c.w1.weight, cell, 0.3 * cell.w1.weight)

@@ -23,5 +23,10 @@ from ._monotone import (
     MonotoneLinear as MonotoneLinear,
     MonotoneOperator as MonotoneOperator,
 )
-from ._norm import SpectralNorm as SpectralNorm, WeightNorm as WeightNorm
+from ._norm import (
+    apply_norm as apply_norm,
+    remove_norm as remove_norm,
+    SpectralNorm as SpectralNorm,
+    WeightNorm as WeightNorm,
+)
 from ._prepare import AbstractPerSolve as AbstractPerSolve, prepare as prepare
