@@ -42,6 +42,9 @@ JOBS = {
     "mnist_sample": Job(["benchmarks/digits_seeds.py"] + [
         f"configs/mnist_sample_{m}.yaml" for m in ("node", "anode", "deq", "mondeq", "homoode")]
         + ["--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json", "{json}"]),
+    "deq_multiscale": Job(["benchmarks/digits_seeds.py", "configs/digits_deq.yaml",
+                           "configs/digits_deq_multiscale.yaml", "--seeds", "0,1,2",
+                           "--out", "{tmp}/seeds", "--json", "{json}"]),
     "homoode_accel": Job(["benchmarks/digits_seeds.py"] + [
         f"configs/digits_{c}.yaml" for c in (
             "homoode", "homoode_authors", "homoode_errpen", "homoode_conditioned",

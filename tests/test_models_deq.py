@@ -226,3 +226,73 @@ def test_bad_init_and_skip_arguments():
         ik.models.DEQ(cell, (4,), init="skip")
     with pytest.raises(ValueError, match="`skip` is only used"):
         ik.models.DEQ(cell, (4,), init="zeros", skip=eqx.nn.Linear(3, 4, key=jr.key(0)))
+
+
+def _tuple_cell(key=0):
+    """A cell on a tuple state (z_a of 3, z_b of (2, 2)), the two parts coupled, a
+    contraction (each weight scaled to norm 0.4)."""
+    k = jr.split(jr.key(key), 4)
+    a, b, c, d = (0.4 * w / jnp.linalg.norm(w, 2) for w in (
+        jr.normal(k[0], (3, 3)), jr.normal(k[1], (3, 4)), jr.normal(k[2], (4, 3)),
+        jr.normal(k[3], (4, 4))))
+
+    def cell(z, x):
+        za, zb = z
+        return (jnp.tanh(a @ za + b @ zb.ravel() + x),
+                jnp.tanh(c @ za + d @ zb.ravel()).reshape(2, 2))
+
+    return cell
+
+
+@pytest.mark.parametrize("adjoint", ["implicit", "unrolled", "phantom"])
+def test_a_tuple_state_is_solved_whole_with_its_gradients(adjoint):
+    """`DEQ` on a tuple state: the equilibrium of the flattened problem, learned starts of
+    the tuple's shapes, the Jacobian regulariser over the whole tuple, and gradients
+    against float64 finite differences (the phantom one against its damped unroll from
+    the solution, on the flattened problem)."""
+    cell = _tuple_cell()
+    shape = ((3,), (2, 2))
+    adj = {"implicit": ik.ImplicitAdjoint(ik.Picard(rtol=1e-13, atol=1e-14)),
+           "unrolled": ik.UnrolledAdjoint(),
+           "phantom": ik.PhantomAdjoint(k=3, damping=0.5)}[adjoint]
+    deq = ik.models.DEQ(eqx.Partial(cell), shape, TIGHT, adj, init="learned",
+                        max_steps=500, throw=True)
+    assert jax.tree_util.tree_map(jnp.shape, deq.z0) == ((3,), (2, 2))
+    x = jnp.array([0.3, -0.7, 0.5])
+    z, st = deq(x, return_stats=True)
+    assert isinstance(z, tuple) and isinstance(st.z0, tuple)
+    flat0, unravel = jax.flatten_util.ravel_pytree(deq.z0)
+    ref = ik.fixed_point(lambda v, x: jax.flatten_util.ravel_pytree(cell(unravel(v), x))[0],
+                         flat0, x, ik.Picard(rtol=1e-13, atol=1e-14), max_steps=500)
+    np.testing.assert_allclose(jax.flatten_util.ravel_pytree(z)[0], ref.value, atol=1e-12)
+    np.testing.assert_allclose(float(ik.models.init_loss(st.z0, z)), float(
+        ik.models.init_loss(flat0, ref.value)), rtol=1e-12)
+    c = jnp.linspace(-1.0, 1.0, 7)
+
+    def loss(x):
+        return jnp.dot(c, jax.flatten_util.ravel_pytree(deq(x))[0])
+
+    g = jax.grad(loss)(x)
+    if adjoint == "phantom":
+        flat_cell = lambda v, x: jax.flatten_util.ravel_pytree(cell(unravel(v), x))[0]
+
+        def unroll(x):
+            v = ref.value
+            for _ in range(3):
+                v = 0.5 * v + 0.5 * flat_cell(v, x)
+            return jnp.dot(c, v)
+
+        np.testing.assert_allclose(g, jax.grad(unroll)(x), rtol=1e-9, atol=1e-12)
+    else:
+        eps = 1e-6
+        fd = np.array([(loss(x.at[i].add(eps)) - loss(x.at[i].add(-eps))) / (2 * eps)
+                       for i in range(3)])
+        np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-9)
+    # the Hutchinson estimate over the whole tuple, against the dense Jacobian
+    jac = jax.jacfwd(lambda v: jax.flatten_util.ravel_pytree(cell(unravel(v), x))[0])(
+        ref.value)
+    est = jax.vmap(lambda k: ik.regularizers.jacobian_frobenius(cell, z, x, key=k))(
+        jr.split(jr.key(0), 4000))
+    np.testing.assert_allclose(float(jnp.mean(est)), float(jnp.sum(jac**2)) / 7, rtol=0.05)
+    with pytest.raises(ValueError, match=r"cell returned shape \('\(3,\)', '\(2, 2\)'\)"):
+        ik.models.DEQ(cell, ((3,), (4,)), init="zeros", throw=True)(x)

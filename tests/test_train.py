@@ -302,6 +302,18 @@ def test_each_model_kind_is_one_section_class():
     best = train.build_model(train.DEQConfig(rtol=1e-4, best_so_far=True), in_channels=1,
                              classes=10, spatial=8, key=jax.random.key(0))
     assert best.block.solver == ik.BestSoFar(ik.Anderson(rtol=1e-4, atol=1e-3))
+    multi = train.build_model(train.DEQConfig(cell="multiscale", scales=3, hidden=4,
+                                              norm_groups=2),
+                              in_channels=1, classes=10, spatial=8, key=jax.random.key(0))
+    assert isinstance(multi.block.cell, ik.nn.MultiscaleCell)
+    assert multi.block.state_shape == ((4, 4, 4), (8, 2, 2), (16, 1, 1))
+    logits, st = multi(jnp.ones((1, 8, 8)), return_stats=True)
+    assert logits.shape == (10,) and [z.shape for z in st.z_end] == [(4, 4, 4), (8, 2, 2),
+                                                                     (16, 1, 1)]
+    with pytest.raises(ConfigError, match=r"'model\.scales' must be >= 2"):
+        train.DEQConfig(cell="multiscale", scales=1)
+    with pytest.raises(ConfigError, match=r"'model\.init': 'skip'"):
+        train.DEQConfig(cell="multiscale", init="skip")
     with pytest.raises(ConfigError, match=r"'model\.dropout' must be in \[0, 1\)"):
         train.NeuralODEConfig(dropout=1.0)  # made in Python: checked the same way
     with pytest.raises(TypeError, match="not a model kind"):

@@ -70,6 +70,9 @@ class ImageClassifier(AbstractImplicitModel):
     model called as `block(features, key=..., inference=..., return_stats=True)`:
     `DEQ`, `MonotoneDEQ`, `NeuralODE`, `AugmentedNeuralODE`, `HomoODE`.
 
+    A block with a tuple state (`ik.nn.MultiscaleCell`) gives the head its first
+    element, the highest resolution.
+
     Returns the logits, or with `return_stats=True` `(logits, stats)`: the block's
     per-sample
     [`implicit_kit.models.ModelStats`][], with `z_end` (the detached block output, for a
@@ -108,9 +111,11 @@ class ImageClassifier(AbstractImplicitModel):
         check_input("ImageClassifier", x, (self.stem.conv1.in_channels, None, None))
         z, stats = self.block(self.stem(x), key=key, inference=inference, return_stats=True,
                               probe=probe)
+        # a tuple state (a multiscale DEQ): the head reads its highest resolution
+        logits = self.head(z[0] if isinstance(z, tuple) else z)
         if not return_stats:
-            return self.head(z)
-        return self.head(z), stats.replace(z_end=jax.lax.stop_gradient(z))
+            return logits
+        return logits, stats.replace(z_end=jax.lax.stop_gradient(z))
 
     def jacobian_frobenius(self, x: Array, z: Array, *, key: PRNGKeyArray) -> Array:
         """The block's Jacobian regulariser at its output `z` for the image `x` (a `DEQ`

@@ -13,7 +13,7 @@ from ..nn import prepare
 from ..regularizers import jacobian_frobenius
 from ..solvers import Anderson
 from ._base import AbstractImplicitModel, with_fixed_point_settings
-from ._shapes import check_cell, ONE_SAMPLE
+from ._shapes import check_cell, from_leaves, is_shape, leaf_shapes, ONE_SAMPLE, state_shape_of
 from ._stats import ModelStats
 
 
@@ -31,7 +31,9 @@ class DEQ(AbstractImplicitModel):
     **Arguments:**
 
     - `cell`: any callable module `cell(z, x) -> z'`.
-    - `state_shape`: the shape of $z$.
+    - `state_shape`: the shape of $z$, or a tuple of shapes for a tuple state (several
+        arrays, e.g. the resolutions of `ik.nn.MultiscaleCell`: each init, stat,
+        regulariser and backward mode works on the whole tuple).
     - `solver`: a forward solver (default `Anderson()`).
     - `adjoint`: the backward mode (default `ImplicitAdjoint()`).
     - `init`: the initial point $z_0$:
@@ -54,7 +56,7 @@ class DEQ(AbstractImplicitModel):
     skip: Any
     solver: Any
     adjoint: Any
-    state_shape: tuple[int, ...] = eqx.field(static=True)
+    state_shape: tuple = eqx.field(static=True)
     init: str = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
@@ -80,18 +82,18 @@ class DEQ(AbstractImplicitModel):
         if not callable(cell):
             raise TypeError(f"`cell` must be callable, got {type(cell).__name__}.")
         self.cell = cell
-        self.state_shape = tuple(state_shape)
+        self.state_shape = state_shape_of(state_shape, "DEQ")
         self.solver = Anderson() if solver is None else solver
         self.adjoint = adjoint
         self.init = init
         self.max_steps = max_steps
         self.throw = throw
         self.save_iterates = tuple(save_iterates)
-        self.z0 = jnp.zeros(self.state_shape) if init == "learned" else None
+        self.z0 = from_leaves(self.state_shape, [
+            jnp.zeros(s) for s in leaf_shapes(self.state_shape)]) if init == "learned" else None
         if init == "skip" and skip is None:
-            if input_shape is None or key is None or len(input_shape) != 1 or len(
-                self.state_shape
-            ) != 1:
+            if input_shape is None or key is None or len(input_shape) != 1 or not is_shape(
+                    self.state_shape) or len(self.state_shape) != 1:
                 raise ValueError(
                     "init='skip' needs `skip=` (a module x -> z0), or vector states with "
                     "`input_shape=(n,)` and `key=` to build a linear one."
@@ -106,9 +108,10 @@ class DEQ(AbstractImplicitModel):
         floats = [a for a in jtu.tree_leaves(x) if eqx.is_inexact_array(a)]
         dtype = jnp.result_type(*floats) if floats else jnp.result_type(float)
         if self.init == "zeros":
-            return jnp.zeros(self.state_shape, dtype)
+            return from_leaves(self.state_shape, [
+                jnp.zeros(s, dtype) for s in leaf_shapes(self.state_shape)])
         if self.init == "learned":
-            return self.z0.astype(dtype)
+            return jtu.tree_map(lambda z: z.astype(dtype), self.z0)
         return self.skip(x)
 
     def __call__(
@@ -129,9 +132,12 @@ class DEQ(AbstractImplicitModel):
         """
         cell = prepare(self.cell, key=key, inference=inference)
         z0 = self.initial_point(x)
-        if z0.shape != self.state_shape:
+        shapes = [tuple(jnp.shape(z)) for z in jtu.tree_leaves(z0)]
+        if shapes != leaf_shapes(self.state_shape) or (
+                not is_shape(self.state_shape) and not isinstance(z0, tuple)):
+            got = shapes[0] if isinstance(z0, jnp.ndarray) else jtu.tree_map(jnp.shape, z0)
             raise ValueError(
-                f"the initial point has shape {z0.shape}, expected `state_shape` "
+                f"the initial point has shape {got}, expected `state_shape` "
                 f"{self.state_shape}. If the input is a batch: {ONE_SAMPLE}."
             )
         check_cell("DEQ", "cell", lambda z, a: cell(z, a), z0, x)

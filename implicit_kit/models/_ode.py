@@ -17,7 +17,7 @@ from ..homotopy import count_nfe, FixedPointHomotopy, homotopy_solve
 from ..nn import prepare
 from ..regularizers import ErrorEstimatePenalty, local_error_penalty
 from ._base import AbstractImplicitModel, with_ode_settings
-from ._shapes import check_cell
+from ._shapes import check_cell, from_leaves, is_shape, leaf_shapes, state_shape_of
 from ._stats import ModelStats, no_residual
 
 
@@ -236,21 +236,6 @@ class AugmentedNeuralODE(AbstractImplicitModel):
 HOMOODE_INITS = ("alternating", "zeros", "learned", "conditioned")
 
 
-def _is_shape(shape) -> bool:
-    return isinstance(shape, (tuple, list)) and all(
-        isinstance(d, (int, np.integer)) for d in shape)
-
-
-def _leaf_shapes(state_shape) -> list:
-    """The shapes of the state's leaves: one array (`state_shape` a tuple of ints) or a
-    tuple of arrays (a tuple of such shapes)."""
-    return [state_shape] if _is_shape(state_shape) else list(state_shape)
-
-
-def _from_leaves(state_shape, leaves):
-    return leaves[0] if _is_shape(state_shape) else tuple(leaves)
-
-
 def alternating_start(shape: tuple[int, ...], dtype=None) -> Array:
     """The HomoODE authors' default start: +1, with channels (first axis) 0, 2, 4, ...
     set to -1."""
@@ -338,13 +323,7 @@ class HomoODE(AbstractImplicitModel):
         if field == "exact":
             _check_exact_ode(ode)
         self.module = module
-        if not _is_shape(state_shape) and not (
-                isinstance(state_shape, (tuple, list)) and state_shape
-                and all(_is_shape(s) for s in state_shape)):
-            raise ValueError("`state_shape` must be a tuple of ints (one array) or a tuple "
-                             f"of such tuples (a tuple state), got {state_shape!r}.")
-        self.state_shape = tuple(state_shape) if _is_shape(state_shape) else tuple(
-            tuple(s) for s in state_shape)
+        self.state_shape = state_shape_of(state_shape, "HomoODE")
         self.field = field
         self.init = init
         self.ode = ode
@@ -354,8 +333,8 @@ class HomoODE(AbstractImplicitModel):
             def point(shape):
                 base = alternating_start(shape)
                 return base[(slice(None),) + (slice(0, 1),) * (len(shape) - 1)]
-            self.z0 = _from_leaves(self.state_shape,
-                                   [point(s) for s in _leaf_shapes(self.state_shape)])
+            self.z0 = from_leaves(self.state_shape,
+                                   [point(s) for s in leaf_shapes(self.state_shape)])
         else:
             self.z0 = None
 
@@ -369,22 +348,22 @@ class HomoODE(AbstractImplicitModel):
             # Detached, init_loss trains init_net alone; else the stem trains through it.
             z0 = self.init_net(lax.stop_gradient(x) if self.detach_start else x)
             got = [jnp.shape(leaf) for leaf in jtu.tree_leaves(z0)]
-            if got != [tuple(s) for s in _leaf_shapes(self.state_shape)] or (
-                    not _is_shape(self.state_shape) and not isinstance(z0, tuple)):
+            if got != [tuple(s) for s in leaf_shapes(self.state_shape)] or (
+                    not is_shape(self.state_shape) and not isinstance(z0, tuple)):
                 raise ValueError(f"`init_net` must return the state shape "
                                  f"{self.state_shape}, got {jtu.tree_map(jnp.shape, z0)}.")
             return z0 if dtype is None else jtu.tree_map(lambda z: z.astype(dtype), z0)
-        shapes = _leaf_shapes(self.state_shape)
+        shapes = leaf_shapes(self.state_shape)
         if self.init == "alternating":
             leaves = [alternating_start(s, dtype) for s in shapes]
         elif self.init == "zeros":
             leaves = [jnp.zeros(s, dtype) for s in shapes]
         else:
-            learned = [self.z0] if _is_shape(self.state_shape) else list(self.z0)
+            learned = [self.z0] if is_shape(self.state_shape) else list(self.z0)
             leaves = [jnp.broadcast_to(z, s) for z, s in zip(learned, shapes)]
             if dtype is not None:
                 leaves = [z.astype(dtype) for z in leaves]
-        return _from_leaves(self.state_shape, leaves)
+        return from_leaves(self.state_shape, leaves)
 
     @staticmethod
     def init_params(model) -> Any:

@@ -60,3 +60,33 @@ def check_cell(model: str, what: str, fn, z, x) -> None:
             f"`{model}`: its {what} returned shape {_spell_tree(out)}, expected the "
             f"state's {_spell_tree(z)}. If the input is a batch: {ONE_SAMPLE}."
         )
+
+
+def is_shape(shape) -> bool:
+    """Whether `shape` is one array's shape (a tuple of ints)."""
+    return isinstance(shape, (tuple, list)) and all(
+        isinstance(d, (int, np.integer)) for d in shape)
+
+
+def state_shape_of(state_shape, model: str) -> tuple:
+    """`state_shape` normalised: one array's shape (a tuple of ints) or a tuple of such
+    shapes (a tuple state, e.g. the resolutions of a multiscale DEQ); else a
+    `ValueError` naming `model`."""
+    if is_shape(state_shape):
+        return tuple(int(d) for d in state_shape)
+    if isinstance(state_shape, (tuple, list)) and state_shape and all(
+            is_shape(s) for s in state_shape):
+        return tuple(tuple(int(d) for d in s) for s in state_shape)
+    raise ValueError(f"`{model}`: `state_shape` must be a tuple of ints (one array) or a "
+                     f"tuple of such tuples (a tuple state), got {state_shape!r}.")
+
+
+def leaf_shapes(state_shape) -> list:
+    """The shapes of the state's leaves: one array (`state_shape` a tuple of ints) or a
+    tuple of arrays (a tuple of such shapes)."""
+    return [state_shape] if is_shape(state_shape) else list(state_shape)
+
+
+def from_leaves(state_shape, leaves):
+    """The state of `state_shape` from its leaves."""
+    return leaves[0] if is_shape(state_shape) else tuple(leaves)

@@ -1,7 +1,12 @@
 """Layers for implicit models: cells, per-solve normalisation and dropout, monotone
 parametrisations and the well-posed layers of the seed papers."""
 
-from ._cells import ConvCell as ConvCell, MLPCell as MLPCell, MLPField as MLPField
+from ._cells import (
+    ConvCell as ConvCell,
+    MLPCell as MLPCell,
+    MLPField as MLPField,
+    MultiscaleCell as MultiscaleCell,
+)
 from ._dbm import (
     HollowCoupling as HollowCoupling,
     HollowOperator as HollowOperator,

@@ -178,3 +178,119 @@ class MLPField(eqx.Module):
                 )
             z = jax.numpy.concatenate([z, x])
         return self.mlp(z)
+
+
+def _group_count(c: int, groups: int) -> int:
+    g = min(groups, c)
+    while c % g:
+        g -= 1
+    return g
+
+
+class MultiscaleCell(eqx.Module):
+    r"""A multiscale DEQ cell in the manner of MDEQ (Bai, Koltun & Kolter, "Multiscale
+    Deep Equilibrium Models", NeurIPS 2020) on a tuple state $(z_0, \dots, z_{S-1})$:
+    $z_s$ has `channels[s]` channels at about $H/2^s \times W/2^s$ (`state_shape`).
+    One evaluation:
+
+    1. per resolution, the block of `ConvCell` (plain form, `residual=False`):
+       $h_s = \mathrm{GN}(\mathrm{conv}(\mathrm{ReLU}(\mathrm{GN}(\mathrm{conv}\,z_s)) +
+       x_s))$, the input $x$ injected at the highest resolution only ($x_s = 0$ for
+       $s > 0$, as MDEQ);
+    2. multi-resolution fusion: each resolution $s$ sums every $h_r$ brought to it,
+       by stride-2 3×3 convolutions + GroupNorm (one per halving, ReLU between) from a
+       higher resolution, by a 1×1 convolution + GroupNorm and nearest upsampling from
+       a lower one;
+    3. $z_s' = \mathrm{GN}(\mathrm{ReLU}(\cdot))$.
+
+    So the resolutions exchange information at every step of the solve. Call it as
+    `cell(z, x)` with `z` a tuple and `x` of shape `(channels[0], H, W)`; use it in
+    `ik.models.DEQ(cell, cell.state_shape, ...)`. The MDEQ paper's classification head
+    reads every resolution; `ik.models.ImageClassifier` reads the highest, $z_0$, into
+    which all the others are fused at every step.
+
+    **Arguments:**
+
+    - `channels`: the channels of each resolution, highest first (e.g. `(16, 32)`).
+    - `shape`: the spatial size `(H, W)` of the highest resolution.
+    - `groups`: GroupNorm groups (the largest divisor of each channel count up to it).
+    - `norm`: `None` | `"weight"` | `"spectral"` on the branch convolutions.
+    - `dropout`: per-channel variational dropout in the branches (one mask per solve).
+    - `key`: initialisation.
+    """
+
+    branches: tuple
+    fuse: tuple  # fuse[s][r]: resolution r brought to s (None on the diagonal)
+    post: tuple
+    shapes: tuple = eqx.field(static=True)
+
+    def __init__(self, channels: tuple[int, ...], shape: tuple[int, int], *,
+                 groups: int = 4, norm: str | None = "weight", dropout: float = 0.0,
+                 key: PRNGKeyArray):
+        channels = tuple(int(c) for c in channels)
+        if len(channels) < 2:
+            raise ValueError(f"`channels` must list two or more resolutions, got {channels}.")
+        h, w = (int(d) for d in shape)
+        shapes = []
+        for c in channels:
+            shapes.append((c, h, w))
+            h, w = (h + 1) // 2, (w + 1) // 2  # a stride-2 3x3 conv with padding 1
+        self.shapes = tuple(shapes)
+        n = len(channels)
+        keys = iter(jr.split(key, 3 * n * n + n))
+        self.branches = tuple(
+            ConvCell(c, groups=_group_count(c, groups), norm=norm, dropout=dropout,
+                     residual=False, inject=(s == 0), key=next(keys))
+            for s, c in enumerate(channels))
+        fuse = []
+        for s, cs in enumerate(channels):
+            row = []
+            for r, cr in enumerate(channels):
+                if r == s:
+                    row.append(None)
+                elif r > s:  # lower resolution: 1x1 conv + GN, then upsampling
+                    row.append((eqx.nn.Conv2d(cr, cs, 1, use_bias=False, key=next(keys)),
+                                eqx.nn.GroupNorm(_group_count(cs, groups), cs)))
+                else:  # higher resolution: s - r stride-2 convs
+                    steps = []
+                    for i in range(s - r):
+                        out = cs if i == s - r - 1 else cr
+                        steps.append((eqx.nn.Conv2d(cr, out, 3, stride=2, padding=1,
+                                                    use_bias=False, key=next(keys)),
+                                      eqx.nn.GroupNorm(_group_count(out, groups), out)))
+                    row.append(tuple(steps))
+            fuse.append(tuple(row))
+        self.fuse = tuple(fuse)
+        self.post = tuple(eqx.nn.GroupNorm(_group_count(c, groups), c) for c in channels)
+
+    @property
+    def state_shape(self) -> tuple[tuple[int, ...], ...]:
+        """The shapes of the state's resolutions, highest first."""
+        return self.shapes
+
+    def _bring(self, s: int, r: int, h: Array) -> Array:
+        f = self.fuse[s][r]
+        if r > s:
+            conv, gn = f
+            out = gn(conv(h))
+            return jax.image.resize(out, self.shapes[s], "nearest")
+        for i, (conv, gn) in enumerate(f):
+            h = gn(conv(h))
+            if i < len(f) - 1:
+                h = jax.nn.relu(h)
+        return h
+
+    def __call__(self, z: tuple, x: Array) -> tuple:
+        if not isinstance(z, tuple) or len(z) != len(self.shapes):
+            raise ValueError(f"MultiscaleCell: `z` must be a tuple of {len(self.shapes)} "
+                             f"arrays of shapes {self.shapes}.")
+        hs = [branch(zs, x if s == 0 else None) for s, (branch, zs) in
+              enumerate(zip(self.branches, z))]
+        out = []
+        for s in range(len(hs)):
+            total = hs[s]
+            for r in range(len(hs)):
+                if r != s:
+                    total = total + self._bring(s, r, hs[r])
+            out.append(self.post[s](jax.nn.relu(total)))
+        return tuple(out)

@@ -126,7 +126,8 @@ _ADDED_KEYS = {"train.parallel": "jit", "data.downsample": 1, "optim.separate": 
                "optim.separate_optimiser": "sgd", "optim.separate_lr": 0.02,
                "optim.separate_schedule": "cosine", "optim.separate_every": 1,
                "model.detach_start": True, "train.on_nonfinite": "skip",
-               "train.on_unconverged": "apply", "model.best_so_far": False}
+               "train.on_unconverged": "apply", "model.best_so_far": False,
+               "model.cell": "conv", "model.scales": 2}
 
 
 def config_diff(a: dict, b: dict, prefix="") -> list[str]:

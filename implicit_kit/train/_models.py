@@ -223,19 +223,26 @@ class DEQConfig(ClassifierConfig, _ImplicitBackward):
     - `init`: the start point, `zeros`, `learned` or `skip`.
     - `best_so_far`: return the lowest-residual iterate of each solve
       (`ik.BestSoFar(solver)`, TorchDEQ's default) instead of the last.
-    - `residual`: the cell's form, MDEQ's residual block `GN(ReLU(z + h))` (True) or the
-      plain `h` (False; the HomoODE field's form, closer to a contraction at
-      initialisation); `dropout`: variational dropout in the cell."""
+    - `cell`: `conv` (`ik.nn.ConvCell` on the stem's features) or `multiscale`
+      (`ik.nn.MultiscaleCell`, MDEQ's: `scales` resolutions of `hidden`, 2·`hidden`, ...
+      channels, each half the size of the previous, fused at every step; the head reads
+      the highest).
+    - `residual` (`conv` only): the cell's form, MDEQ's residual block `GN(ReLU(z + h))`
+      (True) or the plain `h` (False; the HomoODE field's form, closer to a contraction
+      at initialisation); `dropout`: variational dropout in the cell."""
 
     KIND: ClassVar[str] = "deq"
     CHOICES: ClassVar[dict] = {"solver": DEQ_SOLVERS, "adjoint": DEQ_ADJOINTS,
-                               "linear_solver": LINEAR_SOLVERS, "init": models.DEQ_INITS}
+                               "linear_solver": LINEAR_SOLVERS, "init": models.DEQ_INITS,
+                               "cell": ("conv", "multiscale")}
 
     solver: str = "anderson"
     adjoint: str = "implicit"
     adjoint_steps: int = 5
     init: str = "zeros"
     best_so_far: bool = False
+    cell: str = "conv"
+    scales: int = 2
     residual: bool = True
     dropout: float = 0.0
 
@@ -243,6 +250,13 @@ class DEQConfig(ClassifierConfig, _ImplicitBackward):
         super().check()
         _positive(self, "adjoint_steps")
         _in_range(self.dropout, 0, 1, "dropout", closed_lo=True)
+        if self.cell == "multiscale":
+            if self.scales < 2:
+                raise ConfigError(f"key 'model.scales' must be >= 2 for cell 'multiscale', "
+                                  f"got {self.scales}.")
+            if self.init == "skip":
+                raise ConfigError("key 'model.init': 'skip' has no default map to the "
+                                  "multiscale cell's tuple state; use 'zeros' or 'learned'.")
 
     @property
     def learned_start(self) -> bool:
@@ -250,12 +264,19 @@ class DEQConfig(ClassifierConfig, _ImplicitBackward):
 
     def _block(self, spatial, key, error_penalty):
         h = self.hidden
-        cell = nn.ConvCell(h, groups=self._groups(h), dropout=self.dropout,
-                           residual=self.residual, key=key)
+        if self.cell == "multiscale":
+            cell = nn.MultiscaleCell(tuple(h * 2**s for s in range(self.scales)),
+                                     (spatial, spatial), groups=self.norm_groups,
+                                     dropout=self.dropout, key=key)
+            state_shape = cell.state_shape
+        else:
+            cell = nn.ConvCell(h, groups=self._groups(h), dropout=self.dropout,
+                               residual=self.residual, key=key)
+            state_shape = (h, spatial, spatial)
         solver = DEQ_SOLVERS[self.solver](rtol=self.rtol, atol=self.atol)
         if self.best_so_far:
             solver = solvers.BestSoFar(solver)
-        return models.DEQ(cell, (h, spatial, spatial), solver,
+        return models.DEQ(cell, state_shape, solver,
                           DEQ_ADJOINTS[self.adjoint](self), init=self.init,
                           **self.steps()), h
 
