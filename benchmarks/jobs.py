@@ -42,6 +42,8 @@ JOBS = {
     "mnist_sample": Job(["benchmarks/digits_seeds.py"] + [
         f"configs/mnist_sample_{m}.yaml" for m in ("node", "anode", "deq", "mondeq", "homoode")]
         + ["--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json", "{json}"]),
+    "torchdeq_recipe": Job(["benchmarks/torchdeq_recipe.py", "--epochs", "10", "--seeds",
+                            "0,1,2", "--json", "{json}"]),
     "deq_multiscale": Job(["benchmarks/digits_seeds.py", "configs/digits_deq.yaml",
                            "configs/digits_deq_multiscale.yaml", "--seeds", "0,1,2",
                            "--out", "{tmp}/seeds", "--json", "{json}"]),

@@ -193,6 +193,20 @@ def render_deq_multiscale(res):
                                                  _seed_table_rows(res["data"]["rows"]))])
 
 
+def render_torchdeq_recipe(res):
+    rows = res["data"]["rows"]
+    out = []
+    for lib in dict.fromkeys(r["library"] for r in rows):
+        rs = [r for r in rows if r["library"] == lib]
+        out.append([lib, ms([r["acc"] for r in rs], 3),
+                    " / ".join(f"{r['acc']:.3f}" for r in rs),
+                    ms([r["steps"] for r in rs], 1), ms([r["reached"] for r in rs], 3),
+                    f"{np.mean([r['s_per_epoch'] for r in rs]):.1f}"])
+    return "\n".join([provenance(res), "", table(
+        ["library", "test acc", "per seed", "forward steps / test sample",
+         "share of test samples at the tolerance", "s/epoch"], out)])
+
+
 def render_mnist_sample(res):
     out = _seed_table_rows(res["data"]["rows"])
     published = [["Neural ODE", "84,395", "96.4 ± 0.5", "Dupont et al. 2019, Table 1"],
@@ -867,6 +881,7 @@ SECTIONS = {
     "demo": _job(render_demo),
     "mnist_sample": _job(render_mnist_sample),
     "deq_multiscale": _job(render_deq_multiscale),
+    "torchdeq_recipe": _job(render_torchdeq_recipe),
     "homoode_accel": _homoode_accel,
     "homoode_seeds": _job(render_seeds),
     "homotopy_start": _job(render_homotopy_start),

@@ -80,6 +80,7 @@ REFERENCE = {
     "Tier": "test_mondbm.py::test_hollow_coupling_diagonal_blocks_are_those_of_the_dense_gram",
     "SpectralNorm": "test_nn.py::test_normalised_weights",
     "WeightNorm": "test_nn.py::test_normalised_weights",
+    "MultiscaleCell": "test_nn.py::test_multiscale_cell_exchanges_information_between_resolutions",
     "apply_norm": "test_nn.py::test_apply_norm_reparametrises_the_chosen_layers_of_any_module",
     "remove_norm": "test_nn.py::test_apply_norm_reparametrises_the_chosen_layers_of_any_module",
     "VariationalDropout": "test_references.py::test_variational_dropout_mask_is_inverted_bernoulli",
