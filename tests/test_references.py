@@ -320,6 +320,48 @@ def test_spectral_radius_of_a_digits_deq_cell_in_float32():
 
 
 @pytest.mark.slow
+def _torchdeq_fixed_point_iter(f, x0, max_iter, tol):
+    """TorchDEQ's `fixed_point_iter` (torchdeq/solver/fp_iter.py, abs stop mode, tau 1,
+    one sample) in numpy: it returns `f(x_k)` of the step whose residual
+    `|f(x_k) - x_k|` was the lowest, with that residual, and stops once it is < tol."""
+    fx = x = np.asarray(x0)
+    lowest, lowest_x, nstep = np.inf, fx, 0
+    for k in range(max_iter):
+        x = fx
+        fx = np.asarray(f(x))
+        r = float(np.linalg.norm(fx - x))
+        if r < lowest:
+            lowest, lowest_x, nstep = r, fx, k + 1
+        if r < tol:
+            break
+    return lowest_x, lowest, nstep
+
+
+@pytest.mark.parametrize("scale", [1.4, 0.6])
+def test_best_so_far_picard_is_torchdeq_s_fixed_point_iter(scale):
+    """TorchDEQ's default forward solver ported (benchmarks/torchdeq_recipe.py):
+    `BestSoFar(Picard(rtol=0, atol=tol))` selects the step TorchDEQ selects, with the
+    same residual, on an oscillating map (scale 1.4, capped) and a contraction
+    (converged). TorchDEQ returns that step's output f(x_k), implicit_kit its input x_k,
+    whose residual the number is."""
+    q, _ = jnp.linalg.qr(jr.normal(jr.key(2), (6, 6)))
+    x = jr.normal(jr.key(1), (6,))
+
+    def f(y):
+        return jnp.tanh(scale * q @ y + x)
+
+    want_x, want_r, want_k = _torchdeq_fixed_point_iter(f, jnp.zeros(6), 25, 1e-6)
+    sol = ik.fixed_point(lambda y, _: f(y), jnp.zeros(6), None,
+                         ik.BestSoFar(ik.Picard(rtol=0.0, atol=1e-6)), max_steps=25,
+                         throw=False)
+    np.testing.assert_allclose(f(sol.value), want_x, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(float(sol.stats["residual"]), want_r, rtol=1e-12)
+    if scale < 1:
+        assert want_r < 1e-6 and int(sol.stats["num_steps"]) == want_k
+    else:
+        assert want_r > 1e-6 and 1 < want_k < 25
+
+
 def test_has_aux_returns_the_aux_at_the_solution_in_every_entry_point():
     problem = PROBLEMS[3]
     aux_of = lambda y: {"norm": jnp.sum(y**2), "first": y[0]}
