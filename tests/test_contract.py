@@ -231,6 +231,34 @@ def test_with_solver_sets_every_model_s_solver_and_keeps_its_arrays():
         ik.models.DEQ(cell, (4,), _NoTol()).with_solver(rtol=1e-3)
 
 
+def test_a_model_called_outside_jit_compiles_its_solve_once(caplog):
+    """Called eagerly (a notebook, an evaluation loop without `jit`), a model compiles
+    its solve on the first call only: the function handed to the solve is the same
+    object every call (a fresh lambda per call was a new static argument of the jitted
+    solve, recompiled on every call)."""
+    import logging
+
+    # (the augmented and learned-field ODE models call the Neural ODE's `ODESolve`)
+    models = {k: v for k, v in _models().items() if k not in ("anode", "homoode")}
+    models["hopfield"] = ik.models.HopfieldLayer(beta=2.0)
+    models["mondbm"] = ik.models.MonotoneDBM.image((4, 4), bins=3, hidden=4, group=2,
+                                                   key=jr.key(0))
+    inputs = {"hopfield": lambda i: (jnp.linspace(-1, 1, 4) * i, jnp.eye(4)[:, :3]),
+              "mondbm": lambda i: (jnp.full((4, 4), 0.1 * i),)}
+    for name, model in models.items():
+        args = inputs.get(name, lambda i: (jnp.linspace(-0.5, 0.5, 4) * i,))
+        key = jr.key(0) if name == "mondbm" else None
+        call = (lambda a: model(*a, key=key)) if name == "mondbm" else (lambda a: model(*a))
+        jax.block_until_ready(call(args(1.0)))
+        caplog.clear()
+        with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+            for i in (2.0, 3.0):
+                jax.block_until_ready(call(args(i)))
+        compiled = [r.getMessage()[:60] for r in caplog.records
+                    if r.getMessage().startswith("Compiling")]
+        assert not compiled, (name, compiled)
+
+
 class _NoTol(eqx.Module):
     """A stand-in solver without tolerances."""
 

@@ -119,6 +119,12 @@ def test_readme_examples_run_and_hold():
     cell = ns["cell"]
     assert all(isinstance(layer, ns["ik"].nn.SpectralNorm) for layer in cell.mlp.layers)
     assert ns["st_normed"].result == ns["ik"].RESULTS.successful
+    # the best iterate, with its own residual
+    best = ns["best"]
+    np.testing.assert_allclose(float(best.stats["residual"]), float(jnp.linalg.norm(
+        f(best.value, x) - best.value)), rtol=1e-5)
+    # a tuple state: both resolutions returned
+    assert ns["z_high"].shape == (4, 4, 4) and ns["z_low"].shape == (8, 2, 2)
     # the trajectory fit recovers the field that made the data
     assert float(ns["fit_loss"]) < 1e-4
     np.testing.assert_allclose(ns["node"].field.vector_field.a, ns["a_true"], atol=2e-2)

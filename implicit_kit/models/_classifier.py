@@ -8,16 +8,9 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, PRNGKeyArray
 
+from ..nn._cells import group_count
 from ._base import AbstractImplicitModel, replace_fields
 from ._shapes import check_input
-
-
-def group_count(c: int, groups: int) -> int:
-    """The largest number of GroupNorm groups `<= groups` that divides `c` channels."""
-    g = min(groups, c)
-    while c % g:
-        g -= 1
-    return g
 
 
 class Stem(eqx.Module):

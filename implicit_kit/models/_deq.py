@@ -20,6 +20,13 @@ from ._stats import ModelStats
 DEQ_INITS = ("zeros", "learned", "skip")
 
 
+def _cell_map(z, args):
+    # One function object for every call (the cell travels in `args`): a solve called
+    # outside `jit` is compiled once, not once per call.
+    cell, x = args
+    return cell(z, x)
+
+
 class DEQ(AbstractImplicitModel):
     r"""A deep equilibrium model: returns $z^* = f(z^*, x)$ for a cell $f$.
 
@@ -142,7 +149,7 @@ class DEQ(AbstractImplicitModel):
             )
         check_cell("DEQ", "cell", lambda z, a: cell(z, a), z0, x)
         sol = fixed_point(
-            lambda z, a: cell(z, a), lax.stop_gradient(z0), x, self.solver,
+            _cell_map, lax.stop_gradient(z0), (cell, x), self.solver,
             adjoint=self.adjoint, max_steps=self.max_steps, throw=self.throw,
             save_iterates=self.save_iterates, probe=probe,
         )

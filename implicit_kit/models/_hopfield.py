@@ -12,6 +12,10 @@ from ._base import with_fixed_point_settings
 from ._stats import ModelStats
 
 
+def _hopfield_map(xi, args):  # one function object: compiled once outside `jit`
+    return hopfield_update(xi, args[0], args[1])
+
+
 class HopfieldLayer(eqx.Module):
     r"""Retrieval to the fixed point $\xi^* = X\,\mathrm{softmax}(\beta X^\top\xi^*)$ of the
     modern Hopfield update, with implicit gradients (at a strict energy minimum
@@ -43,7 +47,7 @@ class HopfieldLayer(eqx.Module):
         """The retrieved pattern for `query` from the columns of `patterns`; with
         `return_stats=True`, `(pattern, stats)` (a `ModelStats`)."""
         sol = fixed_point(
-            lambda xi, a: hopfield_update(xi, a[0], a[1]), query, (patterns, self.beta),
+            _hopfield_map, query, (patterns, self.beta),
             self.solver, adjoint=self.adjoint, max_steps=self.max_steps, throw=self.throw,
             probe=probe,
         )

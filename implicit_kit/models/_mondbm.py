@@ -22,8 +22,14 @@ from ._base import AbstractImplicitModel, with_fixed_point_settings
 from ._stats import ModelStats
 
 
-def _mean_field_map(alpha):
-    def fn(q, args):
+class _MeanFieldMap(eqx.Module):
+    """The damped mean-field map at step `alpha` (a module with static fields only, so
+    that a solve called outside `jit` with the same `alpha` is compiled once)."""
+
+    alpha: float = eqx.field(static=True)
+
+    def __call__(self, q, args):
+        alpha = self.alpha
         op, biases, obs, masks = args
         wq = op.W(q)
         out = []
@@ -34,8 +40,6 @@ def _mean_field_map(alpha):
                 p = jnp.where(jnp.repeat(mi, t.group, 0), oi, p)
             out.append(p)
         return tuple(out)
-
-    return fn
 
 
 def focal_loss(logits: Array, labels: Array, gamma: float = 2.0, axis: int = 0) -> Array:
@@ -137,7 +141,7 @@ class MonotoneDBM(AbstractImplicitModel):
                        for t, u, o, mk in zip(tiers, uniform, obs, masks))
         adjoint = ImplicitAdjoint() if self.adjoint is None else self.adjoint
         op = self.coupling.operator()
-        sol = fixed_point(_mean_field_map(self.alpha), y0, (op, self.biases, obs, masks),
+        sol = fixed_point(_MeanFieldMap(self.alpha), y0, (op, self.biases, obs, masks),
                           self.solver, adjoint=adjoint, max_steps=self.max_steps,
                           throw=self.throw, probe=probe)
         q = sol.value

@@ -33,6 +33,12 @@ def call_field(field, t, z, args):
     return field(z, args)
 
 
+def _vf(t, z, args):
+    # One function object for every call (the field travels in `args`): a model called
+    # outside `jit` compiles its `diffeqsolve` once, not once per call.
+    return call_field(args[0], t, z, args[1])
+
+
 class ODESolve(eqx.Module):
     """How an ODE model integrates (shared by every ODE model).
 
@@ -83,9 +89,6 @@ class ODESolve(eqx.Module):
         as its `args`; any other callable `g` is the autonomous shorthand
         `dfx.ODETerm(lambda t, z, args: g(z, args))` (the classifier blocks' cells,
         `g(z, condition)`)."""
-        def vf(t, z, args):
-            return call_field(args[0], t, z, args[1])
-
         # The field travels in `args` (not closed over): BacksolveAdjoint differentiates
         # only with respect to `y0`, `args` and the terms.
 
@@ -114,7 +117,7 @@ class ODESolve(eqx.Module):
         if controller is None:
             controller = dfx.PIDController(rtol=self.rtol, atol=self.atol)
         sol = dfx.diffeqsolve(
-            dfx.ODETerm(vf), solver, t0, t1, self.dt0, z0, (field, condition),
+            dfx.ODETerm(_vf), solver, t0, t1, self.dt0, z0, (field, condition),
             saveat=saveat, stepsize_controller=controller,
             adjoint=self.adjoint, max_steps=self.max_steps, throw=False,
         )
@@ -128,7 +131,7 @@ class ODESolve(eqx.Module):
             penalties["error_penalty"] = sol.solver_state[1]
         if self.local_penalty:
             penalties["local_error_penalty"] = local_error_penalty(
-                vf, self.solver, t_s, jax.tree_util.tree_map(lambda y: y[0], sol.ys[1]),
+                _vf, self.solver, t_s, jax.tree_util.tree_map(lambda y: y[0], sol.ys[1]),
                 (field, condition), rtol=self.rtol,
                 atol=self.atol, t_end=t1, dt=self.dt0,
             )
@@ -243,6 +246,11 @@ def alternating_start(shape: tuple[int, ...], dtype=None) -> Array:
     sign = np.where(np.arange(shape[0]) % 2 == 0, -1.0, 1.0)
     out = np.broadcast_to(sign.reshape((-1,) + (1,) * (len(shape) - 1)), shape)
     return jnp.asarray(out) if dtype is None else jnp.asarray(out, dtype)
+
+
+def _module_map(z, args):  # one function object: compiled once outside `jit`
+    module, x = args
+    return module(z, x)
 
 
 def _check_exact_ode(ode: ODESolve) -> None:
@@ -402,7 +410,7 @@ class HomoODE(AbstractImplicitModel):
             if controller is None:
                 controller = dfx.PIDController(rtol=ode.rtol, atol=ode.atol)
             sol = homotopy_solve(
-                lambda z, a: module(z, a), z0_solve, x, FixedPointHomotopy(),
+                _module_map, z0_solve, (module, x), FixedPointHomotopy(),
                 ode_solver=ode.solver, stepsize_controller=controller, dt0=ode.dt0,
                 # (the end point is not held to a tolerance: the largest finite one)
                 max_steps=ode.max_steps, rtol=float(jnp.finfo(x.dtype).max), throw=False,

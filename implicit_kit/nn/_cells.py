@@ -180,7 +180,8 @@ class MLPField(eqx.Module):
         return self.mlp(z)
 
 
-def _group_count(c: int, groups: int) -> int:
+def group_count(c: int, groups: int) -> int:
+    """The largest number of GroupNorm groups `<= groups` that divides `c` channels."""
     g = min(groups, c)
     while c % g:
         g -= 1
@@ -239,7 +240,7 @@ class MultiscaleCell(eqx.Module):
         n = len(channels)
         keys = iter(jr.split(key, 3 * n * n + n))
         self.branches = tuple(
-            ConvCell(c, groups=_group_count(c, groups), norm=norm, dropout=dropout,
+            ConvCell(c, groups=group_count(c, groups), norm=norm, dropout=dropout,
                      residual=False, inject=(s == 0), key=next(keys))
             for s, c in enumerate(channels))
         fuse = []
@@ -250,18 +251,18 @@ class MultiscaleCell(eqx.Module):
                     row.append(None)
                 elif r > s:  # lower resolution: 1x1 conv + GN, then upsampling
                     row.append((eqx.nn.Conv2d(cr, cs, 1, use_bias=False, key=next(keys)),
-                                eqx.nn.GroupNorm(_group_count(cs, groups), cs)))
+                                eqx.nn.GroupNorm(group_count(cs, groups), cs)))
                 else:  # higher resolution: s - r stride-2 convs
                     steps = []
                     for i in range(s - r):
                         out = cs if i == s - r - 1 else cr
                         steps.append((eqx.nn.Conv2d(cr, out, 3, stride=2, padding=1,
                                                     use_bias=False, key=next(keys)),
-                                      eqx.nn.GroupNorm(_group_count(out, groups), out)))
+                                      eqx.nn.GroupNorm(group_count(out, groups), out)))
                     row.append(tuple(steps))
             fuse.append(tuple(row))
         self.fuse = tuple(fuse)
-        self.post = tuple(eqx.nn.GroupNorm(_group_count(c, groups), c) for c in channels)
+        self.post = tuple(eqx.nn.GroupNorm(group_count(c, groups), c) for c in channels)
 
     @property
     def state_shape(self) -> tuple[tuple[int, ...], ...]:

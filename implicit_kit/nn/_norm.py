@@ -1,8 +1,10 @@
 """Weight and spectral normalisation, computed once per solve (see `prepare`)."""
 
+import functools
 from collections.abc import Callable, Sequence
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
@@ -65,6 +67,22 @@ class WeightNorm(AbstractPerSolve):
         return self.prepare(None, True)(*args, **kwargs)
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _singular_vectors(mat: Array, u0: Array, num_iters: int) -> tuple[Array, Array]:
+    """The leading singular vectors of `mat` by `num_iters` power iterations from `u0`
+    (jitted: called outside `jit`, compiled once per shape, not once per call)."""
+
+    def body(_, u):
+        v = mat.T @ u
+        v = v / jnp.linalg.norm(v)
+        u = mat @ v
+        return u / jnp.linalg.norm(u)
+
+    u = lax.fori_loop(0, num_iters, body, u0 / jnp.linalg.norm(u0))
+    v = mat.T @ u
+    return u, v / jnp.linalg.norm(v)
+
+
 class SpectralNorm(AbstractPerSolve):
     r"""Spectral normalisation $W = \gamma\, V / \sigma_{\max}(V)$, once per solve.
 
@@ -117,18 +135,8 @@ class SpectralNorm(AbstractPerSolve):
         w = _get(self.layer, self.weight_name)
         w = jnp.moveaxis(w, self.dim, 0)
         mat = w.reshape(w.shape[0], -1)
-        msg = lax.stop_gradient(mat)
-
-        def body(_, u):
-            v = msg.T @ u
-            v = v / jnp.linalg.norm(v)
-            u = msg @ v
-            return u / jnp.linalg.norm(u)
-
-        u0 = lax.stop_gradient(self.u0)
-        u = lax.fori_loop(0, self.num_iters, body, u0 / jnp.linalg.norm(u0))
-        v = msg.T @ u
-        v = lax.stop_gradient(v / jnp.linalg.norm(v))
+        u, v = _singular_vectors(lax.stop_gradient(mat), lax.stop_gradient(self.u0),
+                                 self.num_iters)
         return u @ mat @ v
 
     def weight(self) -> Array:

@@ -20,7 +20,9 @@ checked once, when the driver first initialises it (`check_solver_state`):
   counted as the calls of `fn` in one traced `step` (`step_counted`);
 - `stats_from_state = True` declares that `postprocess` reads stats off the final state,
   so the driver freezes the state of a sample once it stops (under vmap the loop runs on
-  for the others); a class that overrides `postprocess` must say which it is.
+  for the others); a class that overrides `postprocess` must say which it is;
+- a `postprocess` that returns another iterate than the last (`BestSoFar`) reports that
+  iterate's residual as `stats["residual"]`, which the driver then reports.
 """
 
 import math
