@@ -219,6 +219,16 @@ def test_with_solver_sets_every_model_s_solver_and_keeps_its_arrays():
     split = ik.models.MonotoneDEQ.dense(4, 4, key=jr.key(0), solver=ik.models.PeacemanRachford(
         solver=ik.Halpern())).with_solver(atol=1e-9)
     assert split.solver.atol == 1e-9 and split.solver.solver.atol == 1e-9
+    # and each solver of a Fallback (each stops by its own test)
+    fb = ik.models.DEQ(cell, (4,), ik.Fallback(ik.Picard(), ik.Anderson())).with_solver(
+        rtol=1e-3, atol=1e-4)
+    assert [(s.rtol, s.atol) for s in fb.solver.solvers] == [(1e-3, 1e-4)] * 2
+    assert (fb.solver.rtol, fb.solver.atol) == (1e-3, 1e-4)
+    # bad tolerances are refused, not stored
+    with pytest.raises(ValueError, match=r"with_solver\(rtol=...\)"):
+        ik.models.DEQ(cell, (4,)).with_solver(rtol=-1.0)
+    with pytest.raises(ValueError, match=r"with_solver\(atol=...\)"):
+        models["node"].with_solver(atol=float("nan"))
     with pytest.raises(TypeError, match=r"DEQ.with_solver takes .*'foo'"):
         ik.models.DEQ(cell, (4,)).with_solver(foo=1)
     with pytest.raises(TypeError, match=r"NeuralODE.with_solver takes the fields"):

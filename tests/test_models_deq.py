@@ -258,9 +258,14 @@ def test_a_tuple_state_is_solved_whole_with_its_gradients(adjoint):
     deq = ik.models.DEQ(eqx.Partial(cell), shape, TIGHT, adj, init="learned",
                         max_steps=500, throw=True)
     assert jax.tree_util.tree_map(jnp.shape, deq.z0) == ((3,), (2, 2))
+    # a trained start (nonzero, as after init_loss): used as it is, both parts
+    deq = eqx.tree_at(lambda d: d.z0, deq, (jnp.array([0.2, -0.1, 0.4]),
+                                            jnp.array([[0.3, 0.0], [-0.2, 0.1]])))
     x = jnp.array([0.3, -0.7, 0.5])
     z, st = deq(x, return_stats=True)
     assert isinstance(z, tuple) and isinstance(st.z0, tuple)
+    for a, b in zip(st.z0, deq.z0):
+        np.testing.assert_array_equal(a, b)
     flat0, unravel = jax.flatten_util.ravel_pytree(deq.z0)
     ref = ik.fixed_point(lambda v, x: jax.flatten_util.ravel_pytree(cell(unravel(v), x))[0],
                          flat0, x, ik.Picard(rtol=1e-13, atol=1e-14), max_steps=500)

@@ -7,6 +7,7 @@ import inspect
 import equinox as eqx
 
 from .._iterate import check_max_steps
+from ..solvers._base import check_number
 
 
 # The keyword arguments every model takes, with their defaults.
@@ -95,24 +96,29 @@ def replace_fields(module: eqx.Module, **changes) -> eqx.Module:
 
 
 def with_tolerances(solver, rtol=None, atol=None, *, owner: str):
-    """`solver` with its `rtol`/`atol` replaced (those given), and those of the solver
-    it wraps or iterates with (a `.solver` field, as `BestSoFar` or a splitting's),
-    if any."""
+    """`solver` with its `rtol`/`atol` replaced (those given), and those of the solvers
+    it wraps or iterates with (a `solver` field, as `BestSoFar` or a splitting's; a
+    `solvers` tuple, as `Fallback`'s, whose solvers each stop by their own test)."""
     changes = {k: v for k, v in (("rtol", rtol), ("atol", atol)) if v is not None}
     if not changes:
         return solver
+    for name, value in changes.items():
+        check_number(f"{owner}.with_solver({name}=...)", value, low=0.0, allow_inf=True)
     fields = {f.name for f in dataclasses.fields(solver)} if dataclasses.is_dataclass(
         solver) else set()
-    inner = getattr(solver, "solver", None) if "solver" in fields else None
-    if not set(changes) <= fields and inner is None:
+    inner = {}
+    if "solver" in fields and solver.solver is not None:
+        inner["solver"] = with_tolerances(solver.solver, rtol, atol, owner=owner)
+    if "solvers" in fields:
+        inner["solvers"] = tuple(with_tolerances(s, rtol, atol, owner=owner)
+                                 for s in solver.solvers)
+    if not set(changes) <= fields and not inner:
         raise TypeError(
             f"{owner}.with_solver: the solver {type(solver).__name__} has no `rtol`/`atol` "
             "to set; pass `solver=` a solver built with the tolerances wanted."
         )
-    out = replace_fields(solver, **{k: v for k, v in changes.items() if k in fields})
-    if inner is not None:
-        out = replace_fields(out, solver=with_tolerances(inner, rtol, atol, owner=owner))
-    return out
+    return replace_fields(solver, **{k: v for k, v in changes.items() if k in fields},
+                          **inner)
 
 
 def with_fixed_point_settings(model, settings: dict):
@@ -146,4 +152,8 @@ def with_ode_settings(model, settings: dict):
                         f"ODESolve {tuple(fields)}, got {unknown}.")
     if "max_steps" in settings:
         check_max_steps(settings["max_steps"])
+    for name in ("rtol", "atol"):
+        if name in settings:
+            check_number(f"{type(model).__name__}.with_solver({name}=...)", settings[name],
+                         low=0.0, allow_inf=True)
     return replace_fields(model, ode=dataclasses.replace(model.ode, **settings))

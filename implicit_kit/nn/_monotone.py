@@ -82,7 +82,7 @@ class MonotoneOperator(eqx.Module):
         return _norm_of_i_minus(self.w, num_iters)
 
     def with_resolvent(self, alpha) -> "MonotoneOperator":
-        """The same operator with the resolvent $V = (I + \alpha(I - W))^{-1}$."""
+        r"""The same operator with the resolvent $V = (I + \alpha(I - W))^{-1}$."""
         return MonotoneOperator(self.w, _resolvent(self.w, alpha), self.kind)
 
     def dense(self) -> Array:
