@@ -19,6 +19,7 @@ from ._adjoint import (
     JFBAdjoint as JFBAdjoint,
     NeumannAdjoint as NeumannAdjoint,
     PhantomAdjoint as PhantomAdjoint,
+    ReversibleAdjoint as ReversibleAdjoint,
     UnrolledAdjoint as UnrolledAdjoint,
 )
 from ._diagnostics import check_grad as check_grad, spectral_radius as spectral_radius
@@ -46,6 +47,7 @@ from .solvers import (
     Halpern as Halpern,
     NewtonKrylov as NewtonKrylov,
     Picard as Picard,
+    Reversible as Reversible,
     VRHalpern as VRHalpern,
 )
 

@@ -40,10 +40,11 @@ def fixed_point(
     - `y0`: the initial guess, any pytree of arrays.
     - `args`: passed as the second argument of `fn`; differentiable.
     - `solver`: a forward solver: `Picard`, `Anderson` (default `Anderson()`),
-        `Broyden`, `NewtonKrylov`, `Halpern`, `Fallback(...)`, or any optimistix
+        `Broyden`, `NewtonKrylov`, `Halpern`, `Reversible`, `Fallback(...)`, or any optimistix
         fixed-point solver or root finder.
     - `adjoint`: the backward mode: `ImplicitAdjoint()` (default), `NeumannAdjoint(k)`,
         `PhantomAdjoint(k, damping)`, `JFBAdjoint()`, `UnrolledAdjoint()`,
+        `ReversibleAdjoint()` (with `solver=Reversible()`),
         `ImplicitJVPAdjoint()` (for forward mode).
     - `max_steps`: the step limit of the forward solve.
     - `has_aux`: whether `fn` returns `(y', aux)`.

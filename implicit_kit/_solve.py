@@ -152,7 +152,7 @@ def solve(
         raise TypeError(
             "`adjoint` must be an implicit_kit adjoint (ImplicitAdjoint, "
             "ImplicitJVPAdjoint, NeumannAdjoint, PhantomAdjoint, JFBAdjoint, "
-            f"UnrolledAdjoint); got {type(adjoint).__name__}."
+            f"UnrolledAdjoint, ReversibleAdjoint); got {type(adjoint).__name__}."
         )
     if probe is not None:
         probe = jnp.asarray(probe)

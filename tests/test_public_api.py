@@ -39,6 +39,8 @@ REFERENCE = {
     "PhantomAdjoint": "test_adjoints.py::test_phantom_equals_damped_neumann_at_exact_fixed_point",
     "JFBAdjoint": "test_adjoints.py::test_jfb_is_the_one_step_gradient_a_descent_direction_but_inexact",
     "UnrolledAdjoint": "test_adjoints.py::test_exact_gradients",
+    "Reversible": "test_reversible.py::test_reversible_solver_converges_to_the_fixed_point",
+    "ReversibleAdjoint": "test_reversible.py::test_reversible_gradient_is_the_gradient_of_the_computed_iterations",
     "check_grad": "test_adjoints.py::test_check_grad_reports",
     "spectral_radius": "test_references.py::test_spectral_radius_on_a_rotation_and_a_plus_minus_pair",
     "RESULTS": "test_contract.py::test_results_promote_diffrax_outcomes_without_collapsing",

@@ -314,6 +314,12 @@ def test_each_model_kind_is_one_section_class():
         train.DEQConfig(cell="multiscale", scales=1)
     with pytest.raises(ConfigError, match=r"'model\.init': 'skip'"):
         train.DEQConfig(cell="multiscale", init="skip")
+    rev = train.build_model(train.DEQConfig(solver="reversible", adjoint="reversible"),
+                            in_channels=1, classes=10, spatial=8, key=jax.random.key(0))
+    assert rev.block.solver == ik.Reversible(rtol=1e-3, atol=1e-3)
+    assert rev.block.adjoint == ik.ReversibleAdjoint()
+    with pytest.raises(ConfigError, match=r"'model\.adjoint': 'reversible'.*'anderson'"):
+        train.DEQConfig(adjoint="reversible")
     with pytest.raises(ConfigError, match=r"'model\.dropout' must be in \[0, 1\)"):
         train.NeuralODEConfig(dropout=1.0)  # made in Python: checked the same way
     with pytest.raises(TypeError, match="not a model kind"):

@@ -14,4 +14,5 @@ from .fista import FISTA as FISTA
 from .halpern import Halpern as Halpern
 from .newton_krylov import NewtonKrylov as NewtonKrylov
 from .picard import Picard as Picard
+from .reversible import Reversible as Reversible
 from .vr_halpern import finite_sum as finite_sum, VRHalpern as VRHalpern

@@ -21,6 +21,7 @@ from .._adjoint import (
     JFBAdjoint,
     NeumannAdjoint,
     PhantomAdjoint,
+    ReversibleAdjoint,
     UnrolledAdjoint,
 )
 from ._schema import ConfigError
@@ -29,7 +30,7 @@ from ._schema import ConfigError
 # The choices of the sections, each defined once: the allowed values are the keys (the
 # loader and its messages read them), the values what the section builds from them.
 DEQ_SOLVERS = {"anderson": solvers.Anderson, "picard": solvers.Picard,
-               "broyden": solvers.Broyden}
+               "broyden": solvers.Broyden, "reversible": solvers.Reversible}
 ODE_SOLVERS = {"dopri5": dfx.Dopri5, "tsit5": dfx.Tsit5, "bosh3": dfx.Bosh3,
                "heun": dfx.Heun, "euler": dfx.Euler}
 ODE_ADJOINTS = {"checkpoint": dfx.RecursiveCheckpointAdjoint,
@@ -43,6 +44,7 @@ DEQ_ADJOINTS = {
     "jfb": lambda m: JFBAdjoint(),
     "neumann": lambda m: NeumannAdjoint(k=m.adjoint_steps),
     "unrolled": lambda m: UnrolledAdjoint(),
+    "reversible": lambda m: ReversibleAdjoint(),
 }
 
 
@@ -217,9 +219,10 @@ class ClassifierConfig(ModelConfig):
 class DEQConfig(ClassifierConfig, _ImplicitBackward):
     """`kind: deq`, an `ik.models.DEQ` of a conv cell.
 
-    - `solver`: `anderson`, `picard`, `broyden`; `adjoint`: `implicit` (with
-      `linear_solver`, `adjoint_rtol`), `phantom`, `jfb`, `neumann` (`adjoint_steps`: the
-      k of phantom/neumann), `unrolled`.
+    - `solver`: `anderson`, `picard`, `broyden`, `reversible` (`ik.Reversible()`, beta
+      0.8); `adjoint`: `implicit` (with `linear_solver`, `adjoint_rtol`), `phantom`,
+      `jfb`, `neumann` (`adjoint_steps`: the k of phantom/neumann), `unrolled`,
+      `reversible` (`ik.ReversibleAdjoint()`, for `solver: reversible` only).
     - `init`: the start point, `zeros`, `learned` or `skip`.
     - `best_so_far`: return the lowest-residual iterate of each solve
       (`ik.BestSoFar(solver)`, TorchDEQ's default) instead of the last.
@@ -250,6 +253,11 @@ class DEQConfig(ClassifierConfig, _ImplicitBackward):
         super().check()
         _positive(self, "adjoint_steps")
         _in_range(self.dropout, 0, 1, "dropout", closed_lo=True)
+        if self.adjoint == "reversible" and (self.solver != "reversible" or self.best_so_far):
+            raise ConfigError("key 'model.adjoint': 'reversible' runs the iterations of "
+                              "'model.solver: reversible' backwards (without best_so_far); "
+                              f"got solver {self.solver!r}"
+                              + (" with best_so_far" if self.best_so_far else "") + ".")
         if self.cell == "multiscale":
             if self.scales < 2:
                 raise ConfigError(f"key 'model.scales' must be >= 2 for cell 'multiscale', "
