@@ -587,74 +587,18 @@ def _reversible_solve_fwd(perturbed, inputs, forward, kind, throw):
 def _reversible_solve_bwd(residuals, grad_obj, perturbed, inputs, forward, kind, throw):
     fn, y0, args, probe = scalars_to_arrays(inputs)
     z_end, y_end, anchors, num_steps = residuals
-    solver = forward.solver
-    beta, every = solver.beta, solver.anchor_every
-    zbar = grad_obj[0]
-    zbar = jtu.tree_map(lambda g, x: jnp.zeros_like(x) if g is None else g, zbar, z_end,
-                        is_leaf=lambda v: v is None)
-    params = (fn, args)
-
-    def T(params, state):
-        f, a = params
-        return native_fn(f, kind, "fixed_point")(state, a)[0]
-
-    def scale(c, tree):
-        return jtu.tree_map(lambda t: (c * t).astype(t.dtype), tree)
-
-    def add(a, b):
-        return jtu.tree_map(jnp.add, a, b)
-
-    def anchor(n, reconstructed, which):
-        """The exact iterate `which` (0: z, 1: y) of step `n` where there is one."""
-        if every is None:
-            return reconstructed, jnp.array(False)
-        is_anchor = n % every == 0
-        exact = y0
-        if solver.anchor_slots:
-            slot = jnp.clip(n // every - 1, 0, solver.anchor_slots - 1)
-            stored = jtu.tree_map(lambda buf: buf[slot], anchors[which])
-            exact = tree_where(n == 0, y0, stored)
-        return tree_where(is_anchor, exact, reconstructed), is_anchor
-
-    gtheta0 = jtu.tree_map(jnp.zeros_like, eqx.filter(params, eqx.is_inexact_array))
-    real = jnp.finfo(jnp.result_type(*jtu.tree_leaves(y0))).dtype
-    size = optx.two_norm(z_end)
-
-    def body(carry):
-        i, z, y, gz, gy, gtheta, drift = carry
-        n = i - 1
-        # Reverse z_{n+1} = (1 - beta) z_n + beta T(y_{n+1}) ...
-        fy, vjp_y = eqx.filter_vjp(T, params, y)
-        z_prev = _unrelax(beta, z, fy)
-        z_exact, hit = anchor(n, z_prev, 0)
-        gap = jnp.where(hit, _relative_gap(z_prev, z_exact, size), 0.0).astype(real)
-        if every is None:  # naive: the gap at z_0 = y0, never corrected
-            gap = jnp.where(n == 0, _relative_gap(z_prev, y0, size), 0.0).astype(real)
-        z_prev = z_exact
-        ptheta, py = vjp_y(gz)
-        gy = add(gy, scale(beta, py))
-        gtheta = add(gtheta, scale(beta, ptheta))
-        # ... then y_{n+1} = (1 - beta) y_n + beta T(z_n).
-        fz, vjp_z = eqx.filter_vjp(T, params, z_prev)
-        y_prev, _ = anchor(n, _unrelax(beta, y, fz), 1)
-        ptheta, pz = vjp_z(gy)
-        gz = add(scale(1 - beta, gz), scale(beta, pz))
-        gtheta = add(gtheta, scale(beta, ptheta))
-        gy = scale(1 - beta, gy)
-        return i - 1, z_prev, y_prev, gz, gy, gtheta, jnp.maximum(drift, gap)
-
-    init = (num_steps, z_end, y_end, zbar, jtu.tree_map(jnp.zeros_like, zbar), gtheta0,
-            jnp.array(0.0, real))
-    _, _, _, gz, gy, gtheta, drift = lax.while_loop(lambda c: c[0] > 0, body, init)
+    zbar = jtu.tree_map(lambda g, x: jnp.zeros_like(x) if g is None else g, grad_obj[0],
+                        z_end, is_leaf=lambda v: v is None)
+    dynamic, static = eqx.partition((fn, args), eqx.is_array)
+    reverse = _reverse_fn(static, kind, forward.solver)
+    gtheta, y0_bar, num_steps, drift = reverse(dynamic, z_end, y_end, anchors, num_steps,
+                                               zbar, y0)
     fn_bar, args_bar = gtheta
-    y0_bar = add(gz, gy)
     failed = jnp.invert(jnp.isfinite(drift))
-    grads = (fn_bar, y0_bar, args_bar)
-    if throw:
+    if throw:  # (the cotangents are NaN already where it failed)
         result = RESULTS.where(failed, RESULTS.backward_nonfinite, RESULTS.successful)
-        grads = result.error_if(grads, failed)
-    else:
-        grads = jtu.tree_map(lambda g: jnp.where(failed, jnp.nan, g), grads)
+        y0_bar = result.error_if(y0_bar, failed)
+    grads = (fn_bar, y0_bar, args_bar)
     probe_bar = None
     if probe is not None:
         probe_bar = jnp.stack([jnp.asarray(num_steps, probe.dtype),
@@ -664,3 +608,127 @@ def _reversible_solve_bwd(residuals, grad_obj, perturbed, inputs, forward, kind,
         lambda c, p: c if p else None, (*grads, probe_bar), perturbed,
         is_leaf=lambda v: v is None,
     )
+
+
+def _reverse_fn(static, kind, solver):
+    """The reversal of one solve, `(dynamic, z_end, y_end, anchors, num_steps, zbar, y0)
+    -> (parameter cotangents, y0 cotangent, num_steps, drift)`, with a vmap rule that runs
+    one loop over the batch: the parameters' cotangents are summed over the samples at
+    every step (one batched VJP), never kept per sample (batch x parameters memory)."""
+
+    def batched(params_axes, dynamic, z, y, anchors, num_steps, zbar, y0):
+        return _reverse_batch(static, kind, solver, params_axes, dynamic, z, y,
+                              anchors, num_steps, zbar, y0)
+
+    @jax.custom_batching.custom_vmap
+    def reverse(dynamic, z, y, anchors, num_steps, zbar, y0):
+        one = jtu.tree_map(lambda x: x[None], (z, y, anchors, num_steps, zbar, y0))
+        out = batched(jtu.tree_map(lambda _: None, dynamic), dynamic, *one)
+        gtheta, rest = out[0], jtu.tree_map(lambda x: x[0], out[1:])
+        return (gtheta, *rest)
+
+    @reverse.def_vmap
+    def rule(axis_size, in_batched, dynamic, *state):
+        def to_batch(x, b):
+            return x if b else jnp.broadcast_to(x, (axis_size,) + x.shape)
+
+        # Per-sample parameters (an input injection, a vmapped hyperparameter) keep their
+        # axis and get per-sample cotangents; shared ones get the batch's sum.
+        params_axes = jtu.tree_map(lambda b: 0 if b else None, in_batched[0])
+        state = jtu.tree_map(to_batch, state, tuple(in_batched[1:]))
+        out = batched(params_axes, dynamic, *state)
+        inexact = jtu.tree_map(eqx.is_inexact_array, dynamic)
+        gtheta_batched = eqx.filter(in_batched[0], inexact)
+        return out, (gtheta_batched, jtu.tree_map(lambda _: True, out[1]), True, True)
+
+    return reverse
+
+
+def _reverse_batch(static, kind, solver, params_axes, dynamic, z_end, y_end, anchors,
+                   num_steps, zbar, y0):
+    """The backward loop on a batch (leading axis) of solves, each reversed over its own
+    `num_steps` (a finished sample is frozen and contributes nothing)."""
+    beta, every, slots = solver.beta, solver.anchor_every, solver.anchor_slots
+    real = jnp.finfo(jnp.result_type(*jtu.tree_leaves(y0))).dtype
+    size = jax.vmap(optx.two_norm)(z_end)
+
+    def T(dynamic, state):
+        f, a = eqx.combine(dynamic, static)
+        return native_fn(f, kind, "fixed_point")(state, a)[0]
+
+    TB = jax.vmap(T, in_axes=(params_axes, 0))
+
+    def vjp_at(state, cot):
+        out, vjp = eqx.filter_vjp(TB, dynamic, state)
+        ptheta, pstate = vjp(cot)
+        return out, ptheta, pstate
+
+    def where(mask, a, b):
+        return jtu.tree_map(
+            lambda u, v: jnp.where(mask.reshape(mask.shape + (1,) * (u.ndim - 1)), u, v),
+            a, b)
+
+    def scale(c, tree):
+        return jtu.tree_map(lambda t: (c * t).astype(t.dtype), tree)
+
+    def add(a, b):
+        return jtu.tree_map(jnp.add, a, b)
+
+    def gap(a, b):
+        return jax.vmap(_relative_gap)(a, b, size).astype(real)
+
+    def anchor(n, reconstructed, which):
+        """The exact iterate `which` (0: z, 1: y) of step `n` where one is kept."""
+        if every is None:
+            return reconstructed, jnp.zeros(n.shape, bool)
+        is_anchor = n % every == 0
+        exact = y0
+        if slots:
+            slot = jnp.clip(n // every - 1, 0, slots - 1)
+            stored = jtu.tree_map(lambda buf: jax.vmap(lambda b, i: b[i])(buf, slot),
+                                  anchors[which])
+            exact = where(n == 0, y0, stored)
+        return where(is_anchor, exact, reconstructed), is_anchor
+
+    def body(carry):
+        i, z, y, gz, gy, gtheta, drift = carry
+        active = i > 0
+        n = i - 1
+        zero = jnp.zeros((), real)
+        # Reverse z_{n+1} = (1 - beta) z_n + beta T(y_{n+1}) ... (a finished sample's
+        # cotangent is 0: it adds nothing to the parameters')
+        fy, ptheta, py = vjp_at(y, where(active, gz, scale(zero, gz)))
+        z_prev = _unrelax(beta, z, fy)
+        z_exact, hit = anchor(n, z_prev, 0)
+        g = jnp.where(hit & active, gap(z_prev, z_exact), 0.0).astype(real)
+        if every is None:  # naive: the gap at z_0 = y0, never corrected
+            g = jnp.where((n == 0) & active, gap(z_prev, y0), 0.0).astype(real)
+        z_prev = where(active, z_exact, z)
+        gy_new = where(active, add(gy, scale(beta, py)), gy)
+        gtheta = add(gtheta, scale(beta, ptheta))
+        # ... then y_{n+1} = (1 - beta) y_n + beta T(z_n).
+        fz, ptheta, pz = vjp_at(z_prev, where(active, gy_new, scale(zero, gy_new)))
+        y_prev, _ = anchor(n, _unrelax(beta, y, fz), 1)
+        y_prev = where(active, y_prev, y)
+        gz = where(active, add(scale(1 - beta, gz), scale(beta, pz)), gz)
+        gtheta = add(gtheta, scale(beta, ptheta))
+        gy = where(active, scale(1 - beta, gy_new), gy)
+        return (jnp.where(active, i - 1, i), z_prev, y_prev, gz, gy, gtheta,
+                jnp.maximum(drift, g))
+
+    gtheta0 = jtu.tree_map(jnp.zeros_like, eqx.filter(dynamic, eqx.is_inexact_array))
+    init = (num_steps, z_end, y_end, zbar, jtu.tree_map(jnp.zeros_like, zbar), gtheta0,
+            jnp.zeros(num_steps.shape, real))
+    _, _, _, gz, gy, gtheta, drift = lax.while_loop(lambda c: jnp.any(c[0] > 0), body, init)
+    # A non-finite reconstruction gives NaN cotangents: its sample's own, and the shared
+    # parameters' (a sum over the samples), never a silently wrong number.
+    failed = jnp.invert(jnp.isfinite(drift))
+    axes = eqx.filter(params_axes, jtu.tree_map(eqx.is_inexact_array, dynamic),
+                      is_leaf=lambda a: a is None)
+    gtheta = jtu.tree_map(
+        lambda g, ax: None if g is None else (
+            where(failed, jnp.full_like(g, jnp.nan), g) if ax == 0
+            else jnp.where(jnp.any(failed), jnp.nan, g)), gtheta, axes,
+        is_leaf=lambda a: a is None)
+    y0_bar = where(failed, jtu.tree_map(lambda g: jnp.full_like(g, jnp.nan), y0), add(gz, gy))
+    return gtheta, y0_bar, num_steps, drift

@@ -14,7 +14,7 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from .._misc import tree_sub
+from .._misc import tree_sub, tree_where
 from ._base import (
     AbstractFixedPointSolver,
     AbstractSolverState,
@@ -80,7 +80,10 @@ class Reversible(AbstractFixedPointSolver):
     # (`anchor_slots` not None) and keep `(z_n, y_n)` every `anchor_every` steps.
     anchor_every: int | None = eqx.field(static=True, default=None)
     anchor_slots: int | None = eqx.field(static=True, default=None)
-    stats_from_state: ClassVar[bool] = True  # the partner sequence must stop with its sample
+    # The partner sequence must stop with its sample: `step` freezes it itself once the
+    # sample has met the tolerance (under vmap the driver steps on for the others), so
+    # the driver need not copy the whole state (the anchors) at every step.
+    stats_from_state: ClassVar[bool] = False
 
     def __check_init__(self):
         check_number("Reversible(beta=...)", self.beta, low=0.0, low_open=True, high=2.0)
@@ -102,6 +105,9 @@ class Reversible(AbstractFixedPointSolver):
     def step(self, fn, y, args, options, state, tags):
         z, partner = y, state.partner
         anchors = state.anchors
+        # (a sample that stopped is stepped on under vmap: its partner and count stay;
+        # its anchor writes go to slots past its own steps, which are never read)
+        stopped, _ = self.terminate(fn, y, args, options, state, tags)
         if self.anchor_every is not None and self.anchor_slots:
             every, n = self.anchor_every, state.step
             # (step 0's pair is `(y0, y0)`, which the adjoint has: slots hold the
@@ -116,10 +122,12 @@ class Reversible(AbstractFixedPointSolver):
         partner = _relax(self.beta, partner, fz)
         fy, aux = fn(partner, args)
         new_z = _relax(self.beta, z, fy)
-        state = _ReversibleState(
+        new_state = _ReversibleState(
             self.norm(tree_sub(fz, z)), self.norm(z), partner, state.step + 1, anchors
         )
-        return new_z, state, aux
+        keep = _ReversibleState(state.residual, state.scale, state.partner, state.step,
+                                anchors)
+        return new_z, tree_where(stopped, keep, new_state), aux
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
         """`(z, aux, stats)`; for `ReversibleAdjoint`, `stats["reversible"]` holds the
