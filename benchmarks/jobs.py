@@ -103,6 +103,7 @@ JOBS = {
                    "{tmp}/mondbm", "--json", "{json}"]),
     "stn": Job(["-m", "implicit_kit", "stn", "configs/digits_stn.yaml",
                 "stn.out_dir={tmp}/stn"], produces="stn/results.json", keeps=("stn/stn.png",)),
+    "reversible": Job(["benchmarks/reversible.py", "--json", "{json}"]),
     "tune_param": Job(TUNE + ["tune.per=parameter"], produces="tune/results.json"),
     "tune_tensor": Job(TUNE + ["tune.per=tensor"], produces="tune/results.json"),
     "tune_shared": Job(TUNE + ["tune.per=shared"], produces="tune/results.json"),

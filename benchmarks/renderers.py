@@ -842,6 +842,82 @@ def deq_tables(results):
 
 
 
+def render_reversible(res):
+    d = res["data"]
+    out = [provenance(res), ""]
+    if "drift" in d:
+        out += ["**The published reversal drifts; the anchored one does not.** Relative "
+                "error of the gradient in W against `UnrolledAdjoint` through the same "
+                "iterations (in brackets: the largest relative gap the backward probe "
+                "reports between a reconstructed iterate and its anchor, or for the "
+                "published scheme at z₀):", "", table(
+                    ["dtype", "steps", "published (`anchor_every=None`)",
+                     "default (anchors every k)", "k"],
+                    [[r["dtype"], r["steps"], f"{r['naive']:.1e} ({r['naive_gap']:.0e})",
+                      f"{r['anchored']:.1e} ({r['anchored_gap']:.0e})", r["auto_k"]]
+                     for r in d["drift"]]), ""]
+    if "memory" in d:
+        steps = sorted({r["steps"] for r in d["memory"]})
+        for dtype in ("float32", "float64"):
+            rows = [r for r in d["memory"] if r["dtype"] == dtype]
+            arms = list(dict.fromkeys(r["adjoint"] for r in rows))
+            by = {(r["adjoint"], r["steps"]): r["temp_bytes"] for r in rows}
+            full = next(a for a in arms if "every step" in a)
+            out += [f"**Compiled temporary memory of `jax.grad`, {dtype}** (32 vmapped "
+                    "solves, 256 units, exactly N steps of `Reversible(0.8)`):", "", table(
+                        ["backward"] + [f"N = {n}" for n in steps]
+                        + [f"N = {steps[-1]} / every step stored"],
+                        [[a] + [fmt_bytes(by[(a, n)]) for n in steps]
+                         + [f"{by[(a, steps[-1])] / by[(full, steps[-1])]:.2f}×"]
+                         for a in arms]), ""]
+    if "loose" in d:
+        out += ["**At the training tolerances** (batch 64 of the DEQ benchmark, "
+                "`Reversible(0.8, rtol)`): relative error of the gradient in W against "
+                "the exact gradient of the computed iterations:", "", table(
+                    ["dtype", "rtol", "forward steps", "ImplicitAdjoint",
+                     "ReversibleAdjoint"],
+                    [[r["dtype"], f"{r['rtol']:g}", f"{r['steps']:.1f}",
+                      f"{r['implicit']:.1e}", f"{r['reversible']:.1e}"]
+                     for r in d["loose"]]), ""]
+    if "step" in d:
+        out += ["**Train step on the DEQ benchmark workload** (batch 256, rtol 1e-4, at "
+                "most 50 steps, float32; rows interleaved):", "", table(
+                    ["forward + backward", "ms / step", "forward NFE", "compiled memory"],
+                    [[r["arm"], f"{r['ms']:.1f}", f"{r['nfe']:.1f}",
+                      fmt_bytes(r["temp_bytes"])] for r in d["step"]]), ""]
+    if "ode_drift" in d:
+        out += ["**Reversible Runge–Kutta: reconstruction over the steps** "
+                "(`UReversible(Dopri5())`, coupling 0.999, the Neural ODE benchmark's "
+                "field, fixed steps over [0, 1]): the largest relative error of a state "
+                "reconstructed backwards, and of the gradient against "
+                "`RecursiveCheckpointAdjoint` through the same steps:", "", table(
+                    ["dtype", "steps", "reconstruction", "gradient"],
+                    [[r["dtype"], r["steps"], f"{r['reconstruction']:.1e}",
+                      f"{r['gradient']:.1e}"] for r in d["ode_drift"]]), ""]
+    if "ode_memory" in d:
+        rows = d["ode_memory"]
+        steps = sorted({r["steps"] for r in rows})
+        arms = list(dict.fromkeys(r["arm"] for r in rows))
+        by = {(r["arm"], r["steps"]): r["temp_bytes"] for r in rows}
+        out += ["**Neural ODE: compiled temporary memory of `jax.grad`** (32 vmapped "
+                "solves of the benchmark's field, N fixed steps, float32):", "", table(
+                    ["solver + adjoint"] + [f"N = {n}" for n in steps],
+                    [[a] + [fmt_bytes(by[(a, n)]) for n in steps] for a in arms]), ""]
+    if "ode_step" in d:
+        out += ["**Neural ODE train step** (the Neural ODE benchmark workload: batch 256, "
+                "Dopri5 at rtol = atol = 1e-3, one Adam step; rows interleaved); the "
+                "gradient error is against the exact gradient of the row's own computed "
+                "steps (for BacksolveAdjoint: RecursiveCheckpointAdjoint through plain "
+                "Dopri5):", "", table(
+                    ["solver + adjoint", "ms / step", "forward NFE", "exact",
+                     "gradient error"],
+                    [[r["arm"], f"{r['ms']:.1f}", f"{r['nfe']:.1f}",
+                      "yes" if r["exact"] else "no",
+                      "(reference)" if r["gradient_error"] == 0 else
+                      f"{r['gradient_error']:.1e}"] for r in d["ode_step"]]), ""]
+    return "\n".join(out).rstrip()
+
+
 # ------------------------------------------------------------------------------ sections
 def _job(fn):
     """The renderer of a section that shows the one job of its name."""
@@ -898,6 +974,7 @@ SECTIONS = {
     "mondbm": _job(render_mondbm),
     "stn": _job(render_stn),
     "tune": _tune,
+    "reversible": _job(render_reversible),
 }
 
 

@@ -611,21 +611,26 @@ def _reversible_solve_bwd(residuals, grad_obj, perturbed, inputs, forward, kind,
 
 
 def _reverse_fn(static, kind, solver):
-    """The reversal of one solve, `(dynamic, z_end, y_end, anchors, num_steps, zbar, y0)
-    -> (parameter cotangents, y0 cotangent, num_steps, drift)`, with a vmap rule that runs
-    one loop over the batch: the parameters' cotangents are summed over the samples at
-    every step (one batched VJP), never kept per sample (batch x parameters memory)."""
+    """The reversal of one fixed-point solve (see `batch_reversal`)."""
+    return batch_reversal(
+        lambda axes, dynamic, *state: _reverse_batch(static, kind, solver, axes, dynamic,
+                                                     *state))
 
-    def batched(params_axes, dynamic, z, y, anchors, num_steps, zbar, y0):
-        return _reverse_batch(static, kind, solver, params_axes, dynamic, z, y,
-                              anchors, num_steps, zbar, y0)
+
+def batch_reversal(run):
+    """A reversal `(dynamic, *state) -> (parameter cotangents, y0 cotangent, num_steps,
+    drift)` of one solve, from `run(params_axes, dynamic, *state)`, which reverses a
+    batch of solves (every `state` leaf with a leading batch axis; `params_axes` the
+    `jax.vmap` axes of `dynamic`'s leaves: 0 per sample, None shared). Under `jax.vmap`
+    it runs one loop over the batch, so the shared parameters' cotangents are summed
+    over the samples at every step (one batched VJP) and never kept per sample (batch x
+    parameters of memory)."""
 
     @jax.custom_batching.custom_vmap
-    def reverse(dynamic, z, y, anchors, num_steps, zbar, y0):
-        one = jtu.tree_map(lambda x: x[None], (z, y, anchors, num_steps, zbar, y0))
-        out = batched(jtu.tree_map(lambda _: None, dynamic), dynamic, *one)
-        gtheta, rest = out[0], jtu.tree_map(lambda x: x[0], out[1:])
-        return (gtheta, *rest)
+    def reverse(dynamic, *state):
+        one = jtu.tree_map(lambda x: x[None], state)
+        out = run(jtu.tree_map(lambda _: None, dynamic), dynamic, *one)
+        return (out[0], *jtu.tree_map(lambda x: x[0], out[1:]))
 
     @reverse.def_vmap
     def rule(axis_size, in_batched, dynamic, *state):
@@ -636,7 +641,7 @@ def _reverse_fn(static, kind, solver):
         # axis and get per-sample cotangents; shared ones get the batch's sum.
         params_axes = jtu.tree_map(lambda b: 0 if b else None, in_batched[0])
         state = jtu.tree_map(to_batch, state, tuple(in_batched[1:]))
-        out = batched(params_axes, dynamic, *state)
+        out = run(params_axes, dynamic, *state)
         inexact = jtu.tree_map(eqx.is_inexact_array, dynamic)
         gtheta_batched = eqx.filter(in_batched[0], inexact)
         return out, (gtheta_batched, jtu.tree_map(lambda _: True, out[1]), True, True)

@@ -59,6 +59,7 @@ REFERENCE = {
     "focal_loss": "test_mondbm.py::test_image_task_clamps_the_observed_pixels_and_reports_the_imputation",
     "ForwardBackward": "test_mondeq.py::test_gradient_matches_dense_implicit_gradient",
     "PeacemanRachford": "test_mondeq.py::test_gradient_matches_dense_implicit_gradient",
+    "UReversible": "test_reversible.py::test_ureversible_step_runs_backwards_and_keeps_the_base_order",
     "NeuralODE": "test_references.py::test_neural_ode_is_the_matrix_exponential_on_a_linear_field",
     "AugmentedNeuralODE": "test_references.py::test_augmented_neural_ode_is_a_neural_ode_on_the_zero_padded_state",
     "HomoODE": "test_ode_models.py::test_exact_homoode_field_ends_at_the_deq_equilibrium",

@@ -2,6 +2,7 @@
 gradient of the computed iterations (against differentiating the same loop, and finite
 differences), at any number of steps (drift control), under vmap and jit."""
 
+import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,8 @@ import pytest
 
 import implicit_kit as ik
 from implicit_kit._adjoint import auto_anchor_every
+
+from .helpers import tiered
 
 
 def _problem(dtype, key=0):
@@ -176,3 +179,150 @@ def test_bad_input_is_named():
         ik.Reversible(beta=1.0)
     with pytest.raises(ValueError, match="anchor_every"):
         ik.ReversibleAdjoint(anchor_every=0)
+
+
+# ------------------------------------------------------------------ reversible ODE solving
+def _ode_problem(dtype):
+    k = jax.random.split(jax.random.key(3), 3)
+    c = {"W": (0.8 * jax.random.normal(k[0], (3, 3))).astype(dtype),
+         "U": (0.5 * jax.random.normal(k[1], (2, 3))).astype(dtype),
+         "b": jax.random.normal(k[2], (3,)).astype(dtype)}
+
+    def field(t, state, c):  # time-dependent, on a pytree state
+        a, v = state
+        da = jnp.tanh(c["W"] @ a + c["b"] * jnp.cos(t)) - 0.3 * a + 0.1 * jnp.sum(v)
+        dv = jnp.sin(c["U"] @ a) - v
+        return da, dv
+
+    z0 = (jnp.array([0.3, -0.2, 0.5], dtype), jnp.array([0.1, -0.4], dtype))
+    return dfx.ODETerm(field), z0, c
+
+
+def _ode_loss(field, adjoint, base, *, steps=None, ts=None, rtol=1e-6):
+    controller = None if steps is None else dfx.ConstantStepSize()
+    ode = ik.models.ODESolve(solver=ik.models.UReversible(base), adjoint=adjoint,
+                             rtol=rtol, atol=rtol, stepsize_controller=controller,
+                             dt0=None if steps is None else 2.0 / steps)
+
+    def loss(c, z0):
+        out, stats = ode(field, z0, c, 2.0, None, ts=ts)
+        a, v = out
+        return jnp.sum(jnp.cos(a) * jnp.arange(1.0, a.size + 1).reshape(a.shape)) + \
+            jnp.sum(v ** 2), stats
+
+    return loss
+
+
+@pytest.mark.parametrize("dtype,steps,tol", tiered(
+    [(jnp.float64, 10, 1e-8), (jnp.float64, 200, 1e-8), (jnp.float32, 10, 1e-4),
+     (jnp.float32, 200, 1e-4)], fast=("float64-200", "float32-200"),
+    ids=["float64-10", "float64-200", "float32-10", "float32-200"]))
+def test_reversible_ode_gradient_is_the_gradient_of_the_computed_steps(dtype, steps, tol):
+    field, z0, c = _ode_problem(dtype)
+    grads = [jax.jit(jax.grad(_ode_loss(field, adj, dfx.Tsit5(), steps=steps),
+                              argnums=(0, 1), has_aux=True))(c, z0)
+             for adj in (ik.ReversibleAdjoint(), dfx.RecursiveCheckpointAdjoint())]
+    (g, stats), (ref, _) = grads
+    assert int(stats.num_steps) == steps
+    assert _rel(g, ref) <= tol
+
+
+@pytest.mark.parametrize("base", tiered([dfx.Tsit5(), dfx.Dopri5(), dfx.Bosh3()],
+                                        fast=("Tsit5",), ids=["Tsit5", "Dopri5", "Bosh3"]))
+def test_reversible_ode_adaptive_steps_and_saved_times(base):
+    """Adaptive steps (rejected ones included) are replayed backwards; a trajectory
+    saved at times between the steps (linear interpolation) gets its gradient too."""
+    field, z0, c = _ode_problem(jnp.float64)
+    ts = jnp.linspace(0.0, 2.0, 7)
+    for kw in (dict(), dict(ts=ts)):
+        runs = [jax.grad(_ode_loss(field, adj, base, rtol=1e-7, **kw), argnums=(0, 1),
+                         has_aux=True)(c, z0)
+                for adj in (ik.ReversibleAdjoint(), dfx.RecursiveCheckpointAdjoint())]
+        (g, stats), (ref, ref_stats) = runs
+        assert int(stats.num_steps) == int(ref_stats.num_steps) > 10
+        assert _rel(g, ref) <= 1e-8
+    # the NFE counts two fresh base steps per step
+    per = {dfx.Tsit5: 7, dfx.Dopri5: 7, dfx.Bosh3: 4}[type(base)]
+    assert int(stats.nfe) == 2 * per * int(stats.num_steps)
+    assert int(ref_stats.nfe) == int(stats.nfe)  # the same solver, any adjoint
+
+
+def test_reversible_ode_matches_finite_differences_and_vmap():
+    field, z0, c = _ode_problem(jnp.float64)
+    loss = _ode_loss(field, ik.ReversibleAdjoint(), dfx.Tsit5(), steps=40)
+    g = jax.grad(lambda c: loss(c, z0)[0])(c)
+    d = jtu.tree_map(lambda x: jnp.sin(jnp.arange(x.size).reshape(x.shape) + 2.0), c)
+    eps = 1e-6
+    fd = (loss(jtu.tree_map(lambda p, q: p + eps * q, c, d), z0)[0]
+          - loss(jtu.tree_map(lambda p, q: p - eps * q, c, d), z0)[0]) / (2 * eps)
+    ad = sum(jnp.vdot(a, b) for a, b in zip(jtu.tree_leaves(g), jtu.tree_leaves(d)))
+    assert abs(float(ad - fd)) <= 1e-7 * abs(float(fd))
+    # a batch of initial states, each with its own adaptive steps
+    z0s = jtu.tree_map(lambda x: x[None] * jnp.array([0.5, 1.0, 3.0]).reshape(
+        (3,) + (1,) * x.ndim), z0)
+
+    def batched(adjoint):
+        one = _ode_loss(field, adjoint, dfx.Tsit5(), rtol=1e-7)
+
+        def total(c, z0s):
+            losses, stats = jax.vmap(lambda z: one(c, z))(z0s)
+            return jnp.sum(losses * jnp.array([1.0, -2.0, 0.5])), stats.num_steps
+
+        return jax.jit(jax.grad(total, argnums=(0, 1), has_aux=True))
+
+    (g, steps), (ref, _) = (batched(a)(c, z0s) for a in (
+        ik.ReversibleAdjoint(), dfx.RecursiveCheckpointAdjoint()))
+    assert len(set(np.asarray(steps).tolist())) > 1
+    assert _rel(g, ref) <= 1e-8
+
+
+def test_ureversible_step_runs_backwards_and_keeps_the_base_order():
+    field, z0, c = _ode_problem(jnp.float64)
+    solver = ik.models.UReversible(dfx.Bosh3())
+    z1 = jtu.tree_map(lambda x: x + 0.01, z0)
+    y1, _, _, z2, _ = solver.step(field, 0.0, 0.1, z0, c, z1, False)
+    y0, z1_back = solver.reverse_step(field, 0.0, 0.1, y1, z2, c)
+    assert _rel(y0, z0) < 1e-14 and _rel(z1_back, z1) < 1e-14
+    # global order 3 (Bosh3's): the error falls 8x when the step halves
+    exact = dfx.diffeqsolve(field, dfx.Tsit5(), 0.0, 1.0, 1e-3, z0, c,
+                            stepsize_controller=dfx.PIDController(rtol=1e-12, atol=1e-12),
+                            max_steps=100_000).ys
+    errs = []
+    for n in (20, 40):
+        ys = dfx.diffeqsolve(field, solver, 0.0, 1.0, 1.0 / n, z0, c).ys
+        errs.append(_rel(ys, exact))
+    assert 6 < errs[0] / errs[1] < 10
+
+
+@pytest.mark.parametrize("augmented", tiered([False, True], fast=("plain",),
+                                             ids=["plain", "augmented"]))
+def test_reversible_ode_models_and_bad_input(augmented):
+    key = jax.random.key(0)
+    ode = ik.models.ODESolve(solver=ik.models.UReversible(dfx.Tsit5()),
+                             adjoint=ik.ReversibleAdjoint(), rtol=1e-7, atol=1e-7)
+    field = ik.nn.MLPField(3, 8, key=key)
+    field = jtu.tree_map(lambda v: v.astype(jnp.float64) if eqx.is_inexact_array(v)
+                         else v, field)
+    x = jnp.array([0.2, -0.1, 0.4])
+    ts = jnp.linspace(0.0, 1.0, 5)
+    if augmented:
+        model = ik.models.AugmentedNeuralODE(
+            jtu.tree_map(lambda v: v.astype(jnp.float64) if eqx.is_inexact_array(v)
+                         else v, ik.nn.MLPField(5, 8, key=key)), augment=2, ode=ode)
+    else:
+        model = ik.models.NeuralODE(field, ode)
+    if True:
+        for kw in (dict(), dict(ts=ts)):
+            def loss(m):
+                return jnp.sum(jnp.sin(m(x, **kw)))
+
+            g = eqx.filter_grad(loss)(model)
+            ref_model = model.with_solver(adjoint=dfx.RecursiveCheckpointAdjoint())
+            ref = eqx.filter_grad(loss)(ref_model)
+            assert _rel(eqx.filter(g, eqx.is_array), eqx.filter(ref, eqx.is_array)) < 1e-8
+    with pytest.raises(ValueError, match="UReversible"):
+        ik.models.ODESolve(adjoint=ik.ReversibleAdjoint())
+    with pytest.raises(ValueError, match="explicit"):
+        ik.models.UReversible(dfx.Kvaerno5())
+    with pytest.raises(ValueError, match="coupling"):
+        ik.models.UReversible(dfx.Tsit5(), coupling=0.0)

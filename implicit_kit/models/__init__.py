@@ -24,5 +24,6 @@ from ._ode import (
     NeuralODE as NeuralODE,
     ODESolve as ODESolve,
 )
+from ._reversible_ode import UReversible as UReversible
 from ._start_loss import init_loss as init_loss
 from ._stats import ModelStats as ModelStats

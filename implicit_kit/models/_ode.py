@@ -12,11 +12,13 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
+from .._adjoint import ReversibleAdjoint
 from .._solution import as_results
-from ..homotopy import count_nfe, FixedPointHomotopy, homotopy_solve
+from ..homotopy import FixedPointHomotopy, homotopy_solve
 from ..nn import prepare
 from ..regularizers import ErrorEstimatePenalty, local_error_penalty
 from ._base import AbstractImplicitModel, with_ode_settings
+from ._reversible_ode import ode_nfe, reversible_solve, UReversible
 from ._shapes import check_cell, from_leaves, is_shape, leaf_shapes, state_shape_of
 from ._stats import ModelStats, no_residual
 
@@ -51,7 +53,10 @@ class ODESolve(eqx.Module):
         `dfx.ConstantStepSize()` with `dt0` for a fixed step).
     - `adjoint`: `dfx.RecursiveCheckpointAdjoint()` (default: exact backprop through
         the solver, checkpointed), `dfx.BacksolveAdjoint()` (continuous adjoint, O(1)
-        memory, approximate to the ODE tolerance) or `dfx.DirectAdjoint()`.
+        memory, approximate to the ODE tolerance), `dfx.DirectAdjoint()`, or
+        `ik.ReversibleAdjoint()` with `solver=ik.models.UReversible(base)` (exact
+        gradient of the computed steps, by running them backwards: memory that does not
+        grow with the steps).
     - `dt0`, `max_steps`: as diffrax.
     - `error_penalty`: accumulate the "Opening the Blackbox" regulariser (needs a
         discrete adjoint); `local_penalty`: compute the local one at a sampled time
@@ -62,13 +67,27 @@ class ODESolve(eqx.Module):
     rtol: float = 1e-3
     atol: float = 1e-3
     stepsize_controller: dfx.AbstractStepSizeController | None = None
-    adjoint: dfx.AbstractAdjoint = eqx.field(default_factory=dfx.RecursiveCheckpointAdjoint)
+    adjoint: dfx.AbstractAdjoint | ReversibleAdjoint = eqx.field(
+        default_factory=dfx.RecursiveCheckpointAdjoint)
     dt0: float | None = None
     max_steps: int = eqx.field(static=True, default=4096)
     error_penalty: bool = eqx.field(static=True, default=False)
     local_penalty: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
+        if isinstance(self.adjoint, ReversibleAdjoint):
+            if not isinstance(self.solver, UReversible):
+                raise ValueError(
+                    "`ODESolve(adjoint=ik.ReversibleAdjoint())` runs the steps of a "
+                    "reversible solver backwards: pass `solver=ik.models.UReversible("
+                    f"dfx.Tsit5())` (or another explicit base); got "
+                    f"{type(self.solver).__name__}.")
+            if self.error_penalty or self.local_penalty:
+                raise ValueError("`ODESolve(adjoint=ik.ReversibleAdjoint())` does not "
+                                 "take `error_penalty` or `local_penalty`.")
+            if self.adjoint.anchor_every != "auto":
+                raise ValueError("`ReversibleAdjoint(anchor_every=...)` is for fixed-point "
+                                 "solves; an ODE's reversal has no anchors.")
         if self.error_penalty and not isinstance(self.adjoint, _DISCRETE):
             raise ValueError(
                 "`error_penalty=True` needs a discrete adjoint "
@@ -116,6 +135,13 @@ class ODESolve(eqx.Module):
         controller = self.stepsize_controller
         if controller is None:
             controller = dfx.PIDController(rtol=self.rtol, atol=self.atol)
+        if isinstance(self.adjoint, ReversibleAdjoint):
+            out, num_steps, result = reversible_solve(
+                _vf, solver, t0, t1, self.dt0, z0, (field, condition), ts=ts,
+                controller=controller, max_steps=self.max_steps)
+            num_steps = lax.stop_gradient(num_steps)
+            return out, ModelStats(num_steps, ode_nfe(solver, num_steps),
+                                   no_residual(out), result)
         sol = dfx.diffeqsolve(
             dfx.ODETerm(_vf), solver, t0, t1, self.dt0, z0, (field, condition),
             saveat=saveat, stepsize_controller=controller,
@@ -136,7 +162,7 @@ class ODESolve(eqx.Module):
                 atol=self.atol, t_end=t1, dt=self.dt0,
             )
         # diffrax's outcome promoted (max_steps_reached stays max_steps_reached).
-        stats = ModelStats(num_steps, count_nfe(self.solver, num_steps), no_residual(out),
+        stats = ModelStats(num_steps, ode_nfe(self.solver, num_steps), no_residual(out),
                            as_results(sol.result), **penalties)
         return out, stats
 
