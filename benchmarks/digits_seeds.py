@@ -5,8 +5,16 @@ Each seed is a full `ik.train.fit` run (the same code path as `implicit-kit trai
 seed setting the initialisation, the data order and the dropout masks (the digits split
 is fixed). Several configs are run one after the other and summarised together.
 
+With `--select KEY=V1,V2,...` (configs with a validation split, `data.val_size > 0`),
+each config is first run with every candidate value on the selection seeds
+(`--select-seeds`, default the first seed), the value with the best mean final
+validation accuracy is kept (ties: the first), and the seeds are run with it: every
+choice is made on validation data, never on the test split. The selection runs are
+reported with the rows.
+
 Run: python benchmarks/digits_seeds.py CONFIG [CONFIG ...] [--seeds 0,1,2]
-     [--set train.epochs=20 ...] [--out runs/seeds] [--json PATH]
+     [--set train.epochs=20 ...] [--select model.beta=0.5,0.8] [--out runs/seeds]
+     [--json PATH]
 """
 
 import argparse
@@ -24,6 +32,7 @@ def summarise(history: list[dict]) -> dict:
     evals = [h for h in history if "test_acc" in h]
     timed = [h["seconds"] for h in history[1:]] or [history[0]["seconds"]]
     return {"final_acc": evals[-1]["test_acc"], "best_acc": max(h["test_acc"] for h in evals),
+            "val_acc": evals[-1].get("val_acc"),
             "test_nfe": evals[-1]["test_nfe"], "train_nfe": history[-1]["nfe"],
             "s_per_epoch": float(np.mean(timed)),
             "test_steps": evals[-1].get("test_num_steps"),
@@ -39,20 +48,48 @@ def main():
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--out", default="runs/seeds")
     p.add_argument("--json", default=None, help="write per-seed rows and summaries here")
+    p.add_argument("--select", default=None,
+                   help="KEY=V1,V2,...: choose the value on the validation split first")
+    p.add_argument("--select-seeds", default=None,
+                   help="the seeds of the selection runs (default: the first seed)")
     a = p.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
-    table, per_seed = [], []
+    table, per_seed, selection = [], [], []
+
+    def run(path, name, seed, overrides, tag=""):
+        run_dir = pathlib.Path(a.out) / name / f"{tag}seed{seed}"
+        cfg = ik.train.load_config(path, overrides + [
+            f"train.seed={seed}", f"train.checkpoint_dir={run_dir}",
+            "train.progress=false"])
+        if a.select and not cfg.data.val_size:
+            raise SystemExit(f"--select chooses on the validation split: {path} needs "
+                             "data.val_size > 0.")
+        res = ik.train.fit(cfg)
+        return {"config": name, "seed": seed, **summarise(res.history),
+                "params": res.num_params}
+
     for path in a.configs:
         name = pathlib.Path(path).stem
+        overrides = list(a.overrides)
+        if a.select:
+            key, values = a.select.split("=", 1)
+            sel_seeds = ([int(s) for s in a.select_seeds.split(",")] if a.select_seeds
+                         else seeds[:1])
+            scores = []
+            for value in values.split(","):
+                runs = [run(path, name, s, overrides + [f"{key}={value}"],
+                            tag=f"select-{key}={value}-") for s in sel_seeds]
+                score = float(np.mean([r["val_acc"] for r in runs]))
+                scores.append((score, value))
+                selection.append({"config": name, "key": key, "value": value,
+                                  "val_acc": score, "seeds": sel_seeds})
+                print(json.dumps(selection[-1]), flush=True)
+            best = max(scores, key=lambda sv: sv[0])[1]  # (max keeps the first of ties)
+            selection.append({"config": name, "key": key, "chosen": best})
+            overrides.append(f"{key}={best}")
         rows = []
         for seed in seeds:
-            run_dir = pathlib.Path(a.out) / name / f"seed{seed}"
-            cfg = ik.train.load_config(path, a.overrides + [
-                f"train.seed={seed}", f"train.checkpoint_dir={run_dir}",
-                "train.progress=false"])
-            res = ik.train.fit(cfg)
-            row = {"config": name, "seed": seed, **summarise(res.history),
-                   "params": res.num_params}
+            row = run(path, name, seed, overrides)
             rows.append(row)
             per_seed.append(row)
             print(json.dumps(row), flush=True)
@@ -66,7 +103,8 @@ def main():
     print(ik.hyper.format_table(table))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"seeds": seeds, "overrides": a.overrides, "rows": per_seed}, f, indent=1)
+            json.dump({"seeds": seeds, "overrides": a.overrides, "rows": per_seed,
+                       "selection": selection}, f, indent=1)
 
 
 if __name__ == "__main__":

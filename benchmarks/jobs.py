@@ -104,6 +104,24 @@ JOBS = {
     "stn": Job(["-m", "implicit_kit", "stn", "configs/digits_stn.yaml",
                 "stn.out_dir={tmp}/stn"], produces="stn/results.json", keeps=("stn/stn.png",)),
     "reversible": Job(["benchmarks/reversible.py", "--json", "{json}"]),
+    # The paper's comparison at our scale: the same DEQ with the implicit gradient (on the
+    # same training samples: the validation split held out) and as a Reversible DEQ, its
+    # beta chosen on the validation split.
+    "deq_reversible_base": Job([
+        "benchmarks/digits_seeds.py", "configs/digits_deq.yaml", "--set",
+        "data.val_size=287", "--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json", "{json}"]),
+    "deq_reversible": Job([
+        "benchmarks/digits_seeds.py", "configs/digits_deq_reversible.yaml", "--select",
+        "model.beta=0.5,0.8", "--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json",
+        "{json}"]),
+    "deq_reversible_mnist_base": Job([
+        "benchmarks/digits_seeds.py", "configs/mnist_sample_deq.yaml", "--set",
+        "data.val_size=800", "--set", "model.adjoint=implicit", "--seeds", "0,1,2",
+        "--out", "{tmp}/seeds", "--json", "{json}"]),
+    "deq_reversible_mnist": Job([
+        "benchmarks/digits_seeds.py", "configs/mnist_sample_deq_reversible.yaml",
+        "--select", "model.beta=0.5,0.8", "--seeds", "0,1,2", "--out", "{tmp}/seeds",
+        "--json", "{json}"]),
     "tune_param": Job(TUNE + ["tune.per=parameter"], produces="tune/results.json"),
     "tune_tensor": Job(TUNE + ["tune.per=tensor"], produces="tune/results.json"),
     "tune_shared": Job(TUNE + ["tune.per=shared"], produces="tune/results.json"),

@@ -918,6 +918,34 @@ def render_reversible(res):
     return "\n".join(out).rstrip()
 
 
+def render_deq_reversible(results):
+    """The DEQ with the implicit gradient against the Reversible DEQ (beta chosen on the
+    validation split), digits and the MNIST sample, from up to four jobs."""
+    out = []
+    for title, base, rev in (("8×8 digits", "deq_reversible_base", "deq_reversible"),
+                             ("MNIST sample", "deq_reversible_mnist_base",
+                              "deq_reversible_mnist")):
+        runs = [results[k] for k in (base, rev) if k in results]
+        if not runs:
+            continue
+        rows = [r for res in runs for r in res["data"]["rows"]]
+        out += [f"**{title}**", ""] + [provenance(res) for res in runs] + [""]
+        out.append(table(_SEED_TABLE + ["val acc"], [
+            row + [ms([r["val_acc"] for r in rows if r["config"] == row[0].strip("`")], 3)]
+            for row in _seed_table_rows(rows)]))
+        sel = [s for res in runs for s in res["data"].get("selection", [])]
+        if sel:
+            chosen = [s for s in sel if "chosen" in s]
+            out += ["", "Chosen on the validation split (seed "
+                    f"{sel[0]['seeds'][0]}, final validation accuracy): " + "; ".join(
+                        f"`{s['key']}` = {s['value']}: {s['val_acc']:.3f}"
+                        for s in sel if "chosen" not in s)
+                    + "; kept " + ", ".join(f"{c['key']} = {c['chosen']}" for c in chosen)
+                    + "."]
+        out.append("")
+    return "\n".join(out).rstrip() or None
+
+
 # ------------------------------------------------------------------------------ sections
 def _job(fn):
     """The renderer of a section that shows the one job of its name."""
@@ -975,6 +1003,7 @@ SECTIONS = {
     "stn": _job(render_stn),
     "tune": _tune,
     "reversible": _job(render_reversible),
+    "deq_reversible": lambda key, res: render_deq_reversible(res),
 }
 
 

@@ -320,6 +320,11 @@ def test_each_model_kind_is_one_section_class():
     assert rev.block.adjoint == ik.ReversibleAdjoint()
     with pytest.raises(ConfigError, match=r"'model\.adjoint': 'reversible'.*'anderson'"):
         train.DEQConfig(adjoint="reversible")
+    half = train.build_model(train.DEQConfig(solver="reversible", beta=0.5), in_channels=1,
+                             classes=10, spatial=8, key=jax.random.key(0))
+    assert half.block.solver.beta == 0.5
+    with pytest.raises(ConfigError, match=r"'model\.beta' must not be 1"):
+        train.DEQConfig(solver="reversible", beta=1.0)
     with pytest.raises(ConfigError, match=r"'model\.dropout' must be in \[0, 1\)"):
         train.NeuralODEConfig(dropout=1.0)  # made in Python: checked the same way
     with pytest.raises(TypeError, match="not a model kind"):
@@ -529,6 +534,36 @@ def test_downsample_average_pools_the_images():
 
 
 @pytest.mark.slow
+def test_a_validation_split_is_held_out_of_training_and_evaluated(tmp_path):
+    """`data.val_size` samples of the training split (drawn by `split_seed`) are held
+    out: never trained on, not in the normalisation statistics, evaluated as `val_*`."""
+    from implicit_kit.train import DataConfig, load_data
+    from implicit_kit.train._data import load_splits
+
+    (x, y), (xt, _) = load_data(DataConfig(normalise=False))
+    s = load_splits(DataConfig(normalise=False, val_size=100))
+    assert s.val[0].shape[0] == 100 and s.train[0].shape[0] == x.shape[0] - 100
+    both = np.concatenate([s.train[0], s.val[0]])
+    assert sorted(map(bytes, both)) == sorted(map(bytes, x))  # a partition of the split
+    np.testing.assert_array_equal(s.test[0], xt)
+    again = load_splits(DataConfig(normalise=False, val_size=100))
+    np.testing.assert_array_equal(again.val[0], s.val[0])  # seeded by split_seed
+    other = load_splits(DataConfig(normalise=False, val_size=100, split_seed=1))
+    assert not np.array_equal(other.val[0], s.val[0])
+    normed = load_splits(DataConfig(val_size=100))
+    assert abs(float(normed.train[0].mean())) < 1e-5  # the training part's statistics
+    assert abs(float(normed.val[0].mean())) > 1e-4
+    with pytest.raises(ConfigError, match=r"'data\.val_size'"):
+        load_splits(DataConfig(val_size=x.shape[0]))
+    with pytest.raises(ConfigError, match=r"'data\.val_size' must be >= 0"):
+        DataConfig(val_size=-1)
+    res = fit(_cfg(tmp_path, train={"epochs": 1}, data={"val_size": 200}))
+    row = res.history[-1]
+    assert 0 <= row["val_acc"] <= 1 and row["val_acc"] != row["test_acc"]
+    steps_full = fit(_cfg(tmp_path, name="full", train={"epochs": 1})).history[-1]["step"]
+    assert row["step"] < steps_full  # fewer training batches: the 200 are held out
+
+
 def test_corrupt_checkpoint_detected_previous_kept(tmp_path):
     cfg = _cfg(tmp_path, train={"epochs": 2})
     fit(cfg)

@@ -127,7 +127,8 @@ _ADDED_KEYS = {"train.parallel": "jit", "data.downsample": 1, "optim.separate": 
                "optim.separate_schedule": "cosine", "optim.separate_every": 1,
                "model.detach_start": True, "train.on_nonfinite": "skip",
                "train.on_unconverged": "apply", "model.best_so_far": False,
-               "model.cell": "conv", "model.scales": 2}
+               "model.cell": "conv", "model.scales": 2, "data.val_size": 0,
+               "model.beta": 0.8}
 
 
 def config_diff(a: dict, b: dict, prefix="") -> list[str]:

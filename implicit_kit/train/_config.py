@@ -44,7 +44,10 @@ class DataConfig:
       factor (2 turns the 28×28 MNIST sample into 14×14 images); `test_size`, `split_seed`: the
       split of digits and mnist_sample (stratified: use 1000 for 4,000 / 1,000);
       `normalise`: standardise the images with the training split's
-      statistics (False keeps pixel levels in [0, 1], as `mondbm` needs)."""
+      statistics (False keeps pixel levels in [0, 1], as `mondbm` needs).
+    - `val_size`: samples held out of the training split (drawn by `split_seed`) and
+      evaluated with the test split every evaluation (`val_acc`, ...): the split every
+      choice made from results is made on (0 = none)."""
 
     CHOICES: ClassVar[dict] = {"name": ik_data.DATASETS}
 
@@ -55,9 +58,11 @@ class DataConfig:
     test_size: int = 360
     split_seed: int = 0
     normalise: bool = True
+    val_size: int = 0
 
     def __post_init__(self):
         _at_least("data", self, 1, "upsample", "downsample")
+        _at_least("data", self, 0, "val_size")
         if self.name not in ("digits", "mnist_sample") and self.dir is None:
             raise ConfigError(f"key 'data.dir' is required for dataset {self.name!r}.")
 

@@ -28,7 +28,7 @@ from ._checkpoint import (
     save_checkpoint,
 )
 from ._config import check_config, Config, config_from_dict, ConfigError, migrate_config
-from ._data import load_data, pad_eval
+from ._data import load_splits, pad_eval
 from ._report import host_tree, peak_memory_mb, plot_history, Progress, to_host
 from ._rundir import (
     check_writable,
@@ -62,6 +62,7 @@ class _Setup:
     sharding of batches over the devices."""
 
     train: tuple
+    val: tuple | None
     test: tuple
     params: eqx.Module
     static: eqx.Module
@@ -112,20 +113,21 @@ def _setup(cfg: Config, devices) -> _Setup:
             raise ConfigError(
                 f"key '{key}'={value} must be divisible by the {len(devices)} devices."
             )
-    train, test = load_data(cfg.data, t.dtype)
+    train, val, test = load_splits(cfg.data, t.dtype)
     x = train[0]
     model = make_model(cfg, x.shape[1], x.shape[-1])
     params, static = eqx.partition(model, eqx.is_inexact_array)
     steps_per_epoch = ik_data.num_batches(x.shape[0], t.batch)
     optimiser = make_optimiser(cfg.optim, steps_per_epoch * t.epochs, params)
     mesh = Mesh(np.array(devices), ("data",))
-    return _Setup(train, test, params, static, optimiser,
+    return _Setup(train, val, test, params, static, optimiser,
                   Steps(cfg, static, optimiser, mesh), steps_per_epoch, count_params(model),
                   mesh)
 
 
-def evaluate(steps: Steps, params, test, eval_batch: int, shard) -> dict:
-    """Mean test metrics over the whole test split (padded eval batches, masked)."""
+def evaluate(steps: Steps, params, test, eval_batch: int, shard, prefix="test") -> dict:
+    """Mean metrics over a whole split (padded eval batches, masked), named
+    `<prefix>_<metric>` (the test split's, or `val_` of the validation split's)."""
     x, y, mask = pad_eval(*test, eval_batch)
     sums = None
     for i in range(0, x.shape[0], eval_batch):
@@ -135,7 +137,7 @@ def evaluate(steps: Steps, params, test, eval_batch: int, shard) -> dict:
         part = host_tree(part)  # summed on the host: no eager op on global arrays
         sums = part if sums is None else jax.tree_util.tree_map(np.add, sums, part)
     n = int(mask.sum())
-    return {f"test_{k}": (None if v is None else v / n) for k, v in to_host(sums).items()}
+    return {f"{prefix}_{k}": (None if v is None else v / n) for k, v in to_host(sums).items()}
 
 
 def _write_log(path, history):
@@ -296,6 +298,8 @@ def _fit(cfg, run_dir, main, interrupts, resume, resume_valid, devices, callback
                "seconds": seconds, "peak_memory_mb": peak, "memory_source": source}
         if epoch % t.eval_every == 0 or epoch == t.epochs:
             row.update(evaluate(steps, params, st.test, t.eval_batch, st.shard))
+            if st.val is not None:
+                row.update(evaluate(steps, params, st.val, t.eval_batch, st.shard, "val"))
         history.append(row)
         state = host_tree((params, opt_state, base_key))
         if main:  # one process writes; every process resumes from it

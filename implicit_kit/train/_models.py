@@ -219,10 +219,11 @@ class ClassifierConfig(ModelConfig):
 class DEQConfig(ClassifierConfig, _ImplicitBackward):
     """`kind: deq`, an `ik.models.DEQ` of a conv cell.
 
-    - `solver`: `anderson`, `picard`, `broyden`, `reversible` (`ik.Reversible()`, beta
-      0.8); `adjoint`: `implicit` (with `linear_solver`, `adjoint_rtol`), `phantom`,
-      `jfb`, `neumann` (`adjoint_steps`: the k of phantom/neumann), `unrolled`,
-      `reversible` (`ik.ReversibleAdjoint()`, for `solver: reversible` only).
+    - `solver`: `anderson`, `picard`, `broyden`, `reversible` (`ik.Reversible(beta)`,
+      `beta` 0.8 by default); `adjoint`: `implicit` (with `linear_solver`,
+      `adjoint_rtol`), `phantom`, `jfb`, `neumann` (`adjoint_steps`: the k of
+      phantom/neumann), `unrolled`, `reversible` (`ik.ReversibleAdjoint()`, for
+      `solver: reversible` only).
     - `init`: the start point, `zeros`, `learned` or `skip`.
     - `best_so_far`: return the lowest-residual iterate of each solve
       (`ik.BestSoFar(solver)`, TorchDEQ's default) instead of the last.
@@ -240,6 +241,7 @@ class DEQConfig(ClassifierConfig, _ImplicitBackward):
                                "cell": ("conv", "multiscale")}
 
     solver: str = "anderson"
+    beta: float = 0.8
     adjoint: str = "implicit"
     adjoint_steps: int = 5
     init: str = "zeros"
@@ -253,6 +255,10 @@ class DEQConfig(ClassifierConfig, _ImplicitBackward):
         super().check()
         _positive(self, "adjoint_steps")
         _in_range(self.dropout, 0, 1, "dropout", closed_lo=True)
+        _in_range(self.beta, 0, 2, "beta")
+        if self.beta == 1:
+            raise ConfigError("key 'model.beta' must not be 1 (the reversal divides by "
+                              "1 - beta).")
         if self.adjoint == "reversible" and (self.solver != "reversible" or self.best_so_far):
             raise ConfigError("key 'model.adjoint': 'reversible' runs the iterations of "
                               "'model.solver: reversible' backwards (without best_so_far); "
@@ -281,7 +287,8 @@ class DEQConfig(ClassifierConfig, _ImplicitBackward):
             cell = nn.ConvCell(h, groups=self._groups(h), dropout=self.dropout,
                                residual=self.residual, key=key)
             state_shape = (h, spatial, spatial)
-        solver = DEQ_SOLVERS[self.solver](rtol=self.rtol, atol=self.atol)
+        kw = {"beta": self.beta} if self.solver == "reversible" else {}
+        solver = DEQ_SOLVERS[self.solver](rtol=self.rtol, atol=self.atol, **kw)
         if self.best_so_far:
             solver = solvers.BestSoFar(solver)
         return models.DEQ(cell, state_shape, solver,
