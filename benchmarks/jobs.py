@@ -122,6 +122,18 @@ JOBS = {
         "benchmarks/digits_seeds.py", "configs/mnist_sample_deq_reversible.yaml",
         "--select", "model.beta=0.5,0.8", "--seeds", "0,1,2", "--out", "{tmp}/seeds",
         "--json", "{json}"]),
+    # The error-penalty weight of the HomoODE acceleration arms chosen again, on the
+    # validation split (it was picked on one seed's test accuracy), with the Neural ODE
+    # on the same training samples.
+    "homoode_validated_node": Job([
+        "benchmarks/digits_seeds.py", "configs/digits_node.yaml", "--set",
+        "data.val_size=287", "--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json",
+        "{json}"]),
+    "homoode_validated": Job([
+        "benchmarks/digits_seeds.py", "configs/digits_homoode_bosh3_errpen.yaml",
+        "configs/digits_homoode_conditioned_task_bosh3_errpen.yaml", "--set",
+        "data.val_size=287", "--select", "regularizers.error_penalty=1,0.3,0.1,0.03,0.01",
+        "--seeds", "0,1,2", "--out", "{tmp}/seeds", "--json", "{json}"]),
     "tune_param": Job(TUNE + ["tune.per=parameter"], produces="tune/results.json"),
     "tune_tensor": Job(TUNE + ["tune.per=tensor"], produces="tune/results.json"),
     "tune_shared": Job(TUNE + ["tune.per=shared"], produces="tune/results.json"),

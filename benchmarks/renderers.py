@@ -722,6 +722,36 @@ def summary(res: dict) -> list[list[str]]:
                      f"{d['baselines']['mlp_observed_acc']:.3f})",
                      f"unique fixed points; the plain DBM: {dep} start-dependent of "
                      f"{360 * len(plain)}"])
+    if "reversible" in res:
+        d = res["reversible"]["data"]
+        mem = d.get("memory", [])
+        for dtype in ("float32", "float64"):
+            at = {r["adjoint"]: r["temp_bytes"] for r in mem
+                  if r["dtype"] == dtype and r["steps"] == 200}
+            rev = next((v for k, v in at.items() if k.startswith("ReversibleAdjoint() ")),
+                       None)
+            full = next((v for k, v in at.items() if "every step" in k), None)
+            if rev and full:
+                rows.append([f"DEQ `jax.grad` memory at 200 steps, {dtype}: "
+                             "ReversibleAdjoint (default anchors) vs backpropagation "
+                             "through every step", f"{fmt_bytes(rev)} vs {fmt_bytes(full)}",
+                             f"{rev / full:.2f}×"])
+        loose = [r for r in d.get("loose", []) if r["dtype"] == "float32"
+                 and r["rtol"] == 1e-3]
+        if loose:
+            r = loose[0]
+            rows.append(["DEQ gradient error at rtol 1e-3 (float32) against the exact "
+                         "gradient of the computed iterations: ImplicitAdjoint vs "
+                         "ReversibleAdjoint", f"{r['implicit']:.1e} vs "
+                         f"{r['reversible']:.1e}", "exact vs approximate"])
+        ode = {r["arm"]: r for r in d.get("ode_step", [])}
+        rev = ode.get("UReversible(Dopri5) + ReversibleAdjoint()")
+        ref = ode.get("UReversible(Dopri5) + RecursiveCheckpointAdjoint()")
+        if rev and ref:
+            rows.append(["Neural ODE train step through the same reversible steps: "
+                         "ReversibleAdjoint vs RecursiveCheckpointAdjoint",
+                         f"{rev['ms']:.1f} vs {ref['ms']:.1f} ms",
+                         f"{_speed(ref['ms'] / rev['ms'])}"])
     return rows
 
 
@@ -918,14 +948,12 @@ def render_reversible(res):
     return "\n".join(out).rstrip()
 
 
-def render_deq_reversible(results):
-    """The DEQ with the implicit gradient against the Reversible DEQ (beta chosen on the
-    validation split), digits and the MNIST sample, from up to four jobs."""
+def render_validated(results, pairs):
+    """Seed tables of configs whose choices were made on the validation split: for each
+    `(title, jobs...)` of `pairs`, the rows of those jobs and the selection runs."""
     out = []
-    for title, base, rev in (("8×8 digits", "deq_reversible_base", "deq_reversible"),
-                             ("MNIST sample", "deq_reversible_mnist_base",
-                              "deq_reversible_mnist")):
-        runs = [results[k] for k in (base, rev) if k in results]
+    for title, *jobs in pairs:
+        runs = [results[k] for k in jobs if k in results]
         if not runs:
             continue
         rows = [r for res in runs for r in res["data"]["rows"]]
@@ -934,14 +962,13 @@ def render_deq_reversible(results):
             row + [ms([r["val_acc"] for r in rows if r["config"] == row[0].strip("`")], 3)]
             for row in _seed_table_rows(rows)]))
         sel = [s for res in runs for s in res["data"].get("selection", [])]
-        if sel:
-            chosen = [s for s in sel if "chosen" in s]
-            out += ["", "Chosen on the validation split (seed "
-                    f"{sel[0]['seeds'][0]}, final validation accuracy): " + "; ".join(
-                        f"`{s['key']}` = {s['value']}: {s['val_acc']:.3f}"
-                        for s in sel if "chosen" not in s)
-                    + "; kept " + ", ".join(f"{c['key']} = {c['chosen']}" for c in chosen)
-                    + "."]
+        for cfg in dict.fromkeys(s["config"] for s in sel):
+            tried = [s for s in sel if s["config"] == cfg and "chosen" not in s]
+            kept = next(s["chosen"] for s in sel if s["config"] == cfg and "chosen" in s)
+            out += ["", f"`{cfg}`: chosen on the validation split (seed "
+                    f"{tried[0]['seeds'][0]}, final validation accuracy): " + "; ".join(
+                        f"`{s['key']}` = {s['value']}: {s['val_acc']:.3f}" for s in tried)
+                    + f"; kept {kept}."]
         out.append("")
     return "\n".join(out).rstrip() or None
 
@@ -1003,7 +1030,11 @@ SECTIONS = {
     "stn": _job(render_stn),
     "tune": _tune,
     "reversible": _job(render_reversible),
-    "deq_reversible": lambda key, res: render_deq_reversible(res),
+    "deq_reversible": lambda key, res: render_validated(res, (
+        ("8×8 digits", "deq_reversible_base", "deq_reversible"),
+        ("MNIST sample", "deq_reversible_mnist_base", "deq_reversible_mnist"))),
+    "homoode_validated": lambda key, res: render_validated(res, (
+        ("8×8 digits", "homoode_validated_node", "homoode_validated"),)),
 }
 
 
