@@ -6,9 +6,9 @@ Sections (all in one run):
 - `drift`: the issue's table reproduced with implicit_kit: `tanh(Wz + x)`, 32 units,
   ||W||_2 = 0.9 (Gaussian, not symmetric), `Reversible(beta=0.8)` run for exactly N
   steps; the relative error of the gradient in W against `UnrolledAdjoint` through the
-  same iterations, for the published reversal (`anchor_every=None`) and the default
-  (anchors every `auto_anchor_every` steps), float64 and float32, with the largest
-  anchor gap the backward probe reports.
+  same iterations, for the published reversal (`anchor_every=None`), the default
+  (anchors every `auto_anchor_every` steps) and anchors every 8 steps, float64 and
+  float32, with the largest anchor gap the backward probe reports.
 - `memory`: XLA's compiled temporary memory of `jax.grad` through 32 vmapped solves of
   the DEQ benchmark's cell (256 units), 10 / 50 / 200 forward steps: ReversibleAdjoint
   (default anchors, anchors every 8, none), UnrolledAdjoint(checkpoints=N) (every step
@@ -98,7 +98,8 @@ def drift_section():
             row = dict(dtype=jnp.dtype(dtype).name, steps=steps,
                        auto_k=auto_anchor_every(0.8, dtype))
             for name, adj in (("naive", ik.ReversibleAdjoint(anchor_every=None)),
-                              ("anchored", ik.ReversibleAdjoint())):
+                              ("anchored", ik.ReversibleAdjoint()),
+                              ("every8", ik.ReversibleAdjoint(anchor_every=8))):
                 g, p = grad(args, ik.backward_probe(), steps, adj)
                 row[name] = rel(g[0], ref[0])
                 row[name + "_gap"] = float(ik.backward_stats(p).residual)

@@ -294,32 +294,37 @@ def test_ureversible_step_runs_backwards_and_keeps_the_base_order():
     assert 6 < errs[0] / errs[1] < 10
 
 
-@pytest.mark.parametrize("augmented", tiered([False, True], fast=("plain",),
-                                             ids=["plain", "augmented"]))
-def test_reversible_ode_models_and_bad_input(augmented):
+@pytest.mark.parametrize("kind", tiered(["plain", "augmented", "homoode"], fast=("plain",)))
+def test_reversible_ode_models_and_bad_input(kind):
+    """NeuralODE (end point and trajectory), ANODE and HomoODE's learned field take the
+    reversible solve as their `ODESolve`, with the checkpointed gradient."""
     key = jax.random.key(0)
     ode = ik.models.ODESolve(solver=ik.models.UReversible(dfx.Tsit5()),
                              adjoint=ik.ReversibleAdjoint(), rtol=1e-7, atol=1e-7)
-    field = ik.nn.MLPField(3, 8, key=key)
-    field = jtu.tree_map(lambda v: v.astype(jnp.float64) if eqx.is_inexact_array(v)
-                         else v, field)
-    x = jnp.array([0.2, -0.1, 0.4])
-    ts = jnp.linspace(0.0, 1.0, 5)
-    if augmented:
-        model = ik.models.AugmentedNeuralODE(
-            jtu.tree_map(lambda v: v.astype(jnp.float64) if eqx.is_inexact_array(v)
-                         else v, ik.nn.MLPField(5, 8, key=key)), augment=2, ode=ode)
-    else:
-        model = ik.models.NeuralODE(field, ode)
-    if True:
-        for kw in (dict(), dict(ts=ts)):
-            def loss(m):
-                return jnp.sum(jnp.sin(m(x, **kw)))
 
-            g = eqx.filter_grad(loss)(model)
-            ref_model = model.with_solver(adjoint=dfx.RecursiveCheckpointAdjoint())
-            ref = eqx.filter_grad(loss)(ref_model)
-            assert _rel(eqx.filter(g, eqx.is_array), eqx.filter(ref, eqx.is_array)) < 1e-8
+    def f64(m):
+        return jtu.tree_map(lambda v: v.astype(jnp.float64) if eqx.is_inexact_array(v)
+                            else v, m)
+
+    x = jnp.array([0.2, -0.1, 0.4])
+    calls = [dict()]
+    if kind == "augmented":
+        model = ik.models.AugmentedNeuralODE(f64(ik.nn.MLPField(5, 8, key=key)), augment=2,
+                                             ode=ode)
+    elif kind == "homoode":
+        model = ik.models.HomoODE(f64(ik.nn.MLPField(4, 8, input_size=3, key=key)), (4,),
+                                  ode=ode)
+    else:
+        model = ik.models.NeuralODE(f64(ik.nn.MLPField(3, 8, key=key)), ode)
+        calls.append(dict(ts=jnp.linspace(0.0, 1.0, 5)))  # a trajectory
+    for kw in calls:
+        def loss(m):
+            return jnp.sum(jnp.sin(m(x, **kw)))
+
+        g = eqx.filter_grad(loss)(model)
+        ref = eqx.filter_grad(loss)(model.with_solver(
+            adjoint=dfx.RecursiveCheckpointAdjoint()))
+        assert _rel(eqx.filter(g, eqx.is_array), eqx.filter(ref, eqx.is_array)) < 1e-8
     with pytest.raises(ValueError, match="UReversible"):
         ik.models.ODESolve(adjoint=ik.ReversibleAdjoint())
     with pytest.raises(ValueError, match="explicit"):
