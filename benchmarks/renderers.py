@@ -958,7 +958,7 @@ def render_validated(results, pairs):
         if not runs:
             continue
         rows = [r for res in runs for r in res["data"]["rows"]]
-        out += [f"**{title}**", ""] + [provenance(res) for res in runs] + [""]
+        out += [f"**{title}**", "", "\n\n".join(provenance(res) for res in runs), ""]
         out.append(table(_SEED_TABLE + ["val acc"], [
             row + [ms([r["val_acc"] for r in rows if r["config"] == row[0].strip("`")], 3)]
             for row in _seed_table_rows(rows)]))
@@ -1015,6 +1015,8 @@ SECTIONS = {
     "deq_multiscale": _job(render_deq_multiscale),
     "torchdeq_recipe": _job(render_torchdeq_recipe),
     "homoode_accel": _homoode_accel,
+    "homoode_validated": lambda key, res: render_validated(res, (
+        ("8×8 digits", "homoode_validated_node", "homoode_validated"),)),
     "homoode_seeds": _job(render_seeds),
     "homotopy_start": _job(render_homotopy_start),
     "node_errpen": _job(render_seeds),
@@ -1034,8 +1036,6 @@ SECTIONS = {
     "deq_reversible": lambda key, res: render_validated(res, (
         ("8×8 digits", "deq_reversible_base", "deq_reversible"),
         ("MNIST sample", "deq_reversible_mnist_base", "deq_reversible_mnist"))),
-    "homoode_validated": lambda key, res: render_validated(res, (
-        ("8×8 digits", "homoode_validated_node", "homoode_validated"),)),
 }
 
 
