@@ -298,18 +298,18 @@ def test_a_disk_that_fills_during_training_keeps_the_log_behind(tmp_path, monkey
 
 
 # ------------------------------------------------------------------ failure policies
-def _poisoned_load_data(real):
+def _poisoned_load_splits(real):
     def load(d, dtype):
-        (x, y), test = real(d, dtype)
+        (x, y), val, test = real(d, dtype)
         x = x.copy()
         x[0] = np.nan  # one training image: the step whose batch holds it is non-finite
-        return (x, y), test
+        return (x, y), val, test
 
     return load
 
 
 def test_nonfinite_steps_are_skipped_or_raise(tmp_path, monkeypatch):
-    monkeypatch.setattr(_loop, "load_data", _poisoned_load_data(_loop.load_data))
+    monkeypatch.setattr(_loop, "load_splits", _poisoned_load_splits(_loop.load_splits))
     cfg = _cfg(tmp_path, "deq", "skip", train={"epochs": 1})
     result = fit(cfg)
     row = result.history[0]
