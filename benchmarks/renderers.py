@@ -743,7 +743,7 @@ def summary(res: dict) -> list[list[str]]:
             rows.append(["DEQ gradient error at rtol 1e-3 (float32) against the exact "
                          "gradient of the computed iterations: ImplicitAdjoint vs "
                          "ReversibleAdjoint", f"{r['implicit']:.1e} vs "
-                         f"{r['reversible']:.1e}", "exact vs approximate"])
+                         f"{r['reversible']:.1e}", "approximate vs exact"])
         ode = {r["arm"]: r for r in d.get("ode_step", [])}
         rev = ode.get("UReversible(Dopri5) + ReversibleAdjoint()")
         ref = ode.get("UReversible(Dopri5) + RecursiveCheckpointAdjoint()")
