@@ -9,6 +9,7 @@ from . import (
     models as models,
     nn as nn,
     optimality as optimality,
+    qp as qp,
     regularizers as regularizers,
     solvers as solvers,
 )

@@ -71,6 +71,18 @@ class RESULTS(dfx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
         "satisfy the equation to the requested tolerance (path-following drift). Tighten "
         "the ODE tolerances or add a corrector (`NewtonCorrector(k)`)."
     )
+    qp_primal_infeasible = (
+        "The quadratic program is primal infeasible: its constraints have no common "
+        "point (OSQP's certificate: a direction y with K^T y = 0 along which the bounds' "
+        "support function is negative). Check A, b, G, l, u (l <= u, compatible "
+        "equalities); the solution is not usable and its gradient is NaN."
+    )
+    qp_dual_infeasible = (
+        "The quadratic program is dual infeasible: the objective is unbounded below on "
+        "the constraints (a direction d with Qd = 0, c^T d < 0 that the constraints "
+        "allow). Check that Q is positive definite on the feasible directions or bound "
+        "x; the solution is not usable and its gradient is NaN."
+    )
 
 
 _replaced_message.__exit__(None, None, None)
@@ -82,7 +94,8 @@ _replaced_message.__exit__(None, None, None)
 # `max_steps` is not among them: the last iterate is a usable approximation, and its
 # implicit gradient is finite (the training layer's `train.on_unconverged` decides).
 UNUSABLE = ("nonfinite", "nonfinite_y0", "nonfinite_args", "nonlinear_divergence",
-            "homotopy_path_lost", "backward_nonfinite")
+            "homotopy_path_lost", "backward_nonfinite", "qp_primal_infeasible",
+            "qp_dual_infeasible")
 
 
 def unusable(result) -> "Array":

@@ -20,7 +20,7 @@ LAYERS = {
     "_custom_vjp": 3, "_adjoint": 3,
     "_solve": 4,
     "_fixed_point": 5, "_root": 5,
-    "homotopy": 6, "_diagnostics": 6,
+    "homotopy": 6, "_diagnostics": 6, "qp": 6,
     "regularizers": 7,
     "models": 8, "hyper": 8,
     "train": 9,

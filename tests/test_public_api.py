@@ -118,6 +118,11 @@ REFERENCE = {
     "prox_elastic_net": "test_optimality.py::test_proximal_operators_are_the_argmin_of_their_definition",
     "prox_group_lasso": "test_optimality.py::test_proximal_operators_are_the_argmin_of_their_definition",
     "prox_non_negative": "test_optimality.py::test_proximal_operators_are_the_argmin_of_their_definition",
+    # quadratic programs
+    "solve": "test_qp.py::test_osqp_matches_the_active_set_reference_primal_and_dual",
+    "OSQP": "test_qp.py::test_kkt_gradient_in_every_input_matches_central_differences",
+    "BoxCD": "test_qp.py::test_box_cd_matches_jaxopts_reference_osqp_and_its_jacobian",
+    "KKTPoint": "test_qp.py::test_vmap_jit_per_sample_and_warm_start",
     # hyper
     "hypergradient": "test_hyper.py::test_ridge_cg_matches_closed_form",
     "StnLinear": "test_hyper.py::test_stn_linear_layer_algebra_against_its_formula",
@@ -184,6 +189,7 @@ EXCEPTIONS = {
     "MonotoneOperator": "abstract interface of MonotoneLinear and MonotoneConv (tested)",
     "Solution": "the return type of every solve; its fields are what the tests compare",
     "optimality": "a module; each of its functions has its reference test",
+    "qp": "a module; each of its names has its reference test",
     "TuneResult": "the return type of hyper.tune; its fields are what the tune tests compare",
     "FitResult": "the return type of fit; its fields are what the train tests compare",
     "integrate_path": "the path integrator inside homotopy_solve, tested through it "

@@ -1,0 +1,409 @@
+"""ik.qp: QPs with equality and inequality constraints (OSQP's ADMM, box coordinate
+descent) against an exact active-set reference, jaxopt's own test problems
+(`tests/osqp_test.py`, `tests/cd_qp_test.py` at 2de13bf), infeasibility certificates,
+and their KKT gradients against float64 central differences and closed forms."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import implicit_kit as ik
+from implicit_kit import optimality as opt
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def active_set_qp(Q, c, A=None, b=None, G=None, l=None, u=None):
+    """The exact solution of a small strictly convex QP by enumerating active sets: the
+    equality QP of each pattern (lower / upper / inactive per row of G) solved directly,
+    kept if primal feasible and dual sign-feasible. Independent of ik.qp."""
+    Q, c = np.asarray(Q), np.asarray(c)
+    n = len(c)
+    A = np.zeros((0, n)) if A is None else np.asarray(A)
+    b = np.zeros(0) if b is None else np.asarray(b)
+    G = np.zeros((0, n)) if G is None else np.asarray(G)
+    l = np.zeros(0) if l is None else np.asarray(l)
+    u = np.zeros(0) if u is None else np.asarray(u)
+    m = G.shape[0]
+    for pattern in itertools.product((0, -1, 1), repeat=m):
+        act = [i for i in range(m) if pattern[i]]
+        rhs = [u[i] if pattern[i] > 0 else l[i] for i in act]
+        if not np.all(np.isfinite(rhs)):
+            continue
+        K = np.concatenate([A, G[act]])
+        k = K.shape[0]
+        M = np.block([[Q, K.T], [K, np.zeros((k, k))]])
+        try:
+            z = np.linalg.solve(M, np.concatenate([-c, b, rhs]))
+        except np.linalg.LinAlgError:
+            continue
+        x, mult = z[:n], z[n:]
+        if np.any(G @ x < l - 1e-9) or np.any(G @ x > u + 1e-9):
+            continue
+        lam = np.zeros(m)
+        lam[act] = mult[A.shape[0]:]
+        if np.any(lam * np.array(pattern) < -1e-9):
+            continue
+        return x, mult[:A.shape[0]], lam
+    raise AssertionError("no active set fits: the problem is infeasible")
+
+
+def random_problem(seed, n=4, me=1, m=5):
+    """A strictly convex QP with a known feasible point; one row one-sided (l = -inf)."""
+    rng = np.random.default_rng(seed)
+    B = rng.normal(size=(n, n))
+    Q, c = B @ B.T + 0.1 * np.eye(n), rng.normal(size=n)
+    A, x_feas = rng.normal(size=(me, n)), rng.normal(size=n)
+    G = rng.normal(size=(m, n))
+    g = G @ x_feas
+    l, u = g - rng.uniform(0.1, 1, m), g + rng.uniform(0.1, 1, m)
+    l[0] = -np.inf
+    return dict(Q=Q, c=c, A=A, b=A @ x_feas, G=G, l=l, u=u)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_osqp_matches_the_active_set_reference_primal_and_dual(seed):
+    p = random_problem(seed)
+    x_ref, nu_ref, lam_ref = active_set_qp(**p)
+    sol = ik.qp.solve(p["Q"], p["c"], A=p["A"], b=p["b"], G=p["G"], l=p["l"], u=p["u"])
+    x, nu, lam = sol.value
+    assert sol.result == ik.RESULTS.successful
+    np.testing.assert_allclose(x, x_ref, atol=1e-9)
+    np.testing.assert_allclose(nu, nu_ref, atol=1e-8)
+    np.testing.assert_allclose(lam, lam_ref, atol=1e-8)
+    assert sol.stats["residual"] < 1e-9
+
+
+def test_unpolished_admm_meets_its_own_tolerance_and_polishing_reaches_rounding():
+    p = random_problem(1)
+    x_ref, _, _ = active_set_qp(**p)
+    kw = dict(A=p["A"], b=p["b"], G=p["G"], l=p["l"], u=p["u"])
+    raw = ik.qp.solve(p["Q"], p["c"], solver=ik.qp.OSQP(polish=False, rtol=0, atol=1e-4),
+                      **kw)
+    err = np.abs(raw.value.x - x_ref).max()
+    assert 1e-12 < err < 1e-2
+    polished = ik.qp.solve(p["Q"], p["c"], solver=ik.qp.OSQP(rtol=0, atol=1e-4), **kw)
+    assert np.abs(polished.value.x - x_ref).max() < 1e-12
+
+
+def _fd_grad(f, x, eps=1e-6):
+    x = np.asarray(x, float)
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[i] = eps
+        g[i] = (f(x + e) - f(x - e)) / (2 * eps)
+    return g
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["matrices", "matvecs"])
+def test_kkt_gradient_in_every_input_matches_central_differences(dense):
+    p = random_problem(3)
+    B0 = np.linalg.cholesky(p["Q"] - 0.1 * np.eye(4))
+    w = np.random.default_rng(7).normal(size=4)
+    mv = None if dense else (lambda M, v: M @ v)
+
+    def loss(B, c, A, b, G, l, u):
+        Q = B @ B.T + 0.1 * jnp.eye(4)
+        sol = ik.qp.solve(Q, c, A=A, b=b, G=G, l=l, u=u, matvec_Q=mv, matvec_A=mv,
+                          matvec_G=mv)
+        x, nu, lam = sol.value
+        return jnp.vdot(w, x) + jnp.sum(nu ** 2) + jnp.sum(jnp.sin(lam))
+
+    args = [B0, p["c"], p["A"], p["b"], p["G"], p["l"], p["u"]]
+    grads = jax.jit(jax.grad(loss, argnums=range(7)))(*args)
+    for i, g in enumerate(grads):
+        def f(v, i=i):
+            a = list(args)
+            a[i] = v
+            return float(loss(*a))
+        x = np.where(np.isfinite(args[i]), args[i], 0.0)
+        fd = _fd_grad(lambda v: f(np.where(np.isfinite(args[i]), v, args[i])), x)
+        fd = np.where(np.isfinite(args[i]), fd, 0.0)
+        np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-6, err_msg=f"input {i}")
+
+
+def test_gradient_closed_forms_of_optnet():
+    """Without constraints dx/dc = -Q^-1; with equalities only dx/dc = -Z (Z^T Q Z)^-1
+    Z^T (columns of Z spanning null(A)); an inactive bound gets a zero gradient."""
+    p = random_problem(2)
+    Q, c, A = p["Q"], p["c"], p["A"]
+    J = jax.jacrev(lambda c: ik.qp.solve(Q, c).value.x)(c)
+    np.testing.assert_allclose(J, -np.linalg.inv(Q), atol=1e-9)
+    J = jax.jacrev(lambda c: ik.qp.solve(Q, c, A=A, b=p["b"]).value.x)(c)
+    Z = np.linalg.svd(A)[2][A.shape[0]:].T
+    np.testing.assert_allclose(J, -Z @ np.linalg.inv(Z.T @ Q @ Z) @ Z.T, atol=1e-9)
+    sol = ik.qp.solve(Q, c, A=A, b=p["b"], G=p["G"], l=p["l"], u=p["u"])
+    inactive = np.abs(sol.value.lam) < 1e-12
+    gu = jax.grad(lambda u: jnp.sum(ik.qp.solve(
+        Q, c, A=A, b=p["b"], G=p["G"], l=p["l"], u=u).value.x))(p["u"])
+    assert inactive.any() and np.all(gu[inactive] == 0)
+
+
+# -- jaxopt's test problems (tests/osqp_test.py) ---------------------------------------------
+
+
+def jaxopt_random_problem(problem_size, eq_constraints, ineq_constraints):
+    """`get_random_osqp_problem` of jaxopt's osqp_test.py, in the BoxOSQP form."""
+    np.random.seed(problem_size + eq_constraints + ineq_constraints)
+    Q = np.random.randn(problem_size, problem_size)
+    Q = Q.T.dot(Q)
+    c = np.random.randn(problem_size)
+    A = np.random.randn(ineq_constraints + eq_constraints, problem_size)
+    l = np.random.randn(ineq_constraints)
+    u = l + np.abs(np.random.randn(ineq_constraints))
+    b = np.random.randn(eq_constraints)
+    return Q, c, A, np.concatenate([l, b]), np.concatenate([u, b])
+
+
+def test_jaxopt_small_qp_and_its_jacobian_against_the_reference():
+    Q, c, K, l, u = jaxopt_random_problem(16, 2, 4)
+    sol = ik.qp.solve(Q, c, G=K, l=l, u=u, solver=ik.qp.OSQP(atol=1e-5, rtol=0))
+    eq = l == u
+    x_ref = active_set_qp(Q, c, K[eq], l[eq], K[~eq], l[~eq], u[~eq])[0]
+    np.testing.assert_allclose(sol.value.x, x_ref, atol=1e-4)  # upstream's atol
+
+    def ref(c):  # the reference's Jacobian in c: the equality QP of the active set
+        x, _, lam = active_set_qp(Q, c, K[eq], l[eq], K[~eq], l[~eq], u[~eq])
+        act = np.abs(lam) > 1e-9
+        KA = np.concatenate([K[eq], K[~eq][act]])
+        k = KA.shape[0]
+        M = np.block([[Q, KA.T], [KA, np.zeros((k, k))]])
+        return -np.linalg.inv(M)[:16, :16]
+
+    J = jax.jacrev(lambda c: ik.qp.solve(Q, c, G=K, l=l, u=u).value.x)(c)
+    np.testing.assert_allclose(J, ref(c), atol=5e-2)  # upstream's atol
+    np.testing.assert_allclose(J, ref(c), atol=1e-7)  # ours
+
+
+@pytest.mark.parametrize("wrt", ["A_eq", "b", "G", "h", "Q", "c"])
+def test_jaxopt_qp_eq_and_ineq_gradients(wrt):
+    Q = 2 * np.array([[2.0, 0.5], [0.5, 1]])
+    args = dict(Q=Q, c=np.array([1.0, 1.0]), A_eq=np.array([[1.0, 1.0]]),
+                b=np.array([1.0]), G=np.array([[-1.0, 0.0], [0.0, -1.0]]),
+                h=np.array([0.0, 0.0]))
+
+    def run(v):
+        a = {**args, wrt: v}
+        Qs = 0.5 * (a["Q"] + a["Q"].T)
+        x, nu, lam = ik.qp.solve(Qs, a["c"], A=a["A_eq"], b=a["b"], G=a["G"],
+                                 u=a["h"]).value
+        return jnp.sum(x) + jnp.sum(nu) + jnp.sum(lam ** 2)
+
+    g = jax.grad(run)(args[wrt])
+    fd = _fd_grad(lambda v: float(run(v)), args[wrt], eps=1e-6)
+    np.testing.assert_allclose(g, fd, atol=1e-6)
+
+
+def test_jaxopt_projection_hyperplane_with_matvecs():
+    x, a, b = np.array([1.0, 2.0]), np.array([-0.5, 1.5]), 0.3
+    sol = ik.qp.solve(None, -x, matvec_Q=lambda _, v: v, A=a,
+                      matvec_A=lambda a, v: jnp.dot(a, v).reshape(1), b=np.array([b]))
+    np.testing.assert_allclose(sol.value.x, x - (a @ x - b) / (a @ a) * a, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["BoxOSQP", "OSQP"])
+def test_jaxopt_projection_simplex_and_its_jacobian(form):
+    def qp_simplex(x):
+        n = len(x)
+        if form == "OSQP":  # equalities and one-sided inequalities apart
+            return ik.qp.solve(jnp.eye(n), -x, A=jnp.ones((1, n)), b=jnp.ones(1),
+                               G=-jnp.eye(n), u=jnp.zeros(n)).value.x
+        K = jnp.concatenate([jnp.ones((1, n)), -jnp.eye(n)])
+        lo = jnp.concatenate([jnp.ones(1), jnp.full(n, -jnp.inf)])
+        hi = jnp.concatenate([jnp.ones(1), jnp.zeros(n)])
+        return ik.qp.solve(jnp.eye(n), -x, G=K, l=lo, u=hi).value.x
+
+    x = np.random.RandomState(0).randn(10)
+    p = optax.projections.projection_simplex(x)
+    np.testing.assert_allclose(qp_simplex(jnp.asarray(x)), p, atol=1e-10)
+    s = (p > 0).astype(float)
+    sparsemax_jac = np.diag(s) - np.outer(s, s) / s.sum()
+    np.testing.assert_allclose(jax.jacrev(qp_simplex)(jnp.asarray(x)), sparsemax_jac,
+                               atol=1e-8)
+
+
+def test_jaxopt_eq_constrained_qp_with_pytrees():
+    rng = np.random.RandomState(0)
+    Q = rng.randn(7, 7)
+    Q = Q @ Q.T
+    A = rng.randn(4, 7)
+    tmp = rng.randn(7)
+    c = {"foo": tmp[:3], "bar": tmp[3:]}
+    b = [[rng.randn(1)] for _ in range(4)]
+
+    def cat(d):
+        return jnp.concatenate([d["foo"], d["bar"]])
+
+    def matvec_Q(Q, d):
+        r = Q @ cat(d)
+        return {"foo": r[:3], "bar": r[3:]}
+
+    def matvec_A(A, d):
+        return [[z] for z in jnp.split(A @ cat(d), 4)]
+
+    tree = ik.qp.solve(Q, c, A=A, b=b, matvec_Q=matvec_Q, matvec_A=matvec_A)
+    flat_b = np.concatenate([v[0] for v in b])
+    x_ref, nu_ref, _ = active_set_qp(Q, cat(c), A, flat_b)
+    np.testing.assert_allclose(cat(tree.value.x), x_ref, atol=1e-10)
+    np.testing.assert_allclose(np.concatenate([v[0] for v in tree.value.nu]), nu_ref,
+                               atol=1e-9)
+
+
+def test_jaxopt_infeasible_polyhedron_primal_only_and_unbounded():
+    A = np.array([[1.0, 1.0], [0.0, 1.0], [-1.0, 1.0]])
+    b = np.array([1.0, 1.0, -1.0])
+    sol = ik.qp.solve(np.eye(2), np.zeros(2), A=A, b=b, G=-np.eye(2), u=np.zeros(2),
+                      throw=False)
+    assert sol.result in (ik.RESULTS.qp_primal_infeasible, ik.RESULTS.qp_dual_infeasible)
+    # x1 >= 6, x2 >= 6, x1 + x2 <= 11
+    sol = ik.qp.solve(np.zeros((2, 2)), np.ones(2), G=np.array([[1, 0], [0, 1], [1, 1.0]]),
+                      l=np.array([6, 6, -np.inf]), u=np.array([np.inf, np.inf, 11]),
+                      throw=False)
+    assert sol.result == ik.RESULTS.qp_primal_infeasible
+    # min x1 - 2 x2 + x3 s.t. x1 + x2 >= 0, x3 = 1: unbounded below
+    sol = ik.qp.solve(np.zeros((3, 3)), np.array([-1.0, -2.0, 1.0]),
+                      G=np.array([[1.0, 1, 0], [0, 0, 1]]), l=np.array([0.0, 1.0]),
+                      u=np.array([np.inf, 1.0]), init=np.array([5.0, -3.0, 0.02]),
+                      throw=False)
+    assert sol.result == ik.RESULTS.qp_dual_infeasible
+    with pytest.raises(Exception, match="primal infeasible"):
+        ik.qp.solve(np.zeros((2, 2)), np.ones(2), G=np.array([[1, 0], [0, 1], [1, 1.0]]),
+                    l=np.array([6, 6, -np.inf]), u=np.array([np.inf, np.inf, 11]))
+
+
+def test_an_infeasible_problem_has_a_nan_gradient_never_a_silent_one():
+    def loss(l):
+        sol = ik.qp.solve(np.eye(2), np.ones(2), G=np.array([[1, 0], [0, 1], [1, 1.0]]),
+                          l=l, u=np.array([np.inf, np.inf, 11]), throw=False)
+        return jnp.sum(sol.value.x)
+
+    assert np.all(np.isnan(jax.grad(loss)(np.array([6.0, 6.0, -np.inf]))))
+    assert np.all(np.isfinite(jax.grad(loss)(np.array([5.0, 5.0, -np.inf]))))
+
+
+def test_jaxopt_lasso_as_a_qp_on_a_pytree_matches_fista_and_its_jacobian():
+    rng = np.random.default_rng(0)
+    n, d, lam = 10, 3, 0.2
+    X, y = rng.normal(size=(n, d)), rng.normal(size=n)
+
+    def qp_lasso(X):  # min ||Xw - y||^2 + 2 n lam 1^T t, r = Xw - y, -t <= w <= t
+        c = (jnp.zeros(d), jnp.zeros(n), 2 * n * lam * jnp.ones(d))
+        sol = ik.qp.solve(
+            None, c, matvec_Q=lambda _, v: (jnp.zeros(d), 2 * v[1], jnp.zeros(d)),
+            A=X, matvec_A=lambda X, v: X @ v[0] - v[1], b=y,
+            G=None, matvec_G=lambda _, v: (v[0] + v[2], v[0] - v[2]),
+            l=(jnp.zeros(d), jnp.full(d, -jnp.inf)), u=(jnp.full(d, jnp.inf), jnp.zeros(d)))
+        return sol.value.x[0]
+
+    def fista(X):
+        ls = lambda w, data: 0.5 * jnp.mean((data[0] @ w - data[1]) ** 2)  # noqa: E731
+        t = opt.prox_gradient_map(ls, opt.prox_lasso)
+        return ik.fixed_point(t, jnp.zeros(d), ((X, y), lam),
+                              ik.FISTA(rtol=0, atol=1e-13), max_steps=20000).value
+
+    w = qp_lasso(jnp.asarray(X))
+    assert 1 <= np.count_nonzero(np.abs(w) > 1e-8) < d  # a sparse solution
+    np.testing.assert_allclose(w, fista(X), atol=1e-8)
+    np.testing.assert_allclose(jax.jacrev(qp_lasso)(jnp.asarray(X)), jax.jacrev(fista)(X),
+                               atol=1e-6)
+
+
+def test_vmap_jit_per_sample_and_warm_start():
+    p = random_problem(4)
+    cs = p["c"] + np.random.default_rng(1).normal(size=(5, 4))
+    kw = dict(A=p["A"], b=p["b"], G=p["G"], l=p["l"], u=p["u"])
+    run = jax.jit(jax.vmap(lambda c: ik.qp.solve(p["Q"], c, **kw)))
+    sols = run(cs)
+    for i in range(5):
+        np.testing.assert_allclose(sols.value.x[i], active_set_qp(p["Q"], cs[i], **kw)[0],
+                                   atol=1e-9)
+    assert len(set(np.asarray(sols.stats["num_steps"]).tolist())) > 1
+    cold = ik.qp.solve(p["Q"], cs[0] + 1e-3, **kw)
+    x, nu, lam = sols.value
+    warm = ik.qp.solve(p["Q"], cs[0] + 1e-3, init=ik.qp.KKTPoint(x[0], nu[0], lam[0]),
+                       **kw)
+    assert warm.stats["num_steps"] < cold.stats["num_steps"]
+    np.testing.assert_allclose(warm.value.x, cold.value.x, atol=1e-10)
+
+
+def test_matrix_free_cg_path_equals_the_factorised_path():
+    Q, c, K, l, u = jaxopt_random_problem(40, 5, 15)
+    dense = ik.qp.solve(Q, c, G=K, l=l, u=u)
+    free = ik.qp.solve(Q, c, G=K, l=l, u=u, matvec_Q=lambda M, v: M @ v,
+                       matvec_G=lambda M, v: M @ v)
+    assert free.result == ik.RESULTS.successful
+    np.testing.assert_allclose(free.value.x, dense.value.x, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_jaxopt_lu_factorization_problem_200_variables():
+    Q, c, K, l, u = jaxopt_random_problem(200, 30, 70)
+    sol = ik.qp.solve(Q, c, G=K, l=l, u=u, solver=ik.qp.OSQP(atol=1e-4, rtol=0))
+    assert sol.result == ik.RESULTS.successful
+    x, _, lam = sol.value
+    assert np.abs(Q @ x + c + K.T @ lam).max() < 1e-8
+    assert np.all(K @ x >= l - 1e-8) and np.all(K @ x <= u + 1e-8)
+
+
+# -- BoxCD (jaxopt's cd_qp_test.py) --------------------------------------------------------
+
+
+def _cd_qp_numpy(Q, c, l, u, tol, maxiter):
+    """jaxopt's pure-NumPy reference of cd_qp_test.py."""
+    x = np.zeros(Q.shape[0])
+    for _ in range(maxiter):
+        error = 0
+        for i in range(len(x)):
+            if Q[i, i] == 0:
+                continue
+            new = np.clip(x[i] - (Q[i] @ x + c[i]) / Q[i, i], l[i], u[i])
+            error += abs(new - x[i])
+            x[i] = new
+        if error <= tol:
+            break
+    return x
+
+
+def test_box_cd_matches_jaxopts_reference_osqp_and_its_jacobian():
+    rng = np.random.RandomState(0)
+    M = rng.randn(5, 5)
+    Q, c = M @ M.T, rng.randn(5)
+    l = rng.randn(5)
+    u = l + 5 * rng.rand(5)
+    sol = ik.qp.solve(Q, c, l=l, u=u, solver=ik.qp.BoxCD())
+    np.testing.assert_allclose(sol.value.x, _cd_qp_numpy(Q, c, l, u, 1e-3, 100),
+                               atol=1e-3)
+    np.testing.assert_allclose(sol.value.x, active_set_qp(Q, c, G=np.eye(5), l=l, u=u)[0],
+                               atol=1e-7)
+    J = jax.jacrev(lambda c: ik.qp.solve(Q, c, l=l, u=u, solver=ik.qp.BoxCD()).value.x)(c)
+    J_osqp = jax.jacrev(lambda c: ik.qp.solve(Q, c, l=l, u=u).value.x)(c)
+    np.testing.assert_allclose(J, J_osqp, atol=1e-6)
+    free = ~np.isclose(sol.value.x, l) & ~np.isclose(sol.value.x, u)
+    closed = np.zeros((5, 5))
+    closed[np.ix_(free, free)] = -np.linalg.inv(Q[np.ix_(free, free)])
+    np.testing.assert_allclose(J, closed, atol=1e-6)
+
+
+def test_bad_inputs_are_named():
+    Q, c = np.eye(3), np.ones(3)
+    with pytest.raises(ValueError, match="`A` and `b`"):
+        ik.qp.solve(Q, c, A=np.ones((1, 3)))
+    with pytest.raises(ValueError, match="Q"):
+        ik.qp.solve(np.eye(2), c)
+    with pytest.raises(ValueError, match="`l`"):
+        ik.qp.solve(Q, c, G=np.ones((2, 3)), l=np.zeros(3))
+    with pytest.raises(ValueError, match="BoxCD"):
+        ik.qp.solve(Q, c, A=np.ones((1, 3)), b=np.ones(1), solver=ik.qp.BoxCD())
+    with pytest.raises(ValueError, match="alpha"):
+        ik.qp.OSQP(alpha=2.5)
+    with pytest.raises(TypeError, match="solver"):
+        ik.qp.solve(Q, c, solver=ik.FISTA())
