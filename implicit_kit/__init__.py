@@ -8,7 +8,9 @@ from . import (
     hyper as hyper,
     models as models,
     nn as nn,
+    objective as objective,
     optimality as optimality,
+    projection as projection,
     qp as qp,
     regularizers as regularizers,
     solvers as solvers,
@@ -23,6 +25,7 @@ from ._adjoint import (
     ReversibleAdjoint as ReversibleAdjoint,
     UnrolledAdjoint as UnrolledAdjoint,
 )
+from ._block_cd import block_coordinate_descent as block_coordinate_descent
 from ._diagnostics import check_grad as check_grad, spectral_radius as spectral_radius
 from ._fixed_point import fixed_point as fixed_point
 from ._parallel import shard_batch as shard_batch

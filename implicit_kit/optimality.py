@@ -13,9 +13,11 @@ w = lasso(w0, (X, y), lam)                     # differentiable in X, y and lam
 
 Projections come from `optax.projections` (simplex, box, ℓ1/ℓ2 balls, non-negative,
 hypercube, ...): pass e.g. `lambda y, r: optax.projections.projection_simplex(y, r)`.
-The proximal operators that optax does not ship are here (`prox_lasso`,
-`prox_elastic_net`, `prox_group_lasso`, `prox_non_negative`), with the signature
-`prox(x, hyperparameters, step)` of $\mathrm{prox}_{\text{step}\cdot g}$.
+The proximal operators that optax does not ship are here (`prox_none`, `prox_lasso`,
+`prox_non_negative_lasso`, `prox_elastic_net`, `prox_ridge`, `prox_non_negative_ridge`,
+`prox_group_lasso`, `prox_non_negative`, `make_prox_from_projection`), with jaxopt's
+signature `prox(x, hyperparameters, step)` of $\mathrm{prox}_{\text{step}\cdot g}$: `x`
+any pytree, hyperparameters shared or per leaf.
 
 The step $\eta$ of the proximal / projected / mirror residuals does not change the
 implicit Jacobian where the solution is non-degenerate (strict complementarity), only the
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
-from jaxtyping import Array, ArrayLike
+from jaxtyping import Array, ArrayLike, PyTree
 
 from ._misc import tree_sub, tree_vdot
 
@@ -42,12 +44,17 @@ __all__ = [
     "mirror_descent_map",
     "projected_gradient",
     "projected_gradient_map",
+    "make_prox_from_projection",
     "prox_elastic_net",
     "prox_gradient",
     "prox_gradient_map",
     "prox_group_lasso",
     "prox_lasso",
     "prox_non_negative",
+    "prox_non_negative_lasso",
+    "prox_non_negative_ridge",
+    "prox_none",
+    "prox_ridge",
     "stationarity",
 ]
 
@@ -291,32 +298,100 @@ def eq_qp(Q: ArrayLike, c: ArrayLike, A: ArrayLike, b: ArrayLike, *,
 
 
 # -- proximal operators that optax does not ship ------------------------------------------
+#
+# The convention of jaxopt's `jaxopt.prox` (`jaxopt/_src/prox.py`): `prox(x, hyperparams,
+# step)` is the proximal operator of `step * g`; `x` is any pytree, and each
+# hyperparameter is one value shared by every leaf or a pytree like `x` (per leaf, or per
+# coordinate with arrays of the leaves' shapes); `None` is the documented default.
 
 
-def prox_lasso(x: Array, lam: ArrayLike, step: float = 1.0) -> Array:
+def _per_leaf(hyper, x, default):
+    """`hyper` (`None` for `default`) as a list, one entry per leaf of `x`."""
+    hyper = default if hyper is None else hyper
+    leaves = jtu.tree_leaves(x)
+    if not isinstance(x, (jax.Array, jnp.ndarray)) and jtu.tree_structure(
+            hyper) == jtu.tree_structure(x):
+        return jtu.tree_leaves(hyper)
+    return [hyper] * len(leaves)
+
+
+def _leafwise(fn, x, *hypers):
+    """`fn(leaf, *hyper_of_the_leaf)` over `x`'s leaves."""
+    leaves, treedef = jtu.tree_flatten(x)
+    columns = [_per_leaf(h, x, d) for h, d in hypers]
+    return jtu.tree_unflatten(treedef, [fn(leaf, *hs) for leaf, *hs in
+                                        zip(leaves, *columns)])
+
+
+def prox_none(x: PyTree[Array], hyperparams=None, step: float = 1.0) -> PyTree[Array]:
+    r"""The proximal operator of $g = 0$: the identity."""
+    del hyperparams, step
+    return x
+
+
+def prox_lasso(x: PyTree[Array], lam=None, step: float = 1.0) -> PyTree[Array]:
     r"""$\mathrm{prox}_{\eta\lambda\|\cdot\|_1}(x)$: soft thresholding at $\eta\lambda$
-    (`lam` a scalar or per coordinate)."""
-    t = step * lam
-    return jnp.sign(x) * jnp.maximum(jnp.abs(x) - t, 0.0)
+    (`lam` default 1, shared, per leaf or per coordinate)."""
+    return _leafwise(lambda v, t: jnp.sign(v) * jnp.maximum(jnp.abs(v) - step * t, 0.0),
+                     x, (lam, 1.0))
 
 
-def prox_elastic_net(x: Array, lams: tuple[ArrayLike, ArrayLike], step: float = 1.0) -> Array:
-    r"""$\mathrm{prox}$ of $\eta(\lambda_1\|\cdot\|_1 + \tfrac{\lambda_2}{2}\|\cdot\|_2^2)$:
-    soft thresholding at $\eta\lambda_1$, then shrinking by $1/(1 + \eta\lambda_2)$;
-    `lams = (l1, l2)`."""
-    l1, l2 = lams
-    return prox_lasso(x, l1, step) / (1.0 + step * l2)
+def prox_non_negative_lasso(x: PyTree[Array], lam=None, step: float = 1.0
+                            ) -> PyTree[Array]:
+    r"""The prox of $\eta(\lambda\|\cdot\|_1 + \iota_{\ge 0})$: $\max(x - \eta\lambda, 0)$."""
+    return _leafwise(lambda v, t: jnp.maximum(v - step * t, 0.0), x, (lam, 1.0))
 
 
-def prox_group_lasso(x: Array, lam: ArrayLike, step: float = 1.0) -> Array:
-    r"""$\mathrm{prox}_{\eta\lambda\|\cdot\|_2}(x)$ for one group (the last axis; batch
-    other groups on the leading axes): $x\,\max(0, 1 - \eta\lambda/\|x\|_2)$."""
-    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-    safe = jnp.where(norm > 0, norm, 1.0)
-    return x * jnp.maximum(0.0, 1.0 - step * jnp.asarray(lam)[..., None] / safe)
+def prox_elastic_net(x: PyTree[Array], lams=None, step: float = 1.0) -> PyTree[Array]:
+    r"""$\mathrm{prox}$ of $\eta(\lambda_1\|\cdot\|_1 + \tfrac{\lambda_2}{2}\|\cdot\|_2^2)$,
+    `lams = (l1, l2)` (default (1, 1)): soft thresholding at $\eta\lambda_1$, then
+    shrinking by $1/(1 + \eta\lambda_2)$. (jaxopt's `prox_elastic_net(x, (lam, gamma))`
+    is $\lambda(\|\cdot\|_1 + \tfrac{\gamma}{2}\|\cdot\|^2)$: `lams = (lam, lam * gamma)`.)"""
+    l1, l2 = (1.0, 1.0) if lams is None else lams
+    return _leafwise(lambda v, a, g: jnp.sign(v) * jnp.maximum(jnp.abs(v) - step * a, 0.0)
+                     / (1.0 + step * g), x, (l1, 1.0), (l2, 1.0))
 
 
-def prox_non_negative(x: Array, hyperparams=None, step: float = 1.0) -> Array:
+def prox_ridge(x: PyTree[Array], lam=None, step: float = 1.0) -> PyTree[Array]:
+    r"""$\mathrm{prox}$ of $\tfrac{\eta\lambda}{2}\|\cdot\|_2^2$: $x / (1 + \eta\lambda)$."""
+    return _leafwise(lambda v, t: v / (1.0 + step * t), x, (lam, 1.0))
+
+
+def prox_non_negative_ridge(x: PyTree[Array], lam=None, step: float = 1.0
+                            ) -> PyTree[Array]:
+    r"""$\mathrm{prox}$ of $\tfrac{\eta\lambda}{2}\|\cdot\|_2^2 + \iota_{\ge 0}$:
+    $\max(x, 0) / (1 + \eta\lambda)$."""
+    return _leafwise(lambda v, t: jnp.maximum(v, 0.0) / (1.0 + step * t), x, (lam, 1.0))
+
+
+def prox_group_lasso(x: PyTree[Array], lam=None, step: float = 1.0) -> PyTree[Array]:
+    r"""$\mathrm{prox}_{\eta\lambda\|\cdot\|_2}$, groups on the last axis of each leaf
+    (other groups on the leading axes; one leaf of shape (d,) is one group, as jaxopt's
+    `prox_group_lasso` on a vector): $x\,\max(0, 1 - \eta\lambda/\|x\|_2)$. (jaxopt's
+    takes the whole pytree as one group: `vmap` this over groups instead.)"""
+
+    def leaf(v, t):
+        norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
+        safe = jnp.where(norm > 0, norm, 1.0)
+        return v * jnp.maximum(0.0, 1.0 - step * jnp.asarray(t)[..., None] / safe)
+
+    return _leafwise(leaf, x, (lam, 1.0))
+
+
+def prox_non_negative(x: PyTree[Array], hyperparams=None, step: float = 1.0
+                      ) -> PyTree[Array]:
     r"""The proximal operator of the indicator of $x \ge 0$: $\max(x, 0)$."""
     del hyperparams, step
-    return jnp.maximum(x, 0.0)
+    return jtu.tree_map(lambda v: jnp.maximum(v, 0.0), x)
+
+
+def make_prox_from_projection(projection: Callable) -> Callable:
+    r"""The proximal operator of the indicator of a convex set, from its projection
+    `projection(x, hyperparams)`: the step does not matter (jaxopt's
+    `make_prox_from_projection`)."""
+
+    def prox(x, hyperparams=None, step=1.0):
+        del step
+        return projection(x, hyperparams)
+
+    return prox

@@ -502,8 +502,9 @@ def solve(
     if not isinstance(solver, (OSQP, BoxCD)):
         raise TypeError("`solver` must be `ik.qp.OSQP()` or `ik.qp.BoxCD()`, got "
                         f"{type(solver).__name__}.")
-    if (A is None) != (b is None):
-        raise ValueError("`A` and `b` go together: give both or neither.")
+    has_eq = A is not None or matvec_A is not None
+    if has_eq != (b is not None):
+        raise ValueError("`A` (or `matvec_A`) and `b` go together: give both or neither.")
     has_bounds = l is not None or u is not None
     if G is not None and not has_bounds:
         raise ValueError("`G` needs `l` and/or `u` (the bounds l <= Gx <= u).")
@@ -531,7 +532,7 @@ def solve(
     x_like = jtu.tree_map(lambda v: jnp.zeros(jnp.shape(v), dtype), c)
     ops = _Ops(
         Q=_dense if matvec_Q is None else matvec_Q,
-        A=None if A is None else (_dense if matvec_A is None else matvec_A),
+        A=None if not has_eq else (_dense if matvec_A is None else matvec_A),
         G=None if not has_bounds else (
             matvec_G if matvec_G is not None else (_identity if G is None else _dense)),
         dense=dense)
@@ -554,7 +555,7 @@ def solve(
         gx = jax.eval_shape(lambda: ops.G(G, x_like))
         l, u = bounds("l", l, gx, -jnp.inf), bounds("u", u, gx, jnp.inf)
         lam0 = jtu.tree_map(lambda s: jnp.zeros(s.shape, dtype), gx)
-    if A is not None:
+    if has_eq:
         ax = jax.eval_shape(lambda: ops.A(A, x_like))
         if jtu.tree_structure(b) != jtu.tree_structure(ax) or any(
                 jnp.shape(v) != s.shape for v, s in zip(jtu.tree_leaves(b),
@@ -563,7 +564,7 @@ def solve(
                              f"got {struct_str(b)}.")
         b = jtu.tree_map(lambda v: jnp.asarray(v, dtype), b)
         nu0 = jtu.tree_map(lambda s: jnp.zeros(s.shape, dtype), ax)
-    if isinstance(solver, BoxCD) and (not dense or A is not None or G is not None
+    if isinstance(solver, BoxCD) and (not dense or has_eq or G is not None
                                       or not has_bounds):
         raise ValueError("`ik.qp.BoxCD()` solves a box on x alone: it needs a dense `Q`, "
                          "`l`/`u` and no `A` or `G`; use `ik.qp.OSQP()` otherwise.")

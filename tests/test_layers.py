@@ -15,12 +15,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "implicit_kit"
 # The layers, bottom up: a module may import only from its own layer or below.
 LAYERS = {
     "_solution": 0, "_misc": 0, "data": 0, "_parallel": 0,
-    "solvers": 1, "nn": 1, "optimality": 1,
+    "solvers": 1, "nn": 1, "optimality": 1, "objective": 1,
     "_iterate": 2,
     "_custom_vjp": 3, "_adjoint": 3,
     "_solve": 4,
     "_fixed_point": 5, "_root": 5,
-    "homotopy": 6, "_diagnostics": 6, "qp": 6,
+    "homotopy": 6, "_diagnostics": 6, "qp": 6, "_block_cd": 6,
+    "projection": 7,
     "regularizers": 7,
     "models": 8, "hyper": 8,
     "train": 9,
