@@ -124,9 +124,13 @@ def minimise(
 
     - `loss`: `loss(y, args) -> scalar` (or `(scalar, aux)` with `has_aux=True`).
     - `y0`, `args`: as [`implicit_kit.fixed_point`][].
-    - `solver`: an optimistix minimiser (`optx.BFGS(...)`, `optx.NonlinearCG`, an
-        optax optimiser through `optx.OptaxMinimiser(optax.adam(...), rtol, atol)`, ...;
-        default `optx.BFGS(rtol=1e-8, atol=1e-8)`), or an implicit_kit solver applied
+    - `solver`: an optimistix minimiser (`optx.LBFGS(...)`, `optx.BFGS`,
+        `optx.NonlinearCG`, an optax optimiser through
+        `optx.OptaxMinimiser(optax.adam(...), rtol, atol)`, ...; default
+        `optx.LBFGS(rtol=1e-8, atol=1e-8)`: its steps cost O(p), where BFGS's dense
+        inverse Hessian costs O(p^2) and made a 640-parameter logistic regression
+        (jaxopt's dataset distillation) 16x slower than jaxopt's gradient descent), or
+        an implicit_kit solver applied
         to the stationarity condition (`NewtonKrylov()` is Newton's method with
         Hessian-vector products; a fixed-point solver iterates gradient steps
         `y <- y - grad loss(y)`).
@@ -139,7 +143,7 @@ def minimise(
     gradient at the solution.
     """
     if solver is None:
-        solver = optx.BFGS(rtol=1e-8, atol=1e-8)
+        solver = optx.LBFGS(rtol=1e-8, atol=1e-8)
     if not callable(loss):
         raise TypeError(f"`loss` must be callable, got {type(loss).__name__}.")
     scalar_loss = loss if has_aux else (lambda y, a: (loss(y, a), None))

@@ -395,7 +395,7 @@ def test_box_cd_matches_jaxopts_reference_osqp_and_its_jacobian():
 
 def test_bad_inputs_are_named():
     Q, c = np.eye(3), np.ones(3)
-    with pytest.raises(ValueError, match="`A` \(or `matvec_A`\) and `b`"):
+    with pytest.raises(ValueError, match=r"`A` \(or `matvec_A`\) and `b`"):
         ik.qp.solve(Q, c, A=np.ones((1, 3)))
     with pytest.raises(ValueError, match="Q"):
         ik.qp.solve(np.eye(2), c)
