@@ -493,6 +493,50 @@ def render_tune(results):
                              "test acc", "skipped steps"], rows)])
 
 
+def render_qp(res):
+    parts = [provenance(res)]
+    for p in res["data"]["problems"]:
+        parts.append(f"**{p['problem']}** (reference certified by a KKT residual of "
+                     f"{p['certificate']:.0e}):")
+        parts.append(table(
+            ["solver", "ms (solve)", "ms (solve + gradient)", "iterations", "error of x",
+             "gradient error (relative)"],
+            [[r["name"], f"{r['ms']:.2f}", f"{r['grad_ms']:.2f}", r["steps"],
+              f"{r['x_err']:.0e}", f"{r['grad_err']:.0e}"] for r in p["rows"]]))
+    return "\n\n".join(parts)
+
+
+def render_jaxopt_migration(res):
+    d = res["data"]
+    parts = [provenance(res)]
+    for key, title, unit in (("distillation", "Dataset distillation, one outer gradient",
+                              "inner iterations"),
+                             ("lasso", "The lasso's λ, one hypergradient", "sweeps / iterations")):
+        parts.append(f"**{title}:**")
+        parts.append(table(["implementation", "ms (solve + hypergradient)", unit,
+                            "hypergradient error (relative)"],
+                           [[r["name"], f"{r['ms']:.2f}", r["steps"], f"{r['grad_err']:.0e}"]
+                            for r in d[key]]))
+    return "\n\n".join(parts)
+
+
+def render_qp_layer(res):
+    d = res["data"]
+    seeds = d["seeds"]
+    arms = [("noisy input", "noisy"), ("total variation, λ by grid on the training set", "tv"),
+            ("QP layer, D learned from a random start", "learned_from_random"),
+            ("QP layer, D learned from the differences", "learned_from_differences")]
+    rows = [[name, ms([s[k] for s in seeds]), ", ".join(f"{s[k]:.4f}" for s in seeds)]
+            for name, k in arms]
+    return (provenance(res) + f"\n\n{len(seeds)} seeds, {d['steps']} Adam steps, signals "
+            f"of length {d['n']}, noise sd {d['noise']}.\n\n" + table(
+                ["arm", "test MSE (mean ± sd)", "per seed"], rows)
+            + "\n\nRandom start, test MSE before training: " + ", ".join(
+                f"{s['learned_from_random_start']:.4f}" for s in seeds)
+            + "; share of each learned row's mass on its two largest entries: "
+            + ", ".join(f"{s['rows_like_differences']:.2f}" for s in seeds) + ".")
+
+
 def _speed(ratio: float) -> str:
     """A peer's time over ours, in words: parity within the 3% spread of the rounds,
     otherwise faster or slower (never "0.9× faster")."""
@@ -1033,6 +1077,9 @@ SECTIONS = {
     "stn": _job(render_stn),
     "tune": _tune,
     "reversible": _job(render_reversible),
+    "qp": _job(render_qp),
+    "jaxopt_migration": _job(render_jaxopt_migration),
+    "qp_layer": _job(render_qp_layer),
     "deq_reversible": lambda key, res: render_validated(res, (
         ("8×8 digits", "deq_reversible_base", "deq_reversible"),
         ("MNIST sample", "deq_reversible_mnist_base", "deq_reversible_mnist"))),

@@ -107,12 +107,15 @@ def test_box_section_against_the_qp_the_simplex_and_differences():
         jax.jacrev(optax.projections.projection_simplex)(y), atol=1e-10)
     with pytest.raises(Exception, match="empty"):
         proj.box_section(x, alpha + 1.5, beta + 1.5, w, 1.0)
+    with pytest.raises(Exception, match="empty"):
+        proj.box_section(x, alpha, beta - 1.5, w, 1.0)
 
 
 def test_sparse_simplex_is_the_simplex_of_the_top_k_with_sparsemax_jacobian():
     x = jax.random.normal(jax.random.PRNGKey(0), (100,), jnp.float64)
     for value in (1.0, 2.0):
         p = proj.sparse_simplex(x, 10, value)
+        np.testing.assert_allclose(proj.sparse_simplex(x, 10, value, approximate=True), p)
         idx = np.argsort(-np.asarray(x))[:10]
         ref = np.zeros(100)
         ref[idx] = optax.projections.projection_simplex(x[idx], value)

@@ -407,3 +407,91 @@ def test_bad_inputs_are_named():
         ik.qp.OSQP(alpha=2.5)
     with pytest.raises(TypeError, match="solver"):
         ik.qp.solve(Q, c, solver=ik.FISTA())
+
+
+# -- more of jaxopt's problems: osqp_test.py's SVM, portfolio, NNLS; eq_qp_test.py -------------
+
+
+def test_jaxopt_binary_kernel_svm_against_scipy():
+    """osqp_test.py::test_binary_kernel_svm (sklearn's SVC replaced by scipy's SLSQP on
+    the same dual): min 1/2 b^T K b - b^T y s.t. sum b = 0, box by the labels' signs."""
+    import scipy.optimize
+
+    rng = np.random.RandomState(0)
+    X = rng.randn(30, 8)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    y = np.sign(X @ rng.randn(8) + 0.3 * rng.randn(30))
+    C = 0.1
+    K = X @ X.T
+    lo, hi = -np.maximum(-y * C, 0), np.maximum(y * C, 0)
+    sol = ik.qp.solve(K, -y, matvec_G=lambda _, b: jnp.concatenate([b, jnp.sum(b)[None]]),
+                      l=np.concatenate([lo, [0.0]]), u=np.concatenate([hi, [0.0]]))
+    ref = scipy.optimize.minimize(
+        lambda b: 0.5 * b @ K @ b - b @ y, np.zeros(30), jac=lambda b: K @ b - y,
+        bounds=list(zip(lo, hi)), constraints=[{"type": "eq", "fun": np.sum}],
+        method="SLSQP", options={"ftol": 1e-14, "maxiter": 1000})
+    assert ref.success
+    f = lambda b: 0.5 * b @ K @ b - b @ y  # noqa: E731
+    assert f(np.asarray(sol.value.x)) <= f(ref.x) + 1e-10
+    np.testing.assert_allclose(sol.value.x, ref.x, atol=1e-5)
+
+
+def test_jaxopt_portfolio_problem():
+    """osqp_test.py::test_jacobi_preconditioner's portfolio (its preconditioner is
+    jaxopt-internal; the solve is checked): max mu^T x - x^T Cov x on the simplex."""
+    np.random.seed(0)
+    F = np.random.randn(10, 3)
+    D = np.diag(np.random.uniform(0.0, 3 ** 0.5, 10))
+    Cov, mu = 2 * (F @ F.T + D), np.random.randn(10)
+    K = np.concatenate([np.ones((1, 10)), np.eye(10)])
+    lo = np.concatenate([[1.0], np.zeros(10)])
+    hi = np.concatenate([[1.0], np.full(10, np.inf)])
+    x = ik.qp.solve(Cov, mu, G=K, l=lo, u=hi).value.x
+    np.testing.assert_allclose(x, active_set_qp(Cov, mu, np.ones((1, 10)), np.ones(1),
+                                                np.eye(10), np.zeros(10),
+                                                np.full(10, np.inf))[0], atol=1e-10)
+
+
+def test_jaxopt_nnls_on_a_matrix_variable():
+    """osqp_test.py::test_NNLS (its `fun` API as matvecs): min ||Y - U W^T||_F^2, W >= 0."""
+    np.random.seed(654)
+    U = np.maximum(np.random.randn(20, 3), 0)
+    W0 = np.maximum(np.random.randn(10, 3), 0)
+    Y = U @ W0.T
+    sol = ik.qp.solve(None, -2 * Y.T @ U, matvec_Q=lambda _, W: 2 * W @ (U.T @ U), l=0.0)
+    np.testing.assert_allclose(sol.value.x, W0, atol=1e-6)  # upstream: 1e-2
+
+
+def test_jaxopt_eq_qp_matvec_and_pytree_problems():
+    """eq_qp_test.py::test_matvec_api and test_pytree_api, by ik.qp.solve's matvecs."""
+    rng = np.random.RandomState(0)
+    Q = rng.randn(7, 7)
+    Q = Q @ Q.T
+    A, b, tmp = rng.randn(4, 7), rng.randn(4), rng.randn(7)
+    sol = ik.qp.solve(Q, (tmp[:3], tmp[3:]), A=A, b=b,
+                      matvec_Q=lambda Q, t: tuple(jnp.split(Q @ jnp.concatenate(t), [3])),
+                      matvec_A=lambda A, t: A @ jnp.concatenate(t))
+    x, nu = opt.eq_qp(Q, tmp, A, b)
+    np.testing.assert_allclose(jnp.concatenate(sol.value.x), x, atol=1e-8)
+    np.testing.assert_allclose(sol.value.nu, nu, atol=1e-7)
+    Qd = {"p1": np.array([[1.0, -0.5], [-0.5, 1.0]]), "p2": np.array([[2.0]])}
+    cd = {"p1": np.array([-0.4, 0.3]), "p2": np.array([0.1])}
+    Ad = {"p1": np.array([[-0.5, 1.5]]), "p2": np.array([[10.0]])}
+    bd = {"p1": np.array([0.3]), "p2": np.array([5.0])}
+    mv = lambda M, x: {k: M[k] @ x[k] for k in x}  # noqa: E731
+    sol = ik.qp.solve(Qd, cd, A=Ad, b=bd, matvec_Q=mv, matvec_A=mv)
+    for k in Qd:
+        np.testing.assert_allclose(sol.value.x[k], opt.eq_qp(Qd[k], cd[k], Ad[k], bd[k])[0],
+                                   atol=1e-10)
+
+
+def test_jaxopt_challenging_eq_qp_is_solved_directly():
+    """eq_qp_test.py::test_challenging_problem: 100 variables, 98 equalities, a huge
+    condition number (jaxopt needs iterative refinement to reach 1e-1)."""
+    np.random.seed(511)
+    X = np.random.rand(100, 100)
+    Q, c = X @ X.T, np.random.rand(100)
+    A, b = np.random.rand(98, 100), np.random.rand(98)
+    x, nu = opt.eq_qp(Q, c, A, b)
+    assert np.abs(Q @ x + c + A.T @ nu).max() < 1e-1  # upstream's tolerance
+    assert np.abs(A @ x - b).max() < 1e-8
