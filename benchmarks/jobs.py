@@ -104,7 +104,7 @@ JOBS = {
     "stn": Job(["-m", "implicit_kit", "stn", "configs/digits_stn.yaml",
                 "stn.out_dir={tmp}/stn"], produces="stn/results.json", keeps=("stn/stn.png",)),
     "reversible": Job(["benchmarks/reversible.py", "--json", "{json}"]),
-    "qp": Job(["benchmarks/qp.py", "--rounds", "5", "--json", "{json}"]),
+    "qp": Job(["benchmarks/qp.py", "--rounds", "3", "--json", "{json}"]),
     "jaxopt_migration": Job(["benchmarks/jaxopt_migration.py", "--rounds", "15", "--json",
                              "{json}"]),
     "qp_layer": Job(["benchmarks/qp_layer.py", "--steps", "3000", "--seeds", "0,1,2",
