@@ -140,8 +140,11 @@ def lasso_rows():
             return val(s.value), s.stats["num_steps"]
         return f
 
-    def ik_fista(atol):
-        t = optimality.prox_gradient_map(objective.least_squares, optimality.prox_lasso)
+    lip = float(jnp.linalg.norm(X_tr, 2) ** 2 / X_tr.shape[0])
+
+    def ik_fista(atol, step=None):
+        t = optimality.prox_gradient_map(objective.least_squares, optimality.prox_lasso,
+                                         step)
 
         def f(theta):
             s = ik.fixed_point(t, w0, ((X_tr, y_tr), jnp.exp(theta)),
@@ -153,7 +156,11 @@ def lasso_rows():
         ("implicit_kit block_coordinate_descent(rtol=0, atol=1e-4) (the table's "
          "translation of tol=1e-4)", ik_bcd(rtol=0.0, atol=1e-4)),
         ("implicit_kit block_coordinate_descent (default: rtol = atol = 1e-6)", ik_bcd()),
-        ("implicit_kit FISTA on prox_gradient_map, atol=1e-4", ik_fista(1e-4)),
+        ("implicit_kit FISTA on prox_gradient_map(step=1/L), atol=1e-3/L (the table's "
+         "translation of ProximalGradient(tol=1e-3) with its step)",
+         ik_fista(1e-3 / lip, 1 / lip)),
+        ("implicit_kit FISTA on prox_gradient_map (backtracking, default), atol=1e-3/L",
+         ik_fista(1e-3 / lip)),
     ]
     try:
         jaxopt = _jaxopt()

@@ -188,7 +188,7 @@ def test_the_documentation_site_builds_with_warnings_as_errors(tmp_path):
     missing = []
     for mod in [ik] + [getattr(ik, m) for m in ("homotopy", "hyper", "models", "nn",
                                                  "optimality", "regularizers", "solvers",
-                                                 "data")]:
+                                                 "data", "qp", "projection", "objective")]:
         for name in getattr(mod, "__all__", dir(mod)):
             obj = getattr(mod, name)
             if name.startswith("_") or isinstance(obj, types.ModuleType):

@@ -492,3 +492,32 @@ def test_lasso_gradient_in_the_dictionary_matches_the_closed_form_on_the_support
     loss = lambda code_fn: lambda d: jnp.sum((d @ code_fn(d) - target) ** 2)  # noqa: E731
     np.testing.assert_allclose(jax.grad(loss(code))(d), jax.grad(loss(closed))(d),
                                rtol=1e-7, atol=1e-10)
+
+
+def test_a_step_size_schedule_runs_through_optax_and_differentiates_implicitly():
+    """jaxopt's `OptaxSolver(opt=optax.sgd(schedule))` / a `stepsize` callable on a smooth
+    problem: `ik.minimise(..., optx.OptaxMinimiser(optax.sgd(schedule), rtol, atol))`.
+    Ridge regression: w* = (X^T X / n + lam I)^-1 X^T y / n, dw*/dlam = -(H)^-1 w*."""
+    import optimistix as optx
+
+    rng = np.random.default_rng(0)
+    X, y = jnp.asarray(rng.normal(size=(30, 4))), jnp.asarray(rng.normal(size=30))
+
+    def loss(w, lam):
+        return 0.5 * jnp.mean((X @ w - y) ** 2) + 0.5 * lam * jnp.sum(w ** 2)
+
+    # (a plain function: optimistix cannot convert the closures of optax's schedule
+    # builders such as `optax.exponential_decay`, "Cell is empty", optimistix 0.1.0)
+    def schedule(k):
+        return 0.5 * 0.5 ** (k / 200)
+
+    solver = optx.OptaxMinimiser(optax.sgd(schedule), rtol=1e-10, atol=1e-10)
+
+    def solve(lam):
+        return ik.minimise(loss, jnp.zeros(4), lam, solver, max_steps=20000).value
+
+    lam = 0.1
+    H = np.asarray(X.T @ X) / 30 + lam * np.eye(4)
+    w = np.linalg.solve(H, np.asarray(X.T @ y) / 30)
+    np.testing.assert_allclose(solve(lam), w, atol=1e-8)
+    np.testing.assert_allclose(jax.jacrev(solve)(lam), -np.linalg.solve(H, w), atol=1e-7)
