@@ -127,7 +127,9 @@ def minimise(
     - `solver`: an optimistix minimiser (`optx.LBFGS(...)`, `optx.BFGS`,
         `optx.NonlinearCG`, an optax optimiser through
         `optx.OptaxMinimiser(optax.adam(...), rtol, atol)`, ...; default
-        `optx.LBFGS(rtol=1e-8, atol=1e-8)`: its steps cost O(p), where BFGS's dense
+        `optx.LBFGS(rtol=1e-8, atol=1e-8)` (`optx.BFGS` for parameters below float64
+        under `jax_enable_x64`, where optimistix's LBFGS fails): its steps cost O(p),
+        where BFGS's dense
         inverse Hessian costs O(p^2) and made a 640-parameter logistic regression
         (jaxopt's dataset distillation) 16x slower than jaxopt's gradient descent), or
         an implicit_kit solver applied
@@ -144,6 +146,13 @@ def minimise(
     """
     if solver is None:
         solver = optx.LBFGS(rtol=1e-8, atol=1e-8)
+        if jax.config.jax_enable_x64 and any(
+                jnp.result_type(leaf) != jnp.float64 for leaf in jtu.tree_leaves(y0)):
+            # optimistix 0.1.0's LBFGS keeps its history in float64 under x64 whatever
+            # y's dtype, and its scan then fails ("carry input and carry output must
+            # have equal types") for float32 or lower: BFGS there.
+            # (tests/test_optimality.py checks that the workaround is still needed)
+            solver = optx.BFGS(rtol=1e-8, atol=1e-8)
     if not callable(loss):
         raise TypeError(f"`loss` must be callable, got {type(loss).__name__}.")
     scalar_loss = loss if has_aux else (lambda y, a: (loss(y, a), None))

@@ -111,6 +111,10 @@ def test_readme_examples_run_and_hold():
     want = -X.shape[0] * np.linalg.solve(xs.T @ xs, np.sign(w[support]))
     np.testing.assert_allclose(dw[support], want, rtol=1e-3)
     np.testing.assert_allclose(dw[~support], 0.0, atol=1e-6)
+    # the QP: the bounds inactive, x solves [[Q, 1], [1^T, 0]] (x, nu) = (-c, 1), which
+    # is (1/4, 3/4); dx1/dc is the first row of -Z (Z^T Q Z)^-1 Z^T, Z = (1, -1)/sqrt 2
+    np.testing.assert_allclose(ns["x_qp"], [0.25, 0.75], atol=1e-6)
+    np.testing.assert_allclose(ns["dx1_dc"], [-0.5, 0.5], atol=1e-6)
     # evaluated with other solver settings: the learned start kept, the new tolerance met
     assert ns["deq_eval"].z0 is ns["deq"].z0 and ns["deq_eval"].max_steps == 300
     assert int(ns["st_eval"].num_steps) > int(ns["st"].num_steps)
