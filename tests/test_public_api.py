@@ -133,7 +133,7 @@ REFERENCE = {
     "kl_transport": "test_projection.py::test_transport_exact_and_entropic_against_references_and_differences",
     "birkhoff": "test_projection.py::test_birkhoff_projections_are_doubly_stochastic_and_fix_doubly_stochastic_inputs",
     "kl_birkhoff": "test_projection.py::test_birkhoff_projections_are_doubly_stochastic_and_fix_doubly_stochastic_inputs",
-    "block_coordinate_descent": "test_block_cd.py::test_bcd_matches_fista_and_the_implicit_gradient_matches_differences",
+    "block_coordinate_descent": "test_block_cd.py::test_bcd_matches_proximal_gradient_and_the_implicit_gradient_matches_differences",
     "least_squares": "test_block_cd.py::test_objectives_equal_their_formulas",
     "binary_logreg": "test_block_cd.py::test_objectives_equal_their_formulas",
     "multiclass_logreg": "test_block_cd.py::test_objectives_equal_their_formulas",
