@@ -517,11 +517,13 @@ def solve(
     - `Q` (n, n) symmetric positive semidefinite, `c` (n,).
     - `A` (m_eq, n), `b` (m_eq,): equalities (optional).
     - `G` (m, n), `l`, `u` (m,) or scalars: two-sided bounds, `-inf`/`inf` for a
-      missing side (optional). Without `G`, `l`/`u` bound `x` itself ($G = I$).
+      missing side (optional; `l = u` rows are equalities too). Without `G`, `l`/`u`
+      bound `x` itself ($G = I$).
     - `matvec_Q(Q, x)`, `matvec_A(A, x)`, `matvec_G(G, x)`: matrix-free operators, with
       `Q`, `A`, `G` then their parameters (any pytrees: differentiable like the
-      matrices). With them `x` and `c` may be pytrees of one structure; `A` and `G`
-      map to flat arrays.
+      matrices). With them `x` and `c` may be pytrees of one structure, and `A x`,
+      `G x` pytrees too (then `b`, `l`, `u` and the multipliers share their structure;
+      `l`, `u` may also be scalars).
     - `solver`: `ik.qp.OSQP()` (default) or `ik.qp.BoxCD()`.
     - `init`: a warm start: a previous `sol.value` (a `KKTPoint`) or `x` alone.
     - `adjoint`: the backward mode on the KKT conditions. Default: with matrices,
