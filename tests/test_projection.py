@@ -8,7 +8,6 @@ import numpy as np
 import optax
 import pytest
 
-import implicit_kit as ik
 from implicit_kit import optimality as opt, projection as proj
 
 
@@ -89,8 +88,15 @@ def test_box_section_against_the_qp_the_simplex_and_differences():
     alpha, beta, c = jnp.zeros(3), 0.8 * jnp.ones(3), 1.0
     p = proj.box_section(x, alpha, beta, w, c)
     assert abs(float(w @ p) - c) < 1e-12
-    qp = ik.qp.solve(jnp.eye(3), -x, A=w[None], b=jnp.array([c]), l=alpha, u=beta)
-    np.testing.assert_allclose(p, qp.value.x, atol=1e-10)
+    import scipy.optimize
+
+    ref = scipy.optimize.minimize(
+        lambda q: 0.5 * np.sum((q - np.asarray(x)) ** 2), np.full(3, 0.2),
+        jac=lambda q: q - np.asarray(x), bounds=[(0.0, 0.8)] * 3, method="SLSQP",
+        constraints=[{"type": "eq", "fun": lambda q: np.asarray(w) @ q - c}],
+        options={"ftol": 1e-15, "maxiter": 500})
+    assert ref.success
+    np.testing.assert_allclose(p, ref.x, atol=1e-7)
     fd = _fd_jac(lambda x: proj.box_section(x, alpha, beta, w, c), x)
     np.testing.assert_allclose(jax.jacrev(proj.box_section)(x, alpha, beta, w, c), fd,
                                atol=1e-7)

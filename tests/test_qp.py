@@ -472,7 +472,7 @@ def test_jaxopt_nnls_on_a_matrix_variable():
 
 
 def test_jaxopt_eq_qp_matvec_and_pytree_problems():
-    """eq_qp_test.py::test_matvec_api and test_pytree_api, by ik.qp.solve's matvecs."""
+    """eq_qp_test.py::test_matvec_api, by ik.qp.solve's matvecs on a tuple `x`."""
     rng = np.random.RandomState(0)
     Q = rng.randn(7, 7)
     Q = Q @ Q.T
@@ -483,15 +483,8 @@ def test_jaxopt_eq_qp_matvec_and_pytree_problems():
     x, nu = opt.eq_qp(Q, tmp, A, b)
     np.testing.assert_allclose(jnp.concatenate(sol.value.x), x, atol=1e-8)
     np.testing.assert_allclose(sol.value.nu, nu, atol=1e-7)
-    Qd = {"p1": np.array([[1.0, -0.5], [-0.5, 1.0]]), "p2": np.array([[2.0]])}
-    cd = {"p1": np.array([-0.4, 0.3]), "p2": np.array([0.1])}
-    Ad = {"p1": np.array([[-0.5, 1.5]]), "p2": np.array([[10.0]])}
-    bd = {"p1": np.array([0.3]), "p2": np.array([5.0])}
-    mv = lambda M, x: {k: M[k] @ x[k] for k in x}  # noqa: E731
-    sol = ik.qp.solve(Qd, cd, A=Ad, b=bd, matvec_Q=mv, matvec_A=mv)
-    for k in Qd:
-        np.testing.assert_allclose(sol.value.x[k], opt.eq_qp(Qd[k], cd[k], Ad[k], bd[k])[0],
-                                   atol=1e-10)
+    # (test_pytree_api, a dict of two problems, is the same path with a dict `x`:
+    # test_jaxopt_eq_constrained_qp_with_pytrees)
 
 
 def test_jaxopt_challenging_eq_qp_is_solved_directly():
