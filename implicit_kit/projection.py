@@ -29,7 +29,7 @@ from jaxtyping import Array, ArrayLike, PyTree
 from . import qp as _qp
 from ._fixed_point import fixed_point
 from ._root import custom_root
-from .optimality import eq_qp
+from .optimality import _leafwise, eq_qp
 from .solvers import Anderson
 
 
@@ -37,19 +37,11 @@ __all__ = ["affine_set", "birkhoff", "box", "box_section", "kl_birkhoff",
            "kl_transport", "l2_ball", "polyhedron", "sparse_simplex", "transport"]
 
 
-def _per_leaf(hyper, x):
-    """`hyper` as a pytree of `x`'s structure: given per leaf, or one value shared."""
-    if jtu.tree_structure(hyper) == jtu.tree_structure(x) and not isinstance(
-            x, (jax.Array, jnp.ndarray)):
-        return hyper
-    return jtu.tree_map(lambda _: hyper, x)
-
-
 def box(x: PyTree[Array], lower: ArrayLike | PyTree, upper: ArrayLike | PyTree
         ) -> PyTree[Array]:
     r"""$\mathrm{clip}(x, \text{lower}, \text{upper})$ on a pytree; each bound a scalar,
     an array broadcasting against every leaf, or a pytree like `x` (per leaf)."""
-    return jtu.tree_map(jnp.clip, x, _per_leaf(lower, x), _per_leaf(upper, x))
+    return _leafwise(jnp.clip, x, (lower, None), (upper, None))
 
 
 def l2_ball(x: PyTree[Array], radius: ArrayLike = 1.0) -> PyTree[Array]:

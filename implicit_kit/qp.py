@@ -429,6 +429,10 @@ class _QPForward(AbstractForward):
                     y = _polish(fn, y, args, result)
             nfe = nfe + 2 * self.solver.polish
         g = fn(y, args)[0]
+        # A Q that is not positive semidefinite can break the factorisation or make the
+        # iterates diverge: NaN or inf at the end is reported as such, not as a step cap.
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(v)) for v in jtu.tree_leaves(y)]))
+        result = RESULTS.where(finite, result, RESULTS.nonfinite)
         return y, None, {"num_steps": num_steps, "nfe": nfe,
                          "residual": optx.two_norm(g)}, result
 
@@ -514,7 +518,8 @@ def solve(
 
     **Arguments:**
 
-    - `Q` (n, n) symmetric positive semidefinite, `c` (n,).
+    - `Q` (n, n) positive semidefinite (as a matrix only its symmetric part counts;
+      `matvec_Q` must be symmetric), `c` (n,).
     - `A` (m_eq, n), `b` (m_eq,): equalities (optional).
     - `G` (m, n), `l`, `u` (m,) or scalars: two-sided bounds, `-inf`/`inf` for a
       missing side (optional; `l = u` rows are equalities too). Without `G`, `l`/`u`
@@ -550,6 +555,9 @@ def solve(
     if G is not None and not has_bounds:
         raise ValueError("`G` needs `l` and/or `u` (the bounds l <= Gx <= u).")
     dense = all(f is None for f in (matvec_Q, matvec_A, matvec_G))
+    if Q is None and matvec_Q is None:
+        raise ValueError("`Q` is needed: a matrix, or the parameters of `matvec_Q` (which "
+                         "may be `None` when `matvec_Q` is given).")
     for name, mat, mv in (("Q", Q, matvec_Q), ("A", A, matvec_A), ("G", G, matvec_G)):
         if mv is None and mat is not None and not _is_matrix(mat):
             raise TypeError(f"`{name}` must be a matrix, or the parameters of "
@@ -572,6 +580,10 @@ def solve(
     dtype = jnp.result_type(*jtu.tree_leaves(c), float)
     if dense:  # (an integer matrix would not factorise)
         Q, c, A, G = (None if v is None else jnp.asarray(v, dtype) for v in (Q, c, A, G))
+        # The objective only sees Q's symmetric part; the Cholesky factor reads one
+        # triangle and the KKT conditions the symmetric part, so a non-symmetric Q
+        # would make the two disagree (a wrong solution that looks converged).
+        Q = 0.5 * (Q + Q.T)
     x_like = jtu.tree_map(lambda v: jnp.zeros(jnp.shape(v), dtype), c)
     ops = _Ops(
         Q=_dense if matvec_Q is None else matvec_Q,

@@ -521,3 +521,22 @@ def test_a_vmapped_qp_layer_gradient_matches_differences():
     np.testing.assert_allclose(np.vdot(gD, d), fd, rtol=1e-6)
     fd = (loss(D0, jnp.log(0.3) + 1e-6) - loss(D0, jnp.log(0.3) - 1e-6)) / 2e-6
     np.testing.assert_allclose(gl, fd, rtol=1e-6)
+
+
+def test_a_non_symmetric_q_is_its_symmetric_part_and_a_broken_q_is_not_silent():
+    """Only Q's symmetric part enters 1/2 x^T Q x: a non-symmetric Q gives the solution
+    and the gradient of its symmetric part (the factorisation reads one triangle and
+    would otherwise disagree with the KKT conditions). A negative definite Q (the
+    factorisation fails) ends with RESULTS.nonfinite, not a step cap."""
+    p = random_problem(5)
+    kw = dict(A=p["A"], b=p["b"], G=p["G"], l=p["l"], u=p["u"])
+    skew = np.triu(np.ones((4, 4)), 1)
+    x_ref = active_set_qp(p["Q"], p["c"], **kw)[0]
+    sol = ik.qp.solve(p["Q"] + skew - skew.T, p["c"], **kw)
+    np.testing.assert_allclose(sol.value.x, x_ref, atol=1e-9)
+    g = jax.grad(lambda Q: jnp.sum(ik.qp.solve(Q, p["c"], **kw).value.x ** 2))(p["Q"])
+    np.testing.assert_allclose(g, g.T, atol=1e-12)  # symmetric, as OptNet's
+    bad = ik.qp.solve(-np.eye(3), np.ones(3), throw=False)
+    assert bad.result == ik.RESULTS.nonfinite
+    with pytest.raises(ValueError, match="`Q` is needed"):
+        ik.qp.solve(None, np.ones(3))
